@@ -1,0 +1,47 @@
+# The two commands a new user needs (see README):
+#   make run    — install, build the default model if there is none, show translations
+#   make test   — install, then lint, type-check and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN ?= runs/default
+BUNDLE ?= models/default
+
+.PHONY: install run model test lint test-slow clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[export,service,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Train (≤ 10 min on 2 cores), export and verify the default model, unless it is there already.
+$(BUNDLE)/manifest.json: | $(VENV)/.installed
+	@if [ ! -f $(RUN)/checkpoint_best.pt ]; then \
+		$(PY) -m export train --run $(RUN) --force; \
+	else echo "using the trained run in $(RUN)"; fi
+	$(PY) -m export export --run $(RUN) --out $(BUNDLE) --int8 --force
+
+model: $(BUNDLE)/manifest.json
+
+run: model
+	$(PY) -m export evaluate --run $(RUN) --split test --limit 0
+	@echo; echo "Sample translations (source → translation):"
+	@tail -n +2 $(RUN)/samples_test.tsv | shuf -n 8 --random-source=$(RUN)/tokenizer.model | awk -F'\t' '{print "  " $$2 "  →  " $$4}'
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy export service tests
+
+test: lint
+	$(PY) -m pytest -q
+
+# Long checks, opt-in: the full default training run and its acceptance figures.
+test-slow: install
+	$(PY) -m pytest -q -m slow --run-slow
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

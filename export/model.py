@@ -1,0 +1,431 @@
+"""The Transformer encoder-decoder, written from its parts.
+
+Imports only torch. Every attention returns ``(output, probabilities)`` so the weights can travel
+up to the exported graphs' outputs; nothing is stashed on modules. ``Transformer.encode`` and
+``Transformer.decode_step`` map one-to-one onto ``encoder.onnx`` and ``decoder.onnx``;
+``Transformer.forward`` is the teacher-forced training path over whole target sequences and is
+numerically the same computation as running ``decode_step`` token by token.
+
+    >>> cfg = ModelConfig(vocab_size=1000)
+    >>> model = make_model(cfg)
+
+Shapes use B = batch, S = source length, T = target length, P = past (cached) length,
+H = heads, Dh = head size, D = d_model, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, cast
+
+import torch
+from torch import Tensor, nn
+
+# Added to the scores of masked keys. Large enough that exp() underflows to exactly 0 in fp32,
+# finite so that a row whose keys are all masked (a padding query) gives a uniform row, never NaN.
+MASK_VALUE = -1e9
+
+KV = tuple[Tensor, Tensor]  # (keys, values), each (B, H, T, Dh)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters; saved with every checkpoint and bundle, and enough to rebuild the model."""
+
+    vocab_size: int
+    d_model: int = 256
+    n_heads: int = 4
+    d_ff: int = 1024
+    n_encoder_layers: int = 3
+    n_decoder_layers: int = 3
+    dropout: float = 0.1
+    max_positions: int = 256
+    norm: Literal["post", "pre"] = "post"
+    tie_embeddings: bool = True
+    pad_id: int = 0
+    bos_id: int = 2
+    eos_id: int = 3
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.d_model % self.n_heads:
+            problems.append(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.norm not in ("post", "pre"):
+            problems.append(f"norm must be 'post' or 'pre', not {self.norm!r}")
+        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "max_positions"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), not {self.dropout}")
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {unknown}")
+        return cls(**data)
+
+
+def scaled_dot_product_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """softmax(Q Kᵀ / sqrt(d_k) + bias) V, returning the output and the probabilities.
+
+    q (B, H, Tq, Dh), k and v (B, H, Tk, Dh); bias broadcastable to (B, H, Tq, Tk), holding 0
+    for keys that may be attended and MASK_VALUE for masked ones.
+    """
+    scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
+    if bias is not None:
+        scores = scores + bias
+    probs = torch.softmax(scores, dim=-1)  # (B, H, Tq, Tk)
+    return torch.matmul(probs, v), probs  # (B, H, Tq, Dh), (B, H, Tq, Tk)
+
+
+def padding_bias(mask: Tensor) -> Tensor:
+    """A key mask (B, Tk), 1 = real token, 0 = padding → additive bias (B, 1, 1, Tk)."""
+    keep = mask.to(torch.float32)
+    return ((1.0 - keep) * MASK_VALUE)[:, None, None, :]
+
+
+def causal_bias(length: int, device: torch.device | None = None) -> Tensor:
+    """(1, 1, T, T) bias letting position t attend to positions ≤ t only."""
+    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    bias = torch.zeros(length, length, device=device).masked_fill(~allowed, MASK_VALUE)
+    return bias[None, None]
+
+
+def sinusoidal_positions(max_positions: int, d_model: int) -> Tensor:
+    """(max_positions, D): sin on even dimensions, cos on odd ones, wavelengths up to 10000·2π."""
+    position = torch.arange(max_positions, dtype=torch.float32)[:, None]  # (L, 1)
+    inv_freq = torch.exp(
+        torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model)
+    )  # (D/2,)
+    table = torch.zeros(max_positions, d_model)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq[: d_model // 2])
+    return table
+
+
+class MultiHeadAttention(nn.Module):
+    """Per-head projections W_q, W_k, W_v computed as one matrix each, heads in parallel, W_o."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.w_q = nn.Linear(d_model, d_model)
+        self.w_k = nn.Linear(d_model, d_model)
+        self.w_v = nn.Linear(d_model, d_model)
+        self.w_o = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+
+    def project_kv(self, x: Tensor) -> KV:
+        """Keys and values of x (B, T, D), each (B, H, T, Dh): cached, or computed once."""
+        return self.split_heads(self.w_k(x)), self.split_heads(self.w_v(x))
+
+    def attend(self, x: Tensor, kv: KV, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Queries from x (B, Tq, D) against given K/V → (B, Tq, D), probs (B, H, Tq, Tk)."""
+        q = self.split_heads(self.w_q(x))  # (B, H, Tq, Dh)
+        out, probs = scaled_dot_product_attention(q, kv[0], kv[1], bias)  # (B, H, Tq, Dh)
+        b, _, tq, _ = out.shape
+        out = out.transpose(1, 2).reshape(b, tq, self.n_heads * self.head_dim)  # (B, Tq, D)
+        return self.dropout(self.w_o(out)), probs
+
+    def forward(self, query: Tensor, memory: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        return self.attend(query, self.project_kv(memory), bias)
+
+
+class FeedForward(nn.Module):
+    """Two linear maps with a ReLU between, the inner one wider."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float) -> None:
+        super().__init__()
+        self.w_1 = nn.Linear(d_model, d_ff)
+        self.w_2 = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.w_2(torch.relu(self.w_1(x))))
+
+
+class SubLayer(nn.Module):
+    """Residual connection + LayerNorm around a sub-layer, post-norm (paper) or pre-norm."""
+
+    def __init__(self, d_model: int, dropout: float, norm: str) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.pre = norm == "pre"
+
+    def input(self, x: Tensor) -> Tensor:
+        """What the sub-layer sees."""
+        return self.norm(x) if self.pre else x
+
+    def output(self, x: Tensor, y: Tensor) -> Tensor:
+        """Combine the residual stream x with the sub-layer's result y."""
+        out = x + self.dropout(y)
+        return out if self.pre else self.norm(out)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.sub_attn = SubLayer(cfg.d_model, cfg.dropout, cfg.norm)
+        self.sub_ff = SubLayer(cfg.d_model, cfg.dropout, cfg.norm)
+
+    def forward(self, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.sub_attn.input(x)
+        y, probs = self.self_attn(h, h, bias)  # (B, S, D), (B, H, S, S)
+        x = self.sub_attn.output(x, y)
+        x = self.sub_ff.output(x, self.ff(self.sub_ff.input(x)))
+        return x, probs
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.sub_self = SubLayer(cfg.d_model, cfg.dropout, cfg.norm)
+        self.sub_cross = SubLayer(cfg.d_model, cfg.dropout, cfg.norm)
+        self.sub_ff = SubLayer(cfg.d_model, cfg.dropout, cfg.norm)
+
+    def forward(
+        self,
+        x: Tensor,
+        self_bias: Tensor,
+        cross_kv: KV,
+        cross_bias: Tensor,
+        past: KV | None = None,
+    ) -> tuple[Tensor, KV, Tensor, Tensor]:
+        """x (B, T, D) → x, present self K/V (B, H, P+T, Dh), self probs, cross probs (B, H, T, S).
+
+        With ``past`` the new keys/values are appended to the cached ones, so a single step
+        (T = 1) attends to everything before it; ``self_bias`` covers the P+T keys.
+        """
+        h = self.sub_self.input(x)
+        k, v = self.self_attn.project_kv(h)  # (B, H, T, Dh)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, H, P+T, Dh)
+            v = torch.cat([past[1], v], dim=2)
+        y, self_probs = self.self_attn.attend(h, (k, v), self_bias)
+        x = self.sub_self.output(x, y)
+        y, cross_probs = self.cross_attn.attend(self.sub_cross.input(x), cross_kv, cross_bias)
+        x = self.sub_cross.output(x, y)
+        x = self.sub_ff.output(x, self.ff(self.sub_ff.input(x)))
+        return x, (k, v), self_probs, cross_probs
+
+
+@dataclass
+class EncoderOutput:
+    memory: Tensor  # (B, S, D)
+    cross_kv: list[KV]  # per decoder layer, each (B, H, S, Dh)
+    self_attentions: list[Tensor]  # per encoder layer, (B, H, S, S)
+
+
+@dataclass
+class StepOutput:
+    logits: Tensor  # (B, V)
+    present: list[KV]  # per decoder layer, (B, H, P+1, Dh)
+    cross_attentions: list[Tensor]  # per decoder layer, (B, H, S)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.src_embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        self.tgt_embed = (
+            self.src_embed
+            if cfg.tie_embeddings
+            else nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        )
+        self.positions: Tensor
+        self.register_buffer(
+            "positions", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False
+        )
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
+        self.decoder_layers: nn.ModuleList = nn.ModuleList(
+            DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers)
+        )
+        # Pre-norm stacks end un-normalised; a final LayerNorm puts outputs back on scale.
+        self.encoder_norm: nn.Module = (
+            nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
+        )
+        self.decoder_norm: nn.Module = (
+            nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
+        )
+        self.generator = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.generator.weight = self.src_embed.weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for name, p in self.named_parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+        if self.cfg.tie_embeddings:
+            # Tied weights serve as output projection too: keep logits at unit scale.
+            nn.init.normal_(self.src_embed.weight, std=self.cfg.d_model**-0.5)
+        with torch.no_grad():
+            self.src_embed.weight[self.cfg.pad_id].zero_()
+            self.tgt_embed.weight[self.cfg.pad_id].zero_()
+
+    def embed(self, embedding: nn.Embedding, ids: Tensor, positions: Tensor) -> Tensor:
+        """ids (B, T), positions (B, T) → (B, T, D): scaled embedding + sinusoidal position."""
+        x = embedding(ids) * math.sqrt(self.cfg.d_model) + self.positions[positions]
+        return self.embed_dropout(x)
+
+    def encode(self, src: Tensor, src_mask: Tensor) -> EncoderOutput:
+        """src (B, S) ids, src_mask (B, S) 1/0 → memory and every decoder layer's cross K/V."""
+        positions = torch.arange(src.size(1), device=src.device)[None].expand_as(src)  # (B, S)
+        x = self.embed(self.src_embed, src, positions)  # (B, S, D)
+        bias = padding_bias(src_mask)  # (B, 1, 1, S)
+        attns = []
+        for layer in self.encoder_layers:
+            x, probs = layer(x, bias)
+            attns.append(probs)
+        memory = self.encoder_norm(x)  # (B, S, D)
+        cross_kv = [
+            cast(DecoderLayer, d).cross_attn.project_kv(memory) for d in self.decoder_layers
+        ]
+        return EncoderOutput(memory, cross_kv, attns)
+
+    def decode_step(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        past: list[KV],
+        self_mask: Tensor,
+        cross_kv: list[KV],
+        src_mask: Tensor,
+    ) -> StepOutput:
+        """One decoding step for a batch of rows of possibly different ages.
+
+        tokens (B,) the last token of each row; positions (B,) its position in its row;
+        past per layer (B, H, P, Dh); self_mask (B, P+1) over the past slots plus the new one
+        (rows younger than P have their unused slots masked); cross_kv per layer (B, H, S, Dh);
+        src_mask (B, S).
+        """
+        x = self.embed(self.tgt_embed, tokens[:, None], positions[:, None])  # (B, 1, D)
+        self_bias = padding_bias(self_mask)  # (B, 1, 1, P+1)
+        cross_bias = padding_bias(src_mask)  # (B, 1, 1, S)
+        present, cross = [], []
+        for layer, layer_past, kv in zip(self.decoder_layers, past, cross_kv, strict=True):
+            x, new_kv, _, cross_probs = layer(x, self_bias, kv, cross_bias, layer_past)
+            present.append(new_kv)
+            cross.append(cross_probs[:, :, 0, :])  # (B, H, S)
+        logits = self.generator(self.decoder_norm(x))[:, 0, :]  # (B, V)
+        return StepOutput(logits, present, cross)
+
+    def decode(
+        self, tgt_in: Tensor, tgt_mask: Tensor, enc: EncoderOutput, src_mask: Tensor
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Teacher-forced decoding of whole sequences: tgt_in (B, T) → logits (B, T, V) and every
+        layer's cross-attention probabilities (B, H, T, S)."""
+        t = tgt_in.size(1)
+        positions = torch.arange(t, device=tgt_in.device)[None].expand_as(tgt_in)  # (B, T)
+        x = self.embed(self.tgt_embed, tgt_in, positions)  # (B, T, D)
+        self_bias = causal_bias(t, tgt_in.device) + padding_bias(tgt_mask)  # (B, 1, T, T)
+        cross_bias = padding_bias(src_mask)  # (B, 1, 1, S)
+        cross = []
+        for layer, kv in zip(self.decoder_layers, enc.cross_kv, strict=True):
+            x, _, _, cross_probs = layer(x, self_bias, kv, cross_bias)
+            cross.append(cross_probs)
+        return self.generator(self.decoder_norm(x)), cross
+
+    def forward(
+        self, src: Tensor, src_mask: Tensor, tgt_in: Tensor, tgt_mask: Tensor
+    ) -> tuple[Tensor, list[Tensor]]:
+        return self.decode(tgt_in, tgt_mask, self.encode(src, src_mask), src_mask)
+
+    def empty_past(self, batch: int, device: torch.device | None = None) -> list[KV]:
+        shape = (batch, self.cfg.n_heads, 0, self.cfg.head_dim)
+        return [
+            (torch.zeros(shape, device=device), torch.zeros(shape, device=device))
+            for _ in self.decoder_layers
+        ]
+
+
+def make_model(cfg: ModelConfig) -> Transformer:
+    """The one factory: builds a freshly initialised model from its config."""
+    return Transformer(cfg)
+
+
+@torch.no_grad()
+def greedy_decode(
+    model: Transformer,
+    src: Tensor,
+    src_mask: Tensor,
+    max_len: int | Tensor,
+    return_attention: bool = False,
+) -> tuple[list[list[int]], list[Tensor] | None]:
+    """Batched greedy decoding with the KV cache: the PyTorch reference for the exported graphs.
+
+    max_len is one limit for all rows or a (B,) tensor of per-row limits (generated tokens,
+    EOS excluded). Returns per row the generated ids without BOS/EOS and, if asked, the cross
+    attention of every layer stacked as (L, H, T_row, S) per row.
+    """
+    cfg = model.cfg
+    b = src.size(0)
+    device = src.device
+    limits = (
+        max_len.to(device)
+        if isinstance(max_len, Tensor)
+        else torch.full((b,), int(max_len), device=device)
+    )
+    enc = model.encode(src, src_mask)
+    tokens = torch.full((b,), cfg.bos_id, dtype=torch.long, device=device)
+    past = model.empty_past(b, device)
+    self_mask = torch.ones(b, 1, dtype=torch.long, device=device)
+    out: list[list[int]] = [[] for _ in range(b)]
+    attn: list[list[Tensor]] = [[] for _ in range(b)]
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    step = 0
+    while not bool(done.all()):
+        positions = torch.full((b,), step, dtype=torch.long, device=device)
+        res = model.decode_step(tokens, positions, past, self_mask, enc.cross_kv, src_mask)
+        nxt = res.logits.argmax(-1)  # (B,)
+        for i in range(b):
+            if done[i]:
+                continue
+            if int(nxt[i]) == cfg.eos_id or len(out[i]) >= int(limits[i]):
+                done[i] = True
+                continue
+            out[i].append(int(nxt[i]))
+            if return_attention:
+                attn[i].append(torch.stack([a[i] for a in res.cross_attentions]))  # (L, H, S)
+        tokens = nxt
+        past = res.present
+        self_mask = torch.cat([self_mask, torch.ones(b, 1, dtype=torch.long, device=device)], 1)
+        step += 1
+        if step >= cfg.max_positions:
+            break
+    if not return_attention:
+        return out, None
+    s_len = src.size(1)
+    shape = (len(model.decoder_layers), cfg.n_heads, 0, s_len)
+    return out, [
+        torch.stack(a, dim=2) if a else torch.zeros(shape, device=device) for a in attn
+    ]  # per row (L, H, T_row, S): one row per output token, EOS excluded

@@ -1,0 +1,173 @@
+"""ONNX export of ``Transformer.encode`` and ``Transformer.decode_step`` as two graphs.
+
+``encoder.onnx`` runs once per batch of sentences and also produces every decoder layer's
+cross-attention keys/values, so the decoder never recomputes them. ``decoder.onnx`` is one
+greedy step over a batch of rows that may be of different ages: each row brings its own
+position and a mask over the cached self-attention slots. Names follow the usual seq2seq ONNX
+convention (``input_ids``, ``past_key_values.{i}.decoder.key``, ``present.{i}.decoder.key``…).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from export.model import Transformer
+
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """Names of every graph input and output, in order, for one model's layer counts."""
+
+    encoder_inputs: list[str]
+    encoder_outputs: list[str]
+    decoder_inputs: list[str]
+    decoder_outputs: list[str]
+
+
+def graph_io(n_decoder_layers: int) -> GraphIO:
+    layers = range(n_decoder_layers)
+    enc_kv = [f"present.{i}.encoder.{kv}" for i in layers for kv in ("key", "value")]
+    return GraphIO(
+        encoder_inputs=["input_ids", "attention_mask"],
+        encoder_outputs=["last_hidden_state", *enc_kv],
+        decoder_inputs=[
+            "input_ids",
+            "position_ids",
+            "decoder_attention_mask",
+            "encoder_attention_mask",
+            *[f"past_key_values.{i}.decoder.{kv}" for i in layers for kv in ("key", "value")],
+            *[f"past_key_values.{i}.encoder.{kv}" for i in layers for kv in ("key", "value")],
+        ],
+        decoder_outputs=[
+            "logits",
+            *[f"present.{i}.decoder.{kv}" for i in layers for kv in ("key", "value")],
+            *[f"cross_attentions.{i}" for i in layers],
+        ],
+    )
+
+
+class EncoderGraph(nn.Module):
+    """(input_ids (B, S), attention_mask (B, S)) → last_hidden_state, cross K/V per layer."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
+        enc = self.model.encode(input_ids, attention_mask)
+        flat = [t for kv in enc.cross_kv for t in kv]  # each (B, H, S, Dh)
+        return (enc.memory, *flat)
+
+
+class DecoderGraph(nn.Module):
+    """One step: the flat inputs of ``graph_io().decoder_inputs`` → its flat outputs."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+        self.n_layers = len(model.decoder_layers)
+
+    def forward(
+        self,
+        input_ids: Tensor,  # (B, 1)
+        position_ids: Tensor,  # (B, 1)
+        decoder_attention_mask: Tensor,  # (B, P+1)
+        encoder_attention_mask: Tensor,  # (B, S)
+        *kv: Tensor,  # past self K/V then cross K/V, per layer (key, value)
+    ) -> tuple[Tensor, ...]:
+        n = self.n_layers
+        past = [(kv[2 * i], kv[2 * i + 1]) for i in range(n)]  # each (B, H, P, Dh)
+        cross = [(kv[2 * n + 2 * i], kv[2 * n + 2 * i + 1]) for i in range(n)]  # (B, H, S, Dh)
+        res = self.model.decode_step(
+            input_ids[:, 0],
+            position_ids[:, 0],
+            past,
+            decoder_attention_mask,
+            cross,
+            encoder_attention_mask,
+        )
+        present = [t for p in res.present for t in p]  # each (B, H, P+1, Dh)
+        return (res.logits[:, None, :], *present, *res.cross_attentions)
+
+
+def _example_inputs(model: Transformer, batch: int = 2, src_len: int = 5, past: int = 3):
+    cfg = model.cfg
+    ids = torch.randint(4, cfg.vocab_size, (batch, src_len))
+    mask = torch.ones(batch, src_len, dtype=torch.long)
+    h, dh, n = cfg.n_heads, cfg.head_dim, len(model.decoder_layers)
+    self_kv = [torch.randn(batch, h, past, dh) for _ in range(2 * n)]
+    cross_kv = [torch.randn(batch, h, src_len, dh) for _ in range(2 * n)]
+    dec = (
+        torch.randint(4, cfg.vocab_size, (batch, 1)),
+        torch.full((batch, 1), past, dtype=torch.long),
+        torch.ones(batch, past + 1, dtype=torch.long),
+        mask,
+        *self_kv,
+        *cross_kv,
+    )
+    return (ids, mask), dec
+
+
+def export_graphs(model: Transformer, out_dir: Path, opset: int = OPSET) -> tuple[Path, Path]:
+    """Writes encoder.onnx and decoder.onnx into out_dir (which must exist); returns their paths.
+
+    Uses the TorchScript-based exporter: it takes ``dynamic_axes`` directly and produces plain
+    graphs of standard ops that every onnxruntime build runs.
+    """
+    model = model.eval()
+    io = graph_io(len(model.decoder_layers))
+    enc_args, dec_args = _example_inputs(model)
+    batch, src, past, total = "batch", "source_length", "past_length", "past_length_plus_1"
+    enc_axes: dict[str, dict[int, str]] = {
+        "input_ids": {0: batch, 1: src},
+        "attention_mask": {0: batch, 1: src},
+        "last_hidden_state": {0: batch, 1: src},
+    }
+    for name in io.encoder_outputs[1:]:
+        enc_axes[name] = {0: batch, 2: src}
+    dec_axes: dict[str, dict[int, str]] = {
+        "input_ids": {0: batch},
+        "position_ids": {0: batch},
+        "decoder_attention_mask": {0: batch, 1: total},
+        "encoder_attention_mask": {0: batch, 1: src},
+        "logits": {0: batch},
+    }
+    for name in io.decoder_inputs[4:]:
+        dec_axes[name] = {0: batch, 2: past if ".decoder." in name else src}
+    for name in io.decoder_outputs[1:]:
+        dec_axes[name] = {0: batch, 2: total} if name.startswith("present.") else {0: batch, 2: src}
+    enc_path, dec_path = out_dir / "encoder.onnx", out_dir / "decoder.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter announces its own deprecation on every call.
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=FutureWarning)
+        torch.onnx.export(
+            EncoderGraph(model),
+            enc_args,
+            str(enc_path),
+            input_names=io.encoder_inputs,
+            output_names=io.encoder_outputs,
+            dynamic_axes=enc_axes,
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+        torch.onnx.export(
+            DecoderGraph(model),
+            dec_args,
+            str(dec_path),
+            input_names=io.decoder_inputs,
+            output_names=io.decoder_outputs,
+            dynamic_axes=dec_axes,
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+    return enc_path, dec_path

@@ -1,0 +1,287 @@
+"""Run directory → verified model bundle, in a fixed order: load, validate, export, check,
+verify, measure, write. Nothing reaches the output directory unless every step passed; an
+existing bundle is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+
+from export.bundle import (
+    FORMAT,
+    FORMAT_VERSION,
+    GRAPH_FILES,
+    TOKENIZER_FILE,
+    check_bundle,
+    file_entries,
+    sha256_file,
+    write_manifest,
+)
+from export.data import Pair
+from export.model import Transformer
+from export.onnx_export import OPSET, export_graphs, graph_io
+from export.rundir import load_run, load_split
+from export.tokenizer import Tokenizer
+from export.train import LengthLimits, model_from_checkpoint, score, translate_ids
+from export.verify import LOGIT_TOLERANCE, OrtModel, compare_grid, ort_translate_ids
+
+log = logging.getLogger("export")
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def greedy_agreement(
+    model: Transformer,
+    ort_model: OrtModel,
+    tok: Tokenizer,
+    pairs: list[Pair],
+    limits: LengthLimits,
+) -> tuple[dict[str, Any], list[list[int]]]:
+    """PyTorch and onnxruntime greedy tokens on every test sentence; returns the share of
+    sentences with identical tokens, the first mismatches, and ORT's outputs."""
+    encoded = tok.encode_batch([p.source for p in pairs])
+    lim = [limits.target_limit(len(e)) for e in encoded]
+    ref = translate_ids(model, encoded, lim)
+    got = ort_translate_ids(ort_model, encoded, lim, model.cfg.pad_id)
+    same = [a == b for a, b in zip(ref, got, strict=True)]
+    mismatches = [
+        {"index": i, "source": pairs[i].source, "torch": ref[i], "onnxruntime": got[i]}
+        for i, ok in enumerate(same)
+        if not ok
+    ][:5]
+    return {
+        "sentences": len(pairs),
+        "greedy_identical_share": sum(same) / max(len(same), 1),
+        "mismatches": mismatches,
+    }, got
+
+
+def ort_metrics(
+    ort_model: OrtModel,
+    tok: Tokenizer,
+    pairs: list[Pair],
+    limits: LengthLimits,
+    pad_id: int,
+    bleu_tokenize: str,
+) -> dict[str, Any]:
+    encoded = tok.encode_batch([p.source for p in pairs])
+    t = time.monotonic()
+    ids = ort_translate_ids(
+        ort_model, encoded, [limits.target_limit(len(e)) for e in encoded], pad_id
+    )
+    seconds = time.monotonic() - t
+    metrics = score([tok.decode(r) for r in ids], pairs, bleu_tokenize)
+    metrics["seconds"] = round(seconds, 2)
+    return metrics
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8 quantization of the MatMul weights (activations stay fp32)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"]
+    )
+
+
+def export_bundle(
+    run_dir: Path,
+    out: Path,
+    checkpoint: Path,
+    int8: bool = False,
+    force: bool = False,
+    opset: int = OPSET,
+) -> dict[str, Any]:
+    # 1. validate everything before any work
+    problems = []
+    if opset < 17:
+        problems.append(f"opset {opset} is older than 17")
+    for need in (run_dir / TOKENIZER_FILE, run_dir / "data" / "test.jsonl", checkpoint):
+        if not need.is_file():
+            problems.append(f"{need} is missing")
+    if out.exists() and not force:
+        problems.append(f"{out} exists; --force to replace it")
+    if problems:
+        raise ExportError("cannot export:\n  - " + "\n  - ".join(problems))
+    run = load_run(run_dir)
+    model, state = model_from_checkpoint(checkpoint)
+    tok = Tokenizer(run_dir / TOKENIZER_FILE)
+    if tok.vocab_size != model.cfg.vocab_size:
+        raise ExportError(
+            f"tokenizer has {tok.vocab_size} pieces, the model {model.cfg.vocab_size}"
+        )
+    limits = LengthLimits(**run["limits"])
+    pairs = load_split(run_dir, "test")
+
+    # 2. export into a scratch directory next to the output, so the final move is a rename
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        t = time.monotonic()
+        export_graphs(model, work, opset)
+        for name in GRAPH_FILES["fp32"].values():
+            onnx.checker.check_model(str(work / name), full_check=True)
+        log.info("exported and checked the graphs in %.1fs", time.monotonic() - t)
+        shutil.copyfile(run_dir / TOKENIZER_FILE, work / TOKENIZER_FILE)
+
+        # 3. verify against PyTorch
+        fp32 = OrtModel.load(
+            work / GRAPH_FILES["fp32"]["encoder"],
+            work / GRAPH_FILES["fp32"]["decoder"],
+            model.cfg.to_dict(),
+        )
+        t = time.monotonic()
+        grid = compare_grid(model, fp32, limits.max_source_tokens)
+        agreement, _ = greedy_agreement(model, fp32, tok, pairs, limits)
+        verification = {
+            "tolerance": LOGIT_TOLERANCE,
+            "max_abs_logit_diff": grid["max_abs_logit_diff"],
+            **agreement,
+            "grid": grid["cases"],
+            "passed": grid["max_abs_logit_diff"] <= LOGIT_TOLERANCE
+            and agreement["greedy_identical_share"] == 1.0,
+            "seconds": round(time.monotonic() - t, 1),
+        }
+        log.info(
+            "verification: max |Δ logits| %.2e, identical greedy tokens on %.2f%% of %d",
+            verification["max_abs_logit_diff"],
+            100 * agreement["greedy_identical_share"],
+            agreement["sentences"],
+        )
+        if not verification["passed"]:
+            kept = out.parent / f"{out.name}.failed"
+            shutil.rmtree(kept, ignore_errors=True)
+            work.rename(kept)
+            (kept / "verification.json").write_text(json.dumps(verification, indent=2))
+            raise ExportError(
+                f"verification failed (max |Δ logits| {verification['max_abs_logit_diff']:.2e}, "
+                f"identical greedy share {agreement['greedy_identical_share']:.4f}); "
+                f"graphs and report left in {kept}"
+            )
+
+        # 4. measure what will be served
+        metrics = {
+            "fp32": ort_metrics(fp32, tok, pairs, limits, model.cfg.pad_id, run["bleu_tokenize"])
+        }
+        graphs = {"fp32": dict(GRAPH_FILES["fp32"])}
+        if int8:
+            for part in ("encoder", "decoder"):
+                quantize_int8(work / GRAPH_FILES["fp32"][part], work / GRAPH_FILES["int8"][part])
+                onnx.checker.check_model(str(work / GRAPH_FILES["int8"][part]), full_check=True)
+            q = OrtModel.load(
+                work / GRAPH_FILES["int8"]["encoder"],
+                work / GRAPH_FILES["int8"]["decoder"],
+                model.cfg.to_dict(),
+            )
+            metrics["int8"] = ort_metrics(
+                q, tok, pairs, limits, model.cfg.pad_id, run["bleu_tokenize"]
+            )
+            graphs["int8"] = dict(GRAPH_FILES["int8"])
+
+        # 5. the manifest, then the move into place
+        names = [TOKENIZER_FILE, *(f for g in graphs.values() for f in g.values())]
+        io = graph_io(model.cfg.n_decoder_layers)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": model.cfg.to_dict(),
+            "special_ids": tok.special_ids(),
+            "tokenizer": {
+                "file": TOKENIZER_FILE,
+                "type": "sentencepiece",
+                "vocab_size": tok.vocab_size,
+                "source_bos": False,
+                "source_eos": False,
+            },
+            "limits": {
+                "max_source_tokens": limits.max_source_tokens,
+                "max_target_tokens": limits.max_target_tokens,
+                "target_tokens_a": limits.a,
+                "target_tokens_b": limits.b,
+                "max_positions": model.cfg.max_positions,
+            },
+            "onnx": {
+                "opset": opset,
+                "graphs": graphs,
+                "encoder_inputs": io.encoder_inputs,
+                "encoder_outputs": io.encoder_outputs,
+                "decoder_inputs": io.decoder_inputs,
+                "decoder_outputs": io.decoder_outputs,
+            },
+            "files": file_entries(work, names),
+            "corpus": run.get("corpus_summary", {}),
+            "training": {
+                "steps": state["step"],
+                "seconds": round(state["elapsed_s"], 1),
+                "best_dev": state.get("best"),
+                "config": state["train_config"],
+            },
+            "metrics": metrics,
+            "verification": verification,
+            "export": {
+                "checkpoint": checkpoint.name,
+                "checkpoint_sha256": sha256_file(checkpoint),
+                "exporter": "torch.onnx (TorchScript-based)",
+                "int8": int8,
+                "quantization": "onnxruntime dynamic, QInt8 weights, MatMul" if int8 else None,
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+                "numpy": np.__version__,
+                "python": platform.python_version(),
+            },
+        }
+        write_manifest(work, manifest)
+        check_bundle(work)
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+        return manifest
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def verify_bundle(bundle: Path, run_dir: Path, checkpoint: Path) -> dict[str, Any]:
+    """Checks a written bundle again: manifest and checksums, then ORT vs PyTorch."""
+    manifest = check_bundle(bundle)
+    run = load_run(run_dir)
+    model, _ = model_from_checkpoint(checkpoint)
+    if manifest["model"] != model.cfg.to_dict():
+        raise ExportError(f"the bundle's model config differs from {checkpoint}'s")
+    limits = LengthLimits(**run["limits"])
+    tok = Tokenizer(bundle / manifest["tokenizer"]["file"])
+    graphs = manifest["onnx"]["graphs"]["fp32"]
+    ort_model = OrtModel.load(
+        bundle / graphs["encoder"], bundle / graphs["decoder"], manifest["model"]
+    )
+    grid = compare_grid(model, ort_model, limits.max_source_tokens)
+    agreement, _ = greedy_agreement(model, ort_model, tok, load_split(run_dir, "test"), limits)
+    return {
+        "bundle": str(bundle),
+        "checksums": "ok",
+        "checkpoint_matches_manifest": sha256_file(checkpoint)
+        == manifest["export"]["checkpoint_sha256"],
+        "tolerance": LOGIT_TOLERANCE,
+        "max_abs_logit_diff": grid["max_abs_logit_diff"],
+        **agreement,
+        "grid": grid["cases"],
+        "passed": grid["max_abs_logit_diff"] <= LOGIT_TOLERANCE
+        and agreement["greedy_identical_share"] == 1.0,
+    }

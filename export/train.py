@@ -1,0 +1,442 @@
+"""The trainer: token-budget batches, Adam + inverse-square-root warm-up, label smoothing,
+periodic dev evaluation with greedy decoding, best-checkpoint keeping, resume.
+
+Run through the CLI::
+
+    python -m export train --run runs/default            # built-in English → German numbers
+    python -m export train --run runs/mine --train-tsv corpus.tsv --time-budget 3600
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from export.data import Pair
+from export.model import ModelConfig, Transformer, greedy_decode, make_model
+from export.tokenizer import Tokenizer
+
+CHECKPOINT_LAST = "checkpoint_last.pt"
+CHECKPOINT_BEST = "checkpoint_best.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides how a model is trained; saved in every checkpoint."""
+
+    seed: int = 1
+    batch_tokens: int = 4000  # padded tokens (rows × longest side) per batch
+    lr: float = 1.5e-3  # peak learning rate, reached at the end of warm-up
+    warmup_steps: int = 300
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-9
+    label_smoothing: float = 0.1
+    clip_norm: float = 1.0
+    max_steps: int = 0  # 0: no step limit
+    time_budget_s: float = 0.0  # 0: no time limit
+    target_exact_match: float = 0.0  # stop once the dev exact match reaches this (0: never)
+    eval_every: int = 200  # steps between dev evaluations
+    eval_max_sentences: int = 0  # dev sentences per evaluation (0: all)
+    device: str = "auto"
+    threads: int = 0  # torch intra-op threads (0: all cores this process may use)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        return cls(**values)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """The paper's schedule, d^-0.5·min(s^-0.5, s·w^-1.5), rescaled so its peak (at s = w) is
+    cfg.lr: linear warm-up, then decay with the inverse square root of the step."""
+    s = max(step, 1)
+    w = max(cfg.warmup_steps, 1)
+    return cfg.lr * min(s / w, math.sqrt(w / s))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (affinity), not the host's count."""
+    try:
+        import os
+
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        import os
+
+        return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A corpus tokenized once: ids without BOS/EOS."""
+
+    src: list[list[int]]
+    tgt: list[list[int]]
+
+
+def encode_pairs(tok: Tokenizer, pairs: Sequence[Pair]) -> Encoded:
+    return Encoded(
+        tok.encode_batch([p.source for p in pairs]), tok.encode_batch([p.target for p in pairs])
+    )
+
+
+def make_batches(data: Encoded, batch_tokens: int, rng: random.Random) -> list[list[int]]:
+    """Buckets by length so rows of a batch have similar lengths (little padding); each batch
+    holds at most batch_tokens padded tokens on its longer side. The order is shuffled."""
+    order = sorted(
+        range(len(data.src)),
+        key=lambda i: (len(data.src[i]), len(data.tgt[i]), rng.random()),
+    )
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for i in order:
+        n = max(len(data.src[i]), len(data.tgt[i]) + 1)
+        if cur and max(longest, n) * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    if cur:
+        batches.append(cur)
+    rng.shuffle(batches)
+    return batches
+
+
+def pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """→ ids (B, T) and mask (B, T) with 1 on real tokens."""
+    width = max(1, max((len(r) for r in rows), default=1))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    mask = (ids != pad_id).long()
+    if any(not r for r in rows):
+        # An empty source still needs one attendable slot: its padding is masked anyway.
+        mask[:, 0] = 1
+    return ids.to(device), mask.to(device)
+
+
+def collate(
+    data: Encoded, idx: Sequence[int], cfg: ModelConfig, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    src, src_mask = pad([data.src[i] for i in idx], cfg.pad_id, device)
+    tgt_in, tgt_mask = pad([[cfg.bos_id, *data.tgt[i]] for i in idx], cfg.pad_id, device)
+    tgt_out, _ = pad([[*data.tgt[i], cfg.eos_id] for i in idx], cfg.pad_id, device)
+    return src, src_mask, tgt_in, tgt_mask, tgt_out
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True)
+class LengthLimits:
+    """Output limit of a row: min(max_target_tokens, ceil(a·source_tokens + b))."""
+
+    max_source_tokens: int = 128
+    max_target_tokens: int = 128
+    a: float = 2.0
+    b: float = 10.0
+
+    def target_limit(self, source_tokens: int) -> int:
+        return min(self.max_target_tokens, math.ceil(self.a * source_tokens + self.b))
+
+
+def translate_ids(
+    model: Transformer,
+    encoded: Sequence[Sequence[int]],
+    limits: Sequence[int],
+    batch_size: int = 64,
+) -> list[list[int]]:
+    """PyTorch greedy decoding of tokenized sentences, batches sorted by length; limits caps
+    each sentence's output tokens."""
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out: list[list[int]] = [[] for _ in encoded]
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        src, mask = pad([encoded[i] for i in idx], model.cfg.pad_id, device)
+        ids, _ = greedy_decode(model, src, mask, torch.tensor([limits[i] for i in idx]))
+        for i, row in zip(idx, ids, strict=True):
+            out[i] = row
+    return out
+
+
+def translate(
+    model: Transformer, tok: Tokenizer, sources: Sequence[str], limits: LengthLimits
+) -> list[list[int]]:
+    """PyTorch greedy translation of sentences → token ids (no BOS/EOS)."""
+    encoded = tok.encode_batch(list(sources))
+    for i, ids in enumerate(encoded):
+        if len(ids) > limits.max_source_tokens:
+            raise ValueError(
+                f"sentence {i} has {len(ids)} tokens, over the limit of {limits.max_source_tokens}"
+            )
+    return translate_ids(model, encoded, [limits.target_limit(len(e)) for e in encoded])
+
+
+def score(hyps: Sequence[str], pairs: Sequence[Pair], bleu_tokenize: str = "13a") -> dict[str, Any]:
+    """Exact match, sacreBLEU BLEU and chrF, and exact match per group (e.g. digit count).
+
+    bleu_tokenize is sacreBLEU's tokenizer: "13a" for ordinary text; "char" where a sentence is
+    one word (German number words), for which word BLEU has no n-grams beyond unigrams."""
+    import sacrebleu
+
+    refs = [p.target for p in pairs]
+    exact = [h.strip() == r.strip() for h, r in zip(hyps, refs, strict=True)]
+    groups: dict[str, list[bool]] = {}
+    for p, e in zip(pairs, exact, strict=True):
+        if p.group:
+            groups.setdefault(p.group, []).append(e)
+    n = max(len(refs), 1)
+    return {
+        "sentences": len(refs),
+        "exact_match": sum(exact) / n,
+        "bleu": sacrebleu.corpus_bleu(list(hyps), [refs], tokenize=bleu_tokenize).score,
+        "bleu_tokenize": bleu_tokenize,
+        "chrf": sacrebleu.corpus_chrf(list(hyps), [refs]).score,
+        "exact_match_by_group": {
+            g: sum(v) / len(v) for g, v in sorted(groups.items(), key=lambda kv: _group_key(kv[0]))
+        },
+    }
+
+
+def _group_key(g: str) -> tuple[str, int]:
+    name, _, num = g.partition("=")
+    return (name, int(num)) if num.isdigit() else (g, 0)
+
+
+def evaluate_pairs(
+    model: Transformer,
+    tok: Tokenizer,
+    pairs: Sequence[Pair],
+    limits: LengthLimits,
+    bleu_tokenize: str = "13a",
+) -> tuple[dict[str, Any], list[str]]:
+    ids = translate(model, tok, [p.source for p in pairs], limits)
+    hyps = [tok.decode(r) for r in ids]
+    return score(hyps, pairs, bleu_tokenize), hyps
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # never leave a half-written checkpoint behind
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    # weights_only: a checkpoint holds tensors and plain data, never code.
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def model_from_checkpoint(
+    path: Path, device: str | torch.device = "cpu"
+) -> tuple[Transformer, dict[str, Any]]:
+    """Rebuilds the model from the config saved with its weights."""
+    state = load_checkpoint(path, device)
+    model = make_model(ModelConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    elapsed_s: float
+    best: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stop_reason: str = ""
+
+
+def _better(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
+    if b is None:
+        return True
+    return (a["exact_match"], a["chrf"]) > (b["exact_match"], b["chrf"])
+
+
+def train(
+    run_dir: Path,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    tok: Tokenizer,
+    train_pairs: Sequence[Pair],
+    dev_pairs: Sequence[Pair],
+    limits: LengthLimits,
+    resume: bool = False,
+    extra_state: dict[str, Any] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    bleu_tokenize: str = "13a",
+) -> TrainResult:
+    """Trains in run_dir, writing checkpoint_last.pt (every evaluation), checkpoint_best.pt (best
+    dev exact match, then chrF) and train_log.jsonl (one line per evaluation)."""
+    device = pick_device(cfg.device)
+    torch.set_num_threads(cfg.threads or usable_cores())
+    torch.manual_seed(cfg.seed)
+    data = encode_pairs(tok, train_pairs)
+    dev = list(dev_pairs)
+    if cfg.eval_max_sentences and len(dev) > cfg.eval_max_sentences:
+        dev = random.Random(cfg.seed).sample(dev, cfg.eval_max_sentences)
+
+    model = make_model(model_cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    step, epoch, batch_pos, elapsed_before = 0, 0, 0, 0.0
+    best: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = []
+    last_path, best_path = run_dir / CHECKPOINT_LAST, run_dir / CHECKPOINT_BEST
+    if resume:
+        state = load_checkpoint(last_path, device)
+        if state["model_config"] != model_cfg.to_dict():
+            raise ValueError(f"{last_path}: model config differs from the one asked for")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, epoch, batch_pos = state["step"], state["epoch"], state["batch_pos"]
+        elapsed_before, best, history = state["elapsed_s"], state["best"], state["history"]
+        torch.set_rng_state(state["torch_rng"])
+        log(f"resumed from {last_path} at step {step} (epoch {epoch}, {elapsed_before:.0f}s)")
+
+    def batches_of(ep: int) -> list[list[int]]:
+        return make_batches(data, cfg.batch_tokens, random.Random(f"{cfg.seed}/{ep}"))
+
+    epoch_batches = batches_of(epoch)
+    log_path = run_dir / "train_log.jsonl"
+    t0 = time.monotonic() - elapsed_before
+    bar = tqdm(
+        total=cfg.max_steps or None,
+        initial=step,
+        disable=not progress,
+        unit="step",
+        dynamic_ncols=True,
+    )
+    tokens_seen, window_t = 0, time.monotonic()
+    stop_reason = ""
+
+    def checkpoint_state() -> dict[str, Any]:
+        return {
+            "model_config": model_cfg.to_dict(),
+            "train_config": cfg.to_dict(),
+            "limits": asdict(limits),
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "epoch": epoch,
+            "batch_pos": batch_pos,
+            "elapsed_s": time.monotonic() - t0,
+            "best": best,
+            "history": history,
+            "torch_rng": torch.get_rng_state(),
+            **(extra_state or {}),
+        }
+
+    while not stop_reason:
+        if batch_pos >= len(epoch_batches):
+            epoch, batch_pos = epoch + 1, 0
+            epoch_batches = batches_of(epoch)
+        idx = epoch_batches[batch_pos]
+        batch_pos += 1
+        model.train()
+        src, src_mask, tgt_in, tgt_mask, tgt_out = collate(data, idx, model_cfg, device)
+        logits, _ = model(src, src_mask, tgt_in, tgt_mask)  # (B, T, V)
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)),
+            tgt_out.reshape(-1),
+            ignore_index=model_cfg.pad_id,
+            label_smoothing=cfg.label_smoothing,
+        )
+        step += 1
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        opt.step()
+        tokens_seen += int(tgt_mask.sum()) + int(src_mask.sum())
+        elapsed = time.monotonic() - t0
+        bar.update(1)
+        if step % 10 == 0:
+            now = time.monotonic()
+            tps = tokens_seen / max(now - window_t, 1e-9)
+            tokens_seen, window_t = 0, now
+            post = {"loss": f"{loss.item():.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tps:,.0f}"}
+            if cfg.time_budget_s:
+                post["eta"] = f"{max(cfg.time_budget_s - elapsed, 0):.0f}s"
+            bar.set_postfix(post)
+
+        if cfg.max_steps and step >= cfg.max_steps:
+            stop_reason = f"reached {cfg.max_steps} steps"
+        elif cfg.time_budget_s and elapsed >= cfg.time_budget_s:
+            stop_reason = f"reached the time budget of {cfg.time_budget_s:.0f}s"
+        if step % cfg.eval_every == 0 or stop_reason:
+            metrics, _ = evaluate_pairs(model, tok, dev, limits, bleu_tokenize)
+            record = {
+                "step": step,
+                "elapsed_s": round(time.monotonic() - t0, 2),
+                "loss": round(loss.item(), 4),
+                "lr": lr,
+                **metrics,
+            }
+            history.append(record)
+            with log_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.write(
+                f"step {step} {record['elapsed_s']:.0f}s loss {loss.item():.3f} "
+                f"dev exact {metrics['exact_match']:.4f} BLEU {metrics['bleu']:.2f} "
+                f"chrF {metrics['chrf']:.2f}"
+            )
+            improved = _better(metrics, best)
+            if improved:
+                best = {"step": step, "elapsed_s": record["elapsed_s"], **metrics}
+            state = checkpoint_state()
+            save_checkpoint(last_path, state)
+            if improved:
+                save_checkpoint(best_path, state)
+            if cfg.target_exact_match and metrics["exact_match"] >= cfg.target_exact_match:
+                stop_reason = f"dev exact match {metrics['exact_match']:.4f} reached the target"
+    bar.close()
+    log(f"stopped after {step} steps: {stop_reason}")
+    assert best is not None
+    return TrainResult(step, time.monotonic() - t0, best, history, stop_reason)
+
+
+def time_to(history: Sequence[dict[str, Any]], threshold: float) -> float | None:
+    """Seconds of training until dev exact match first reached threshold (None if never)."""
+    for rec in history:
+        if rec["exact_match"] >= threshold:
+            return float(rec["elapsed_s"])
+    return None

@@ -1,0 +1,259 @@
+"""Export verification: onnxruntime against PyTorch.
+
+1. A grid of shapes — batch 1, 3, 8 × source length 1, 7 and the maximum — runs the encoder and
+   several cached decoder steps in both and compares logits, encoder states, cross K/V and
+   cross-attention probabilities; one more case puts rows with different past lengths into one
+   batch and checks each row against that row decoded alone.
+2. Greedy decoding through onnxruntime must give exactly PyTorch's greedy tokens on the whole
+   test split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from export.model import Transformer
+from export.onnx_export import graph_io
+
+LOGIT_TOLERANCE = 1e-4
+
+
+def session(path: Path, threads: int = 0) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class OrtModel:
+    """The two exported graphs, with just enough decoding logic to check them."""
+
+    encoder: ort.InferenceSession
+    decoder: ort.InferenceSession
+    n_layers: int
+    n_heads: int
+    head_dim: int
+    bos_id: int
+    eos_id: int
+
+    @classmethod
+    def load(
+        cls, encoder: Path, decoder: Path, model_cfg: dict[str, Any], threads: int = 0
+    ) -> OrtModel:
+        return cls(
+            session(encoder, threads),
+            session(decoder, threads),
+            model_cfg["n_decoder_layers"],
+            model_cfg["n_heads"],
+            model_cfg["d_model"] // model_cfg["n_heads"],
+            model_cfg["bos_id"],
+            model_cfg["eos_id"],
+        )
+
+    def encode(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+        return self.encoder.run(None, {"input_ids": ids, "attention_mask": mask})
+
+    def step(
+        self,
+        tokens: np.ndarray,  # (B,)
+        positions: np.ndarray,  # (B,)
+        self_mask: np.ndarray,  # (B, P+1)
+        src_mask: np.ndarray,  # (B, S)
+        past: Sequence[np.ndarray],  # 2L arrays (B, H, P, Dh)
+        cross: Sequence[np.ndarray],  # 2L arrays (B, H, S, Dh)
+    ) -> list[np.ndarray]:
+        io = graph_io(self.n_layers)
+        feeds = {
+            "input_ids": tokens[:, None].astype(np.int64),
+            "position_ids": positions[:, None].astype(np.int64),
+            "decoder_attention_mask": self_mask.astype(np.int64),
+            "encoder_attention_mask": src_mask.astype(np.int64),
+        }
+        for name, value in zip(io.decoder_inputs[4:], [*past, *cross], strict=True):
+            feeds[name] = value
+        return self.decoder.run(None, feeds)
+
+    def greedy(self, ids: np.ndarray, mask: np.ndarray, limits: np.ndarray) -> list[list[int]]:
+        """Greedy decoding of a padded batch; limits (B,) caps each row's output tokens."""
+        b = ids.shape[0]
+        enc = self.encode(ids, mask)
+        cross = enc[1:]
+        past = [np.zeros((b, self.n_heads, 0, self.head_dim), np.float32)] * (2 * self.n_layers)
+        tokens = np.full(b, self.bos_id, np.int64)
+        out: list[list[int]] = [[] for _ in range(b)]
+        done = np.zeros(b, bool)
+        step = 0
+        while not done.all():
+            res = self.step(
+                tokens, np.full(b, step), np.ones((b, step + 1), np.int64), mask, past, cross
+            )
+            nxt = res[0][:, 0, :].argmax(-1)
+            for i in range(b):
+                if done[i]:
+                    continue
+                if nxt[i] == self.eos_id or len(out[i]) >= limits[i]:
+                    done[i] = True
+                else:
+                    out[i].append(int(nxt[i]))
+            tokens = nxt.astype(np.int64)
+            past = res[1 : 1 + 2 * self.n_layers]
+            step += 1
+        return out
+
+
+def _max_diff(a: np.ndarray, b: torch.Tensor) -> float:
+    return float(np.abs(a - b.numpy()).max()) if a.size else 0.0
+
+
+@torch.no_grad()
+def compare_grid(
+    model: Transformer,
+    ort_model: OrtModel,
+    max_source: int,
+    batches: Sequence[int] = (1, 3, 8),
+    steps: int = 4,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """ORT vs PyTorch on a grid of shapes; returns the max differences per case."""
+    model = model.eval()
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(seed)
+    cases = []
+    worst = 0.0
+    for b in batches:
+        for s in sorted({1, 7, max_source}):
+            ids = torch.randint(4, cfg.vocab_size, (b, s), generator=gen)
+            mask = torch.ones(b, s, dtype=torch.long)
+            for i in range(1, b):  # rows of several lengths; row 0 keeps the full length
+                n = int(torch.randint(1, s + 1, (1,), generator=gen))
+                ids[i, n:], mask[i, n:] = cfg.pad_id, 0
+            enc = model.encode(ids, mask)
+            o_enc = ort_model.encode(ids.numpy(), mask.numpy())
+            diffs = {
+                "encoder_states": _max_diff(o_enc[0], enc.memory),
+                "cross_kv": max(
+                    _max_diff(o, t)
+                    for o, t in zip(o_enc[1:], [t for kv in enc.cross_kv for t in kv], strict=True)
+                ),
+            }
+            past_t = model.empty_past(b)
+            past_o: list[np.ndarray] = [p.numpy() for kv in past_t for p in kv]
+            cross_o = o_enc[1:]
+            tokens = torch.full((b,), cfg.bos_id, dtype=torch.long)
+            logit_diff = attn_diff = 0.0
+            for t in range(steps):
+                pos = torch.full((b,), t, dtype=torch.long)
+                smask = torch.ones(b, t + 1, dtype=torch.long)
+                ref = model.decode_step(tokens, pos, past_t, smask, enc.cross_kv, mask)
+                got = ort_model.step(
+                    tokens.numpy(), pos.numpy(), smask.numpy(), mask.numpy(), past_o, cross_o
+                )
+                logit_diff = max(logit_diff, _max_diff(got[0][:, 0], ref.logits))
+                n = ort_model.n_layers
+                for o, r in zip(got[1 + 2 * n :], ref.cross_attentions, strict=True):
+                    attn_diff = max(attn_diff, _max_diff(o, r))
+                past_t, past_o = ref.present, got[1 : 1 + 2 * n]  # each side feeds its own cache
+                tokens = torch.randint(4, cfg.vocab_size, (b,), generator=gen)
+            diffs |= {"logits": logit_diff, "cross_attention": attn_diff}
+            worst = max(worst, logit_diff)
+            cases.append({"batch": b, "source_length": s, "steps": steps, **diffs})
+    mixed = compare_mixed_ages(model, ort_model, gen)
+    worst = max(worst, mixed["logits"])
+    cases.append(mixed)
+    return {"cases": cases, "max_abs_logit_diff": worst}
+
+
+@torch.no_grad()
+def compare_mixed_ages(
+    model: Transformer, ort_model: OrtModel, gen: torch.Generator, ages: Sequence[int] = (5, 2, 0)
+) -> dict[str, Any]:
+    """Rows with past lengths `ages` share one ORT step, their caches left-padded and masked;
+    each row's logits must equal that row decoded alone in PyTorch."""
+    cfg = model.cfg
+    p_max = max(ages)
+    n = ort_model.n_layers
+    rows_past: list[list[np.ndarray]] = []
+    rows_cross: list[list[np.ndarray]] = []
+    masks, srcs, toks, refs = [], [], [], []
+    s = 6
+    for age in ages:
+        ids = torch.randint(4, cfg.vocab_size, (1, s), generator=gen)
+        mask = torch.ones(1, s, dtype=torch.long)
+        enc = model.encode(ids, mask)
+        past = model.empty_past(1)
+        history = torch.randint(4, cfg.vocab_size, (age + 1,), generator=gen)
+        history[0] = cfg.bos_id
+        for t in range(age):  # build the row's own cache alone
+            res = model.decode_step(
+                history[t : t + 1],
+                torch.tensor([t]),
+                past,
+                torch.ones(1, t + 1, dtype=torch.long),
+                enc.cross_kv,
+                mask,
+            )
+            past = res.present
+        ref = model.decode_step(
+            history[age : age + 1],
+            torch.tensor([age]),
+            past,
+            torch.ones(1, age + 1, dtype=torch.long),
+            enc.cross_kv,
+            mask,
+        )
+        refs.append(ref.logits[0])
+        pad = p_max - age
+        rows_past.append(
+            [np.pad(t.numpy(), ((0, 0), (0, 0), (pad, 0), (0, 0))) for kv in past for t in kv]
+        )
+        rows_cross.append([t.numpy() for kv in enc.cross_kv for t in kv])
+        masks.append([0] * pad + [1] * (age + 1))
+        srcs.append(mask.numpy()[0])
+        toks.append(int(history[age]))
+    got = ort_model.step(
+        np.array(toks),
+        np.array(list(ages)),
+        np.array(masks),
+        np.stack(srcs),
+        [np.concatenate([r[j] for r in rows_past]) for j in range(2 * n)],
+        [np.concatenate([r[j] for r in rows_cross]) for j in range(2 * n)],
+    )
+    diff = max(_max_diff(got[0][i, 0], refs[i]) for i in range(len(ages)))
+    return {"batch": len(ages), "past_lengths": list(ages), "logits": diff}
+
+
+def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(1, max((len(r) for r in rows), default=1))
+    ids = np.full((len(rows), width), pad_id, np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : max(len(r), 1)] = 1
+    return ids, mask
+
+
+def ort_translate_ids(
+    ort_model: OrtModel,
+    encoded: Sequence[Sequence[int]],
+    limits: Sequence[int],
+    pad_id: int,
+    batch_size: int = 64,
+) -> list[list[int]]:
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out: list[list[int]] = [[] for _ in encoded]
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        ids, mask = pad_batch([encoded[i] for i in idx], pad_id)
+        res = ort_model.greedy(ids, mask, np.array([limits[i] for i in idx]))
+        for i, r in zip(idx, res, strict=True):
+            out[i] = r
+    return out

@@ -1,0 +1,167 @@
+"""Training, export and verification through the real CLI on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from export.bundle import BundleError, check_bundle
+from export.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_model_loss_falls(tiny_run: Path) -> None:
+    log = [json.loads(line) for line in (tiny_run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [30, 60]
+    state_first = log[0]
+    import torch
+
+    ckpt = torch.load(tiny_run / "checkpoint_last.pt", weights_only=True)
+    assert ckpt["step"] == 60
+    # loss at the start is about ln(vocab); after 60 steps it must be well below
+    vocab = ckpt["model_config"]["vocab_size"]
+    assert log[-1]["loss"] < 0.8 * np.log(vocab)
+    assert log[-1]["loss"] < state_first["loss"] + 0.5
+    assert set(log[-1]["exact_match_by_group"]) == {f"digits={d}" for d in range(1, 5)}
+
+
+def test_resume_continues_from_last_checkpoint(tiny_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert main(["train", "--run", str(run), "--resume", "--max-steps", "70", "--skip-test",
+                 "--no-progress"]) == 0  # fmt: skip
+    import torch
+
+    assert torch.load(run / "checkpoint_last.pt", weights_only=True)["step"] == 70
+    with pytest.raises(SystemExit, match="already holds a run"):
+        main(["train", "--run", str(run), "--max-steps", "1"])
+
+
+def test_bundle_contents_and_verification(tiny_bundle: Path) -> None:
+    manifest = check_bundle(tiny_bundle)
+    assert manifest["format_version"] == 1
+    assert manifest["onnx"]["opset"] >= 17
+    assert set(manifest["files"]) == {
+        "tokenizer.model",
+        "encoder.onnx",
+        "decoder.onnx",
+        "encoder.int8.onnx",
+        "decoder.int8.onnx",
+    }
+    ver = manifest["verification"]
+    assert ver["passed"] is True
+    assert ver["max_abs_logit_diff"] <= 1e-4
+    assert ver["greedy_identical_share"] == 1.0
+    shapes = {(c["batch"], c.get("source_length")) for c in ver["grid"]}
+    assert {(1, 1), (3, 7), (8, 24), (3, None)} <= shapes  # incl. the mixed-ages case
+    mixed = [c for c in ver["grid"] if "past_lengths" in c][0]
+    assert len(set(mixed["past_lengths"])) == 3
+    for precision in ("fp32", "int8"):
+        m = manifest["metrics"][precision]
+        assert {"exact_match", "bleu", "chrf"} <= set(m)
+    assert manifest["special_ids"] == {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
+    assert manifest["corpus"]["kind"] == "numbers"
+    for name in ("encoder.onnx", "decoder.onnx"):
+        onnx.checker.check_model(str(tiny_bundle / name), full_check=True)
+    dec = onnx.load(str(tiny_bundle / "decoder.onnx"))
+    outputs = [o.name for o in dec.graph.output]
+    assert outputs == manifest["onnx"]["decoder_outputs"]
+    assert "cross_attentions.0" in outputs and "cross_attentions.1" in outputs
+    dims = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+        for i in dec.graph.input
+    }
+    assert dims["past_key_values.0.decoder.key"] == ["batch", 4, "past_length", 8]
+    assert dims["past_key_values.1.encoder.value"] == ["batch", 4, "source_length", 8]
+
+
+def test_verify_command(tiny_bundle: Path, tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["verify", "--bundle", str(tiny_bundle), "--run", str(tiny_run)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] and report["checkpoint_matches_manifest"]
+
+
+def test_changed_byte_is_caught(tiny_bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    data = bytearray((copy / "decoder.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / "decoder.onnx").write_bytes(bytes(data))
+    (copy / "tokenizer.model").unlink()
+    with pytest.raises(BundleError) as err:
+        check_bundle(copy)
+    assert "decoder.onnx does not match its sha256" in str(err.value)
+    assert "tokenizer.model is missing" in str(err.value)  # every problem, at once
+
+
+def test_export_refuses_to_overwrite(tiny_run: Path, tiny_bundle: Path) -> None:
+    before = (tiny_bundle / "manifest.json").read_bytes()
+    assert main(["export", "--run", str(tiny_run), "--out", str(tiny_bundle)]) == 1
+    assert (tiny_bundle / "manifest.json").read_bytes() == before
+
+
+def test_evaluate_writes_metrics_and_samples(tiny_run: Path, tmp_path: Path) -> None:
+    samples = tmp_path / "samples.tsv"
+    assert main(["evaluate", "--run", str(tiny_run), "--samples", str(samples)]) == 0
+    lines = samples.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "ok\tsource\treference\ttranslation"
+    test_size = len((tiny_run / "data" / "test.jsonl").read_text().splitlines())
+    assert len(lines) == 1 + test_size
+    metrics = json.loads((tiny_run / "metrics_test.json").read_text())
+    assert 0.0 <= metrics["exact_match"] <= 1.0
+
+
+NO_TORCH_SCRIPT = r"""
+import importlib.abc, json, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this process")
+sys.meta_path.insert(0, Block())
+try:
+    import torch  # noqa
+    raise SystemExit("torch imported")
+except ImportError:
+    pass
+import numpy as np, onnxruntime as ort, sentencepiece as spm
+bundle = sys.argv[1]
+m = json.load(open(f"{bundle}/manifest.json"))
+enc = ort.InferenceSession(f"{bundle}/encoder.onnx", providers=["CPUExecutionProvider"])
+dec = ort.InferenceSession(f"{bundle}/decoder.onnx", providers=["CPUExecutionProvider"])
+sp = spm.SentencePieceProcessor(model_file=f"{bundle}/tokenizer.model")
+ids = np.array([sp.encode("three hundred and twenty-one")], dtype=np.int64)
+mask = np.ones_like(ids)
+out = enc.run(None, {"input_ids": ids, "attention_mask": mask})
+L, H = m["model"]["n_decoder_layers"], m["model"]["n_heads"]
+dh = m["model"]["d_model"] // H
+feeds = {"input_ids": np.array([[m["special_ids"]["bos"]]]), "position_ids": np.array([[0]]),
+         "decoder_attention_mask": np.ones((1, 1), np.int64), "encoder_attention_mask": mask}
+for i in range(L):
+    for kv in ("key", "value"):
+        feeds[f"past_key_values.{i}.decoder.{kv}"] = np.zeros((1, H, 0, dh), np.float32)
+names = m["onnx"]["decoder_inputs"][4 + 2 * L:]
+feeds.update(zip(names, out[1:]))
+res = dec.run(None, feeds)
+assert res[0].shape == (1, 1, m["model"]["vocab_size"]), res[0].shape
+assert "torch" not in sys.modules
+print("ok", int(res[0].argmax()))
+"""
+
+
+def test_graphs_run_where_torch_cannot_be_imported(tiny_bundle: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_SCRIPT, str(tiny_bundle)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("ok ")
