@@ -78,14 +78,17 @@ class ModelConfig:
 
 
 def scaled_dot_product_attention(
-    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, scale: float | None = None
 ) -> tuple[Tensor, Tensor]:
     """softmax(Q Kᵀ / sqrt(d_k) + bias) V, returning the output and the probabilities.
 
     q (B, H, Tq, Dh), k and v (B, H, Tk, Dh); bias broadcastable to (B, H, Tq, Tk), holding 0
-    for keys that may be attended and MASK_VALUE for masked ones.
+    for keys that may be attended and MASK_VALUE for masked ones. scale defaults to 1/sqrt(Dh);
+    modules pass it as a Python number so that tracing for export sees a constant.
     """
-    scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
     if bias is not None:
         scores = scores + bias
     probs = torch.softmax(scores, dim=-1)  # (B, H, Tq, Tk)
@@ -124,6 +127,7 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
         self.w_q = nn.Linear(d_model, d_model)
         self.w_k = nn.Linear(d_model, d_model)
         self.w_v = nn.Linear(d_model, d_model)
@@ -141,7 +145,7 @@ class MultiHeadAttention(nn.Module):
     def attend(self, x: Tensor, kv: KV, bias: Tensor | None) -> tuple[Tensor, Tensor]:
         """Queries from x (B, Tq, D) against given K/V → (B, Tq, D), probs (B, H, Tq, Tk)."""
         q = self.split_heads(self.w_q(x))  # (B, H, Tq, Dh)
-        out, probs = scaled_dot_product_attention(q, kv[0], kv[1], bias)  # (B, H, Tq, Dh)
+        out, probs = scaled_dot_product_attention(q, kv[0], kv[1], bias, self.scale)
         b, _, tq, _ = out.shape
         out = out.transpose(1, 2).reshape(b, tq, self.n_heads * self.head_dim)  # (B, Tq, D)
         return self.dropout(self.w_o(out)), probs

@@ -94,9 +94,15 @@ def quantize_int8(src: Path, dst: Path) -> None:
     """Dynamic int8 quantization of the MatMul weights (activations stay fp32)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
-        str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"]
-    )
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)  # the quantizer logs every tensor on the root logger
+    try:
+        quantize_dynamic(
+            str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"]
+        )
+    finally:
+        root.setLevel(level)
 
 
 def export_bundle(

@@ -90,7 +90,7 @@ class Tokenizer:
             unk_id=UNK_ID,
             bos_id=BOS_ID,
             eos_id=EOS_ID,
-            input_sentence_size=len(items),
+            input_sentence_size=0,  # 0: every sentence, no sampling
             shuffle_input_sentence=False,
             # Sentences longer than this are dropped by the trainer, silently to us.
             max_sentence_length=max(4192, longest),

@@ -20,27 +20,26 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_tiny_model_loss_falls(tiny_run: Path) -> None:
     log = [json.loads(line) for line in (tiny_run / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [30, 60]
-    state_first = log[0]
+    assert [r["step"] for r in log] == [60, 120]
     import torch
 
     ckpt = torch.load(tiny_run / "checkpoint_last.pt", weights_only=True)
-    assert ckpt["step"] == 60
-    # loss at the start is about ln(vocab); after 60 steps it must be well below
+    assert ckpt["step"] == 120
+    # an untrained model's loss is about ln(vocab); after 120 steps it must be far below
     vocab = ckpt["model_config"]["vocab_size"]
-    assert log[-1]["loss"] < 0.8 * np.log(vocab)
-    assert log[-1]["loss"] < state_first["loss"] + 0.5
+    assert log[-1]["loss"] < 0.6 * np.log(vocab)
+    assert log[-1]["loss"] < log[0]["loss"]
     assert set(log[-1]["exact_match_by_group"]) == {f"digits={d}" for d in range(1, 5)}
 
 
 def test_resume_continues_from_last_checkpoint(tiny_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    assert main(["train", "--run", str(run), "--resume", "--max-steps", "70", "--skip-test",
+    assert main(["train", "--run", str(run), "--resume", "--max-steps", "130", "--skip-test",
                  "--no-progress"]) == 0  # fmt: skip
     import torch
 
-    assert torch.load(run / "checkpoint_last.pt", weights_only=True)["step"] == 70
+    assert torch.load(run / "checkpoint_last.pt", weights_only=True)["step"] == 130
     with pytest.raises(SystemExit, match="already holds a run"):
         main(["train", "--run", str(run), "--max-steps", "1"])
 
@@ -62,7 +61,7 @@ def test_bundle_contents_and_verification(tiny_bundle: Path) -> None:
     assert ver["greedy_identical_share"] == 1.0
     shapes = {(c["batch"], c.get("source_length")) for c in ver["grid"]}
     assert {(1, 1), (3, 7), (8, 24), (3, None)} <= shapes  # incl. the mixed-ages case
-    mixed = [c for c in ver["grid"] if "past_lengths" in c][0]
+    mixed = next(c for c in ver["grid"] if "past_lengths" in c)
     assert len(set(mixed["past_lengths"])) == 3
     for precision in ("fp32", "int8"):
         m = manifest["metrics"][precision]

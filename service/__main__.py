@@ -1,0 +1,5 @@
+"""python -m service serve | translate | info — see ``python -m service --help``."""
+
+from service.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""Command line of the serving side.
+
+    python -m service serve --bundle models/default --port 50051 [--metrics-port 9090]
+    python -m service translate "three hundred and twenty-one"      # client
+    python -m service info --bundle models/default                  # check a bundle offline
+
+Every ``serve`` setting is a flag and an environment variable (``NMTSERVE_<FLAG>``, e.g.
+``NMTSERVE_BUNDLE``, ``NMTSERVE_PORT``); a flag wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from dataclasses import fields
+from typing import Any
+
+from service.bundle import BundleError, load_bundle
+from service.server import Server, ServerConfig
+
+log = logging.getLogger("nmtserve")
+
+SERVE_HELP = {
+    "bundle": "model bundle directory (required)",
+    "host": "address to listen on (0.0.0.0 in a container)",
+    "port": "gRPC port (0: pick a free one, logged)",
+    "metrics_port": "Prometheus /metrics HTTP port (0: off)",
+    "metrics_host": "address of the metrics endpoint",
+    "provider": "execution provider: cpu, cuda, or auto (CUDA where onnxruntime-gpu sees a GPU)",
+    "precision": "graphs to serve: fp32, or int8 if the bundle has them",
+    "threads": "onnxruntime intra-op threads (0: the cores this process may use)",
+    "max_queue": "sentences waiting at most; more get RESOURCE_EXHAUSTED at once",
+    "max_batch_rows": "rows decoded together at most",
+    "max_batch_tokens": "source tokens in the decoding batch at most",
+    "max_wait_ms": "how long an idle server waits for more sentences to fill a batch",
+    "max_sentences": "sentences per request at most",
+    "max_message_bytes": "largest gRPC message received or sent",
+    "grace_s": "seconds in-flight requests get to finish after SIGTERM",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request_id when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        rid = getattr(record, "request_id", None)
+        if rid:
+            out["request_id"] = rid
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    for f in fields(ServerConfig):
+        env = f"NMTSERVE_{f.name.upper()}"
+        flag = "--" + f.name.replace("_", "-")
+        default = os.environ.get(env, None if f.name == "bundle" else f.default)
+        kind = type(f.default) if f.name != "bundle" else str
+        kwargs: dict[str, Any] = {"default": default, "help": f"{SERVE_HELP[f.name]} [{env}]"}
+        if f.name == "provider":
+            kwargs["choices"] = ["cpu", "cuda", "auto"]
+        if f.name == "precision":
+            kwargs["choices"] = ["fp32", "int8"]
+        p.add_argument(flag, type=kind, required=f.name == "bundle" and default is None, **kwargs)
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=os.environ.get("NMTSERVE_LOG_FORMAT", "text"),
+        help="log lines as text or JSON objects [NMTSERVE_LOG_FORMAT]",
+    )
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("NMTSERVE_LOG_LEVEL", "info"),
+        help="debug, info, warning, error [NMTSERVE_LOG_LEVEL]",
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    setup_logging(args.log_format, args.log_level)
+    cfg = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
+    server = Server(cfg)
+    try:
+        asyncio.run(server.run())
+    except BundleError as e:
+        log.error("%s", e)
+        return 2
+    except RuntimeError as e:
+        log.error("cannot start: %s", e)
+        return 2
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    try:
+        bundle = load_bundle(args.bundle)
+    except BundleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m = bundle.manifest
+    print(
+        json.dumps(
+            {k: m[k] for k in ("format_version", "model", "limits", "metrics") if k in m}
+            | {"verification_passed": m.get("verification", {}).get("passed")},
+            indent=2,
+        )
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from service.client import add_translate_args, run_translate
+
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser(
+        "serve",
+        help="serve a model bundle over gRPC",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser(
+        "translate",
+        help="translate through a running server",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_translate_args(p)
+    p.set_defaults(func=run_translate)
+    p = sub.add_parser("info", help="check a bundle offline and print its summary")
+    p.add_argument("--bundle", default=os.environ.get("NMTSERVE_BUNDLE", "models/default"))
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))

@@ -1,0 +1,310 @@
+"""Batched greedy decoding: the batch state as its own typed object, and one step at a time.
+
+``Engine.start(jobs)`` encodes new sentences into a ``DecodeBatch``; ``DecodeBatch.concatenate``
+lets them join a batch that is already decoding (their caches are left-padded and masked, so
+rows of different ages share one decoder call); ``Engine.step(batch)`` generates one token per
+row and returns the rows that finished, which leave the batch at once (``DecodeBatch.filter``).
+Nothing here knows about gRPC or protobuf.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.bundle import Limits
+from service.runtime import Runtime
+
+
+class AttentionMode(enum.IntEnum):
+    NONE = 0
+    LAYER_AVERAGE = 1
+    LAYER_HEADS = 2
+    ALL_LAYERS = 3
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    max_output_tokens: int = 0  # 0: the bundle's limits only
+    attention: AttentionMode = AttentionMode.NONE
+    attention_layer: int = -1  # resolved to 0..L-1 by the caller
+    scores: bool = False
+    alignment: bool = False
+
+
+@dataclass
+class SentenceJob:
+    """One sentence to decode, and where its result goes."""
+
+    source_ids: list[int]
+    limit: int  # output tokens at most
+    options: DecodeOptions = field(default_factory=DecodeOptions)
+    deadline: float | None = None  # time.monotonic() seconds
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+
+@dataclass
+class SentenceResult:
+    token_ids: list[int]
+    finish_reason: str  # "eos", "length" or "empty"
+    token_log_probs: list[float] | None = None
+    sequence_log_prob: float | None = None
+    attention: np.ndarray | None = None  # per AttentionMode, (…, T, S)
+    alignment: list[int] | None = None  # per target token, argmax source position
+
+
+@dataclass
+class Row:
+    """The growing output of one sentence."""
+
+    job: SentenceJob
+    source_len: int
+    tokens: list[int] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)
+    attn: list[np.ndarray] = field(default_factory=list)  # per step (L', H, S_row)
+    eos_log_prob: float = 0.0
+
+    @property
+    def wants_attention(self) -> bool:
+        o = self.job.options
+        return o.attention != AttentionMode.NONE or o.alignment
+
+
+@dataclass
+class DecodeBatch:
+    """Decoder state of B rows: P cached self-attention slots, S source positions."""
+
+    rows: list[Row]
+    tokens: np.ndarray  # (B,) the last token of each row
+    positions: np.ndarray  # (B,) its position in its row
+    self_mask: np.ndarray  # (B, P) 1 where a cached slot belongs to the row
+    src_mask: np.ndarray  # (B, S)
+    past: list[np.ndarray]  # 2L × (B, H, P, Dh)
+    cross: list[np.ndarray]  # 2L × (B, H, S, Dh)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def past_len(self) -> int:
+        return int(self.self_mask.shape[1])
+
+    @property
+    def source_len(self) -> int:
+        return int(self.src_mask.shape[1])
+
+    def filter(self, keep: list[int]) -> DecodeBatch:
+        """Only the rows at `keep`; the cache and source axes shrink to what they still need."""
+        idx = np.asarray(keep, dtype=np.int64)
+        rows = [self.rows[i] for i in keep]
+        self_mask = self.self_mask[idx]
+        src_mask = self.src_mask[idx]
+        # Left-padded caches: drop leading slots no remaining row uses.
+        used = self_mask.any(axis=0)
+        start = int(np.argmax(used)) if used.any() else self_mask.shape[1]
+        s = max((r.source_len for r in rows), default=0)
+        s = max(s, 1)
+        return DecodeBatch(
+            rows=rows,
+            tokens=self.tokens[idx],
+            positions=self.positions[idx],
+            self_mask=np.ascontiguousarray(self_mask[:, start:]),
+            src_mask=np.ascontiguousarray(src_mask[:, :s]),
+            past=[np.ascontiguousarray(p[idx][:, :, start:]) for p in self.past],
+            cross=[np.ascontiguousarray(c[idx][:, :, :s]) for c in self.cross],
+        )
+
+    @staticmethod
+    def concatenate(a: DecodeBatch, b: DecodeBatch) -> DecodeBatch:
+        """Rows of a then b; the shorter past is left-padded, the shorter source right-padded."""
+        p = max(a.past_len, b.past_len)
+        s = max(a.source_len, b.source_len)
+
+        def left(x: np.ndarray, width: int, axis: int) -> np.ndarray:
+            pad = [(0, 0)] * x.ndim
+            pad[axis] = (width - x.shape[axis], 0)
+            return np.pad(x, pad) if width > x.shape[axis] else x
+
+        def right(x: np.ndarray, width: int, axis: int) -> np.ndarray:
+            pad = [(0, 0)] * x.ndim
+            pad[axis] = (0, width - x.shape[axis])
+            return np.pad(x, pad) if width > x.shape[axis] else x
+
+        return DecodeBatch(
+            rows=a.rows + b.rows,
+            tokens=np.concatenate([a.tokens, b.tokens]),
+            positions=np.concatenate([a.positions, b.positions]),
+            self_mask=np.concatenate([left(a.self_mask, p, 1), left(b.self_mask, p, 1)]),
+            src_mask=np.concatenate([right(a.src_mask, s, 1), right(b.src_mask, s, 1)]),
+            past=[
+                np.concatenate([left(x, p, 2), left(y, p, 2)])
+                for x, y in zip(a.past, b.past, strict=True)
+            ],
+            cross=[
+                np.concatenate([right(x, s, 2), right(y, s, 2)])
+                for x, y in zip(a.cross, b.cross, strict=True)
+            ],
+        )
+
+
+@dataclass
+class StepStats:
+    rows: int
+    padding_waste: float  # share of (row, source position) cells that are padding
+    seconds: float
+
+
+class Engine:
+    """Greedy decoding over a Runtime; used by the scheduler and by offline batch decoding."""
+
+    def __init__(self, runtime: Runtime, limits: Limits) -> None:
+        self.rt = runtime
+        self.limits = limits
+
+    def start(self, jobs: list[SentenceJob]) -> DecodeBatch:
+        """Runs the encoder over new sentences → a batch ready for its first step (BOS)."""
+        n = len(jobs)
+        s = max(1, max(len(j.source_ids) for j in jobs))
+        ids = np.full((n, s), self.rt.pad_id, np.int64)
+        mask = np.zeros((n, s), np.int64)
+        for i, j in enumerate(jobs):
+            ids[i, : len(j.source_ids)] = j.source_ids
+            mask[i, : max(1, len(j.source_ids))] = 1
+        cross = self.rt.encode(ids, mask)
+        return DecodeBatch(
+            rows=[Row(j, max(1, len(j.source_ids))) for j in jobs],
+            tokens=np.full(n, self.rt.bos_id, np.int64),
+            positions=np.zeros(n, np.int64),
+            self_mask=np.zeros((n, 0), np.int64),
+            src_mask=mask,
+            past=self.rt.empty_past(n),
+            cross=cross,
+        )
+
+    def step(
+        self, batch: DecodeBatch
+    ) -> tuple[list[tuple[SentenceJob, SentenceResult]], DecodeBatch | None, StepStats]:
+        """Generates one token for every row. Returns the finished sentences, the batch of the
+        rows still going (None when none is), and the step's figures."""
+        t0 = time.perf_counter()
+        b = len(batch)
+        self_mask = np.concatenate([batch.self_mask, np.ones((b, 1), np.int64)], axis=1)
+        logits, present, cross_attn = self.rt.step(
+            batch.tokens, batch.positions, self_mask, batch.src_mask, batch.past, batch.cross
+        )
+        nxt = logits.argmax(axis=-1)  # (B,)
+        finished: list[tuple[SentenceJob, SentenceResult]] = []
+        keep: list[int] = []
+        eos = self.rt.eos_id
+        for i, row in enumerate(batch.rows):
+            tok = int(nxt[i])
+            opts = row.job.options
+            lp = _log_prob(logits[i], tok) if opts.scores else 0.0
+            if tok == eos:
+                row.eos_log_prob = lp
+                finished.append((row.job, self._result(row, "eos")))
+                continue
+            row.tokens.append(tok)
+            if opts.scores:
+                row.log_probs.append(lp)
+            if row.wants_attention:
+                row.attn.append(
+                    np.stack([a[i, :, : row.source_len] for a in cross_attn])  # (L, H, S_row)
+                )
+            if len(row.tokens) >= row.job.limit:
+                finished.append((row.job, self._result(row, "length")))
+            else:
+                keep.append(i)
+        waste = 1.0 - sum(r.source_len for r in batch.rows) / max(b * batch.source_len, 1)
+        stats = StepStats(b, waste, time.perf_counter() - t0)
+        if not keep:
+            return finished, None, stats
+        nxt_batch = DecodeBatch(
+            rows=batch.rows,
+            tokens=nxt.astype(np.int64),
+            positions=batch.positions + 1,
+            self_mask=self_mask,
+            src_mask=batch.src_mask,
+            past=present,
+            cross=batch.cross,
+        )
+        if len(keep) < b:
+            nxt_batch = nxt_batch.filter(keep)
+        return finished, nxt_batch, stats
+
+    def _result(self, row: Row, reason: str) -> SentenceResult:
+        opts = row.job.options
+        res = SentenceResult(list(row.tokens), reason)
+        if opts.scores:
+            res.token_log_probs = list(row.log_probs)
+            res.sequence_log_prob = float(sum(row.log_probs) + row.eos_log_prob)
+        if row.wants_attention:
+            s = row.source_len
+            n_layers, h = self.rt.n_layers, self.rt.n_heads
+            full = (
+                np.stack(row.attn, axis=2)  # (L, H, T, S)
+                if row.attn
+                else np.zeros((n_layers, h, 0, s), np.float32)
+            )
+            layer = opts.attention_layer
+            if opts.attention == AttentionMode.LAYER_AVERAGE:
+                res.attention = full[layer].mean(axis=0)  # (T, S)
+            elif opts.attention == AttentionMode.LAYER_HEADS:
+                res.attention = full[layer]  # (H, T, S)
+            elif opts.attention == AttentionMode.ALL_LAYERS:
+                res.attention = full  # (L, H, T, S)
+            if opts.alignment:
+                res.alignment = [int(j) for j in full[-1].mean(axis=0).argmax(axis=-1)]
+        return res
+
+    def empty_result(self, job: SentenceJob) -> SentenceResult:
+        """An empty source translates to an empty output without running the model."""
+        opts = job.options
+        res = SentenceResult([], "empty")
+        if opts.scores:
+            res.token_log_probs, res.sequence_log_prob = [], 0.0
+        if opts.attention != AttentionMode.NONE:
+            shapes = {
+                AttentionMode.LAYER_AVERAGE: (0, 0),
+                AttentionMode.LAYER_HEADS: (self.rt.n_heads, 0, 0),
+                AttentionMode.ALL_LAYERS: (self.rt.n_layers, self.rt.n_heads, 0, 0),
+            }
+            res.attention = np.zeros(shapes[opts.attention], np.float32)
+        if opts.alignment:
+            res.alignment = []
+        return res
+
+    def decode_all(self, jobs: list[SentenceJob], max_rows: int = 64) -> list[SentenceResult]:
+        """Offline batched decoding (no scheduler): groups of similar source length, each run
+        until its last row finishes."""
+        results: dict[int, SentenceResult] = {}
+        order = sorted(range(len(jobs)), key=lambda i: len(jobs[i].source_ids))
+        by_id = {id(j): i for i, j in enumerate(jobs)}
+        todo = []
+        for i in order:
+            if jobs[i].source_ids and jobs[i].limit > 0:
+                todo.append(i)
+            else:
+                results[i] = self.empty_result(jobs[i])
+        for start in range(0, len(todo), max_rows):
+            batch: DecodeBatch | None = self.start(
+                [jobs[i] for i in todo[start : start + max_rows]]
+            )
+            while batch is not None:
+                done, batch, _ = self.step(batch)
+                for job, res in done:
+                    results[by_id[id(job)]] = res
+        return [results[i] for i in range(len(jobs))]
+
+
+def _log_prob(logits: np.ndarray, token: int) -> float:
+    m = float(logits.max())
+    return float(logits[token] - m - np.log(np.exp(logits - m).sum()))

@@ -1,0 +1,82 @@
+"""Prometheus metrics, served on their own HTTP port (``--metrics-port``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from service.engine import SentenceResult, StepStats
+from service.scheduler import Observer
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_STEP = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+
+class Metrics(Observer):
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "nmtserve_requests", "RPCs by method and status code", ["method", "code"], registry=r
+        )
+        self.latency = Histogram(
+            "nmtserve_request_seconds", "RPC latency", ["method"], buckets=_LATENCY, registry=r
+        )
+        self.sentences = Counter(
+            "nmtserve_sentences", "Sentences finished, by reason", ["finish_reason"], registry=r
+        )
+        self.dropped_total = Counter(
+            "nmtserve_sentences_dropped",
+            "Sentences dropped before or while decoding (cancelled, deadline)",
+            ["reason"],
+            registry=r,
+        )
+        self.queue = Gauge("nmtserve_queue_depth", "Sentences waiting in the queue", registry=r)
+        self.batches = Counter(
+            "nmtserve_batches",
+            "Encoder runs: groups of sentences admitted into the decoding batch together",
+            registry=r,
+        )
+        self.steps = Counter("nmtserve_decode_steps", "Decoder steps run", registry=r)
+        self.rows = Histogram(
+            "nmtserve_batch_rows",
+            "Rows per decoder step",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.padding = Histogram(
+            "nmtserve_padding_waste",
+            "Share of source positions that are padding, per decoder step",
+            buckets=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
+            registry=r,
+        )
+        self.tokens = Counter("nmtserve_tokens_generated", "Output tokens generated", registry=r)
+        self.encoder_seconds = Histogram(
+            "nmtserve_encoder_seconds", "Encoder run time", buckets=_STEP, registry=r
+        )
+        self.decoder_seconds = Histogram(
+            "nmtserve_decoder_step_seconds", "Decoder step time", buckets=_STEP, registry=r
+        )
+
+    # Observer hooks, called from the decode thread
+    def queue_depth(self, n: int) -> None:
+        self.queue.set(n)
+
+    def admitted(self, rows: int, seconds: float) -> None:
+        self.batches.inc()
+        self.encoder_seconds.observe(seconds)
+
+    def stepped(self, stats: StepStats) -> None:
+        self.steps.inc()
+        self.rows.observe(stats.rows)
+        self.padding.observe(stats.padding_waste)
+        self.decoder_seconds.observe(stats.seconds)
+
+    def finished(self, result: SentenceResult) -> None:
+        self.sentences.labels(result.finish_reason).inc()
+        self.tokens.inc(len(result.token_ids))
+
+    def dropped(self, reason: str) -> None:
+        self.dropped_total.labels(reason).inc()
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        """Starts the /metrics HTTP endpoint in a background thread."""
+        start_http_server(port, addr=host, registry=self.registry)
