@@ -26,10 +26,10 @@ $(BUNDLE)/manifest.json: | $(VENV)/.installed
 
 model: $(BUNDLE)/manifest.json
 
+# Serve the bundle and show translations made through gRPC; Ctrl-C drains and stops.
+# DEMO_ARGS=--once stops right after the translations.
 run: model
-	$(PY) -m export evaluate --run $(RUN) --split test --limit 0
-	@echo; echo "Sample translations (source → translation):"
-	@tail -n +2 $(RUN)/samples_test.tsv | shuf -n 8 --random-source=$(RUN)/tokenizer.model | awk -F'\t' '{print "  " $$2 "  →  " $$4}'
+	$(PY) -m service demo --bundle $(BUNDLE) $(DEMO_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -41,7 +41,7 @@ test: lint
 
 # Long checks, opt-in: the full default training run and its acceptance figures.
 test-slow: install
-	$(PY) -m pytest -q -m slow --run-slow
+	$(PY) -m pytest -q -m slow --run-slow -s
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

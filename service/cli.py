@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import fields
 from typing import Any
 
@@ -129,6 +130,75 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_SENTENCES = [
+    "three hundred and twenty-one",
+    "seven",
+    "forty-two thousand, nine hundred and five",
+    "one thousand and one",
+    "nine hundred and ninety-nine thousand, nine hundred and ninety-nine",
+]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Starts `serve` as a child process, waits for SERVING, translates through gRPC, then
+    keeps serving until Ctrl-C (which drains the server) — or stops at once with --once."""
+    import signal
+    import subprocess
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from service.client import TranslatorClient
+
+    target = f"127.0.0.1:{args.port}"
+    cmd = [sys.executable, "-m", "service", "serve", "--bundle", args.bundle,
+           "--host", "127.0.0.1", "--port", str(args.port)]  # fmt: skip
+    if args.metrics_port:
+        cmd += ["--metrics-port", str(args.metrics_port)]
+    proc = subprocess.Popen(cmd)
+    try:
+        deadline = time.monotonic() + 120
+        with grpc.insecure_channel(target) as ch:
+            hs = health_pb2_grpc.HealthStub(ch)
+            while True:
+                if proc.poll() is not None:
+                    print(f"error: the server exited with code {proc.returncode}", file=sys.stderr)
+                    return 1
+                try:
+                    status = hs.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    print("error: the server did not become ready in 120 s", file=sys.stderr)
+                    return 1
+                time.sleep(0.1)
+        sentences = args.sentence or DEMO_SENTENCES
+        with TranslatorClient(target) as client:
+            info = client.model_info()
+            resp = client.translate(sentences)
+        print(f"\nServing {args.bundle} on {target} ({info.execution_provider}).")
+        print("Translations made through the gRPC server:")
+        for s, r in zip(sentences, resp.results, strict=True):
+            print(f"  {s}\n    → {r.translation}")
+        print("\nFrom another terminal:")
+        print(f'  .venv/bin/python -m service translate --target {target} "five hundred and six"')
+        if args.metrics_port:
+            print(f"  curl -s http://127.0.0.1:{args.metrics_port}/metrics | grep nmtserve_")
+        if args.once:
+            return 0
+        print("Press Ctrl-C to stop (the server drains first).")
+        proc.wait()
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from service.client import add_translate_args, run_translate
 
@@ -152,6 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_translate_args(p)
     p.set_defaults(func=run_translate)
+    p = sub.add_parser(
+        "demo",
+        help="start a server, translate a few sentences through it, keep serving",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--bundle", default=os.environ.get("NMTSERVE_BUNDLE", "models/default"))
+    p.add_argument("--port", type=int, default=50051, help="gRPC port")
+    p.add_argument("--metrics-port", type=int, default=9090, help="metrics port (0: off)")
+    p.add_argument("--sentence", action="append", help="a sentence to show (repeatable)")
+    p.add_argument("--once", action="store_true", help="stop after showing the translations")
+    p.set_defaults(func=cmd_demo)
     p = sub.add_parser("info", help="check a bundle offline and print its summary")
     p.add_argument("--bundle", default=os.environ.get("NMTSERVE_BUNDLE", "models/default"))
     p.set_defaults(func=cmd_info)

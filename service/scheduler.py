@@ -188,12 +188,13 @@ class Scheduler:
             now = time.monotonic()
             live: list[_Pending] = []
             for p in self._queue:
-                if p.job.cancelled.is_set():
-                    p.future.set_exception(Cancelled("cancelled before it started"))
-                    self.obs.dropped("cancelled")
-                elif p.job.expired(now):
+                # Expiry first: a passed deadline also cancels the call on the gRPC side.
+                if p.job.expired(now):
                     p.future.set_exception(DeadlineExceeded("deadline passed while queued"))
                     self.obs.dropped("deadline")
+                elif p.job.cancelled.is_set():
+                    p.future.set_exception(Cancelled("cancelled before it started"))
+                    self.obs.dropped("cancelled")
                 else:
                     live.append(p)
             if not live:
@@ -229,7 +230,7 @@ class Scheduler:
             job = row.job
             if job.cancelled.is_set() or job.expired(now):
                 p = self._running.pop(id(job))
-                reason = "cancelled" if job.cancelled.is_set() else "deadline"
+                reason = "deadline" if job.expired(now) else "cancelled"
                 exc: Exception = (
                     Cancelled("cancelled while decoding")
                     if reason == "cancelled"

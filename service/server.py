@@ -381,10 +381,13 @@ class Server:
                 log.warning("decode thread still busy after the grace period")
         log.info("drained, exiting")
 
-    async def run(self) -> None:
+    async def run(self, handle_signals: bool = True) -> None:
+        """Starts, serves until SIGTERM/SIGINT (or request_stop()), then drains."""
+        self._stop = asyncio.Event()  # bound to the loop that runs the server
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
         try:
             await self.start()
             await self._stop.wait()

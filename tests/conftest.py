@@ -35,3 +35,72 @@ def tiny_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     out = tmp_path_factory.mktemp("models") / "tiny"
     assert main(["export", "--run", str(tiny_run), "--out", str(out), "--int8"]) == 0
     return out
+
+
+class ServerThread:
+    """A real server (service.server.Server) on a free 127.0.0.1 port, in its own thread."""
+
+    def __init__(self, bundle: Path, **overrides: object) -> None:
+        import asyncio
+        import threading
+
+        from service.server import Server, ServerConfig
+
+        self.cfg = ServerConfig(bundle=str(bundle), host="127.0.0.1", port=0, **overrides)  # type: ignore[arg-type]
+        self.server = Server(self.cfg)
+        self.loop = asyncio.new_event_loop()
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            try:
+                self.loop.run_until_complete(self.server.run(handle_signals=False))
+            except BaseException as e:  # reported by wait_serving / stop
+                self.error = e
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def wait_serving(self, timeout: float = 60) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.error is not None:
+                raise self.error
+            sv = self.server.servicer
+            if self.server.port and sv is not None and sv._tr is not None:
+                return
+            time.sleep(0.02)
+        raise TimeoutError("server did not become ready")
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.request_stop)
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "server did not drain"
+
+
+@pytest.fixture(scope="session")
+def server(tiny_bundle: Path) -> object:
+    """One server for the end-to-end tests; small limits so the limit errors are cheap."""
+    srv = ServerThread(tiny_bundle, max_sentences=40, metrics_port=0)
+    srv.wait_serving()
+    yield srv
+    srv.stop()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="run the long opt-in checks")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="long check: make test-slow (pytest --run-slow -m slow)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,339 @@
+"""End-to-end: a real gRPC server on 127.0.0.1 serving the tiny exported bundle."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from export.model import greedy_decode
+from export.rundir import load_split
+from export.tokenizer import Tokenizer
+from export.train import LengthLimits, model_from_checkpoint, pad, translate_ids
+from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
+from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
+from tests.conftest import ServerThread
+
+
+@pytest.fixture(scope="module")
+def stub(server: ServerThread) -> Iterator[pb_grpc.TranslatorStub]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield pb_grpc.TranslatorStub(channel)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_run: Path) -> tuple[torch.nn.Module, Tokenizer, LengthLimits]:
+    run = json.loads((tiny_run / "run.json").read_text())
+    model, _ = model_from_checkpoint(tiny_run / "checkpoint_best.pt")
+    return model, Tokenizer(tiny_run / "tokenizer.model"), LengthLimits(**run["limits"])
+
+
+def sources(tiny_run: Path) -> list[str]:
+    return [p.source for p in load_split(tiny_run, "test")]
+
+
+def bad_request(err: grpc.RpcError) -> list[tuple[str, str]]:
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None
+    out = []
+    for detail in status.details:
+        br = error_details_pb2.BadRequest()
+        assert detail.Unpack(br)
+        out += [(v.field, v.description) for v in br.field_violations]
+    return out
+
+
+def test_translations_equal_pytorch_greedy(stub, reference, tiny_run) -> None:  # type: ignore[no-untyped-def]
+    model, tok, limits = reference
+    src = sources(tiny_run)
+    assert len({len(tok.encode(s)) for s in src}) >= 4  # a batch of mixed lengths
+    encoded = tok.encode_batch(src)
+    expected = translate_ids(model, encoded, [limits.target_limit(len(e)) for e in encoded])
+    resp = stub.Translate(pb.TranslateRequest(sentences=src), timeout=60)
+    assert [list(r.token_ids) for r in resp.results] == expected
+    assert [r.index for r in resp.results] == list(range(len(src)))
+    assert [r.translation for r in resp.results] == [tok.decode(e) for e in expected]
+    assert {r.finish_reason for r in resp.results} <= {"eos", "length"}
+
+
+def test_attention_equals_pytorch(stub, reference, tiny_run) -> None:  # type: ignore[no-untyped-def]
+    model, tok, limits = reference
+    src = sources(tiny_run)[:6]
+    opts = pb.TranslateOptions(
+        attention=pb.ATTENTION_ALL_LAYERS, return_pieces=True, return_alignment=True
+    )
+    resp = stub.Translate(pb.TranslateRequest(sentences=src, options=opts), timeout=60)
+    for s, r in zip(src, resp.results, strict=True):
+        ids = tok.encode(s)
+        x, mask = pad([ids], 0, torch.device("cpu"))
+        out, attn = greedy_decode(
+            model, x, mask, torch.tensor([limits.target_limit(len(ids))]), return_attention=True
+        )
+        assert attn is not None
+        ref = attn[0].numpy()  # (L, H, T, S)
+        got = np.array(r.attention.values, np.float32).reshape(tuple(r.attention.shape))
+        assert got.shape == ref.shape == (2, 4, len(out[0]), len(ids))
+        np.testing.assert_allclose(got, ref, atol=1e-5)
+        np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
+        assert list(r.source_pieces) == [tok.pieces([i])[0] for i in ids]
+        assert len(r.target_pieces) == len(r.token_ids) == got.shape[2]
+        assert list(r.alignment) == ref[-1].mean(0).argmax(-1).tolist()
+        assert r.alignment_pharaoh == " ".join(f"{a}-{t}" for t, a in enumerate(r.alignment))
+    # one layer, averaged or per head: [T, S] and [H, T, S]
+    for mode, rank in ((pb.ATTENTION_LAYER_AVERAGE, 2), (pb.ATTENTION_LAYER_HEADS, 3)):
+        o = pb.TranslateOptions(attention=mode, attention_layer=0)
+        r = stub.Translate(pb.TranslateRequest(sentences=src[:1], options=o)).results[0]
+        assert len(r.attention.shape) == rank
+        assert r.attention.shape[-2:] == [len(r.token_ids), len(tok.encode(src[0]))]
+
+
+def test_scores_are_log_probabilities(stub, reference, tiny_run) -> None:  # type: ignore[no-untyped-def]
+    model, tok, _ = reference
+    s = sources(tiny_run)[3]
+    opts = pb.TranslateOptions(return_scores=True)
+    r = stub.Translate(pb.TranslateRequest(sentences=[s], options=opts)).results[0]
+    assert len(r.token_log_probs) == len(r.token_ids)
+    assert all(lp <= 0 for lp in r.token_log_probs)
+    extra = 0.0 if r.finish_reason == "length" else None
+    assert r.sequence_log_prob <= sum(r.token_log_probs) + 1e-5
+    if extra is not None:
+        assert r.sequence_log_prob == pytest.approx(sum(r.token_log_probs), abs=1e-5)
+
+
+def test_stream_returns_every_sentence_once(stub, tiny_run) -> None:  # type: ignore[no-untyped-def]
+    src = sources(tiny_run)[:10]
+    unary = stub.Translate(pb.TranslateRequest(sentences=src), timeout=60)
+    streamed = list(stub.TranslateStream(pb.TranslateRequest(sentences=src), timeout=60))
+    assert sorted(r.index for r in streamed) == list(range(10))
+    by_index = {r.index: r.translation for r in streamed}
+    assert [by_index[i] for i in range(10)] == [r.translation for r in unary.results]
+
+
+def test_model_info(stub, tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    info = stub.GetModelInfo(pb.GetModelInfoRequest())
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert info.max_source_tokens == 24
+    assert info.max_sentences_per_request == 40
+    assert info.execution_provider == "CPUExecutionProvider"
+    assert info.decoder_layers == 2 and info.heads == 4
+    assert info.model_sha256 == manifest["files"]["decoder.onnx"]["sha256"]
+    assert info.target_language == "de"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_empty_request(stub) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Translate(pb.TranslateRequest())
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(e.value) == [("sentences", "the request has no sentences")]
+
+
+def test_too_many_sentences(stub) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Translate(pb.TranslateRequest(sentences=["one"] * 41))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "41 sentences, over the limit of 40" in e.value.details()
+
+
+def test_sentence_over_source_limit_names_index_and_limit(stub) -> None:  # type: ignore[no-untyped-def]
+    long = " ".join(["seven hundred"] * 20)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Translate(pb.TranslateRequest(sentences=["one", long, "two"]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    [(field, desc)] = bad_request(e.value)
+    assert field == "sentences[1]"
+    assert "over the source limit of 24 tokens" in desc
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        (pb.TranslateOptions(max_output_tokens=25), "options.max_output_tokens"),
+        (pb.TranslateOptions(attention_layer=2), "options.attention_layer"),
+        (pb.TranslateOptions(attention_layer=-3), "options.attention_layer"),
+        (pb.TranslateOptions(attention=7), "options.attention"),  # type: ignore[arg-type]
+    ],
+)
+def test_option_out_of_range(stub, options, field) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Translate(pb.TranslateRequest(sentences=["one"], options=options))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in bad_request(e.value)] == [field]
+
+
+def test_empty_string_gives_empty_translation(stub) -> None:  # type: ignore[no-untyped-def]
+    opts = pb.TranslateOptions(attention=pb.ATTENTION_LAYER_AVERAGE, return_scores=True)
+    resp = stub.Translate(pb.TranslateRequest(sentences=["", "   ", "one"], options=opts))
+    assert [r.translation for r in resp.results[:2]] == ["", ""]
+    assert [r.finish_reason for r in resp.results[:2]] == ["empty", "empty"]
+    assert list(resp.results[0].attention.shape) == [0, 0]
+    assert resp.results[2].token_ids
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "😀 one 🚀",
+        "مرحبا one",
+        "e\u0301\u0302 combining",
+        "\x00\x01\x1b[31m control",
+        "tab\there\nnewline",
+        "\u202eright-to-left override",
+        "x" * 10_000,
+        "\ufeff\u200b zero width",
+    ],
+)
+def test_any_unicode_is_translated_or_refused_clearly(stub, text) -> None:  # type: ignore[no-untyped-def]
+    try:
+        r = stub.Translate(pb.TranslateRequest(sentences=[text]), timeout=30).results[0]
+        assert isinstance(r.translation, str)
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_request(e)[0][0] == "sentences[0]"
+    # and the server keeps serving
+    assert stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30).results
+
+
+def test_deadline_exceeded(stub, server) -> None:  # type: ignore[no-untyped-def]
+    sched = server.server.translator.scheduler
+    slow = threading.Event()
+
+    def stall(_batch: object) -> None:
+        slow.wait(0.2)
+
+    sched.fault = stall
+    try:
+        before = server.server.metrics.dropped_total.labels("deadline")._value.get()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Translate(pb.TranslateRequest(sentences=["nine hundred"] * 4), timeout=0.1)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if server.server.metrics.dropped_total.labels("deadline")._value.get() > before:
+                break
+            time.sleep(0.02)
+        assert server.server.metrics.dropped_total.labels("deadline")._value.get() > before
+    finally:
+        sched.fault = None
+    assert stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30).results
+
+
+def test_client_cancel_drops_the_work(stub, server) -> None:  # type: ignore[no-untyped-def]
+    sched = server.server.translator.scheduler
+    sched.fault = lambda _b: time.sleep(0.3)
+    try:
+        before = server.server.metrics.dropped_total.labels("cancelled")._value.get()
+        fut = stub.Translate.future(pb.TranslateRequest(sentences=["eight thousand"] * 3))
+        time.sleep(0.1)
+        fut.cancel()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if server.server.metrics.dropped_total.labels("cancelled")._value.get() > before:
+                break
+            time.sleep(0.02)
+        assert server.server.metrics.dropped_total.labels("cancelled")._value.get() > before
+    finally:
+        sched.fault = None
+    assert stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30).results
+
+
+def test_a_failing_batch_fails_only_its_sentences(stub, server) -> None:  # type: ignore[no-untyped-def]
+    sched = server.server.translator.scheduler
+
+    def boom(_batch: object) -> None:
+        sched.fault = None  # once
+        raise RuntimeError("injected fault")
+
+    sched.fault = boom
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INTERNAL
+    assert "injected fault" in e.value.details()
+    assert stub.Translate(pb.TranslateRequest(sentences=["two"]), timeout=30).results
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def test_64_concurrent_calls_share_batches(stub, server, tiny_run) -> None:  # type: ignore[no-untyped-def]
+    src = (sources(tiny_run) * 4)[:64]
+    solo = [stub.Translate(pb.TranslateRequest(sentences=[s]), timeout=30).results[0] for s in src]
+    metrics = server.server.metrics
+    batches_before = metrics.batches._value.get()
+    barrier = threading.Barrier(64)
+
+    def call(s: str) -> pb.TranslationResult:
+        barrier.wait()
+        return stub.Translate(pb.TranslateRequest(sentences=[s]), timeout=60).results[0]
+
+    with ThreadPoolExecutor(64) as pool:
+        together = list(pool.map(call, src))
+    batches = metrics.batches._value.get() - batches_before
+    assert batches <= 16, f"64 concurrent calls took {batches} batches"
+    assert [list(r.token_ids) for r in together] == [list(r.token_ids) for r in solo]
+
+
+# ----------------------------------------------------------------------------- health etc.
+
+
+def test_health_and_reflection(server) -> None:  # type: ignore[no-untyped-def]
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(server.target) as ch:
+        hs = health_pb2_grpc.HealthStub(ch)
+        for name in ("", "nmtserve.v1.Translator"):
+            resp = hs.Check(health_pb2.HealthCheckRequest(service=name))
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        services = ProtoReflectionDescriptorDatabase(ch).get_services()
+        assert "nmtserve.v1.Translator" in services
+        assert "grpc.health.v1.Health" in services
+
+
+def test_health_not_serving_until_loaded(tiny_bundle: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from service.server import Server
+
+    gate = threading.Event()
+    original = Server._load
+
+    def gated(self: Server):  # type: ignore[no-untyped-def]
+        gate.wait(30)
+        return original(self)
+
+    monkeypatch.setattr(Server, "_load", gated)
+    srv = ServerThread(tiny_bundle)
+    try:
+        deadline = time.monotonic() + 30
+        while not srv.server.port and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        with grpc.insecure_channel(srv.target) as ch:
+            hs = health_pb2_grpc.HealthStub(ch)
+            check = health_pb2.HealthCheckRequest(service="")
+            assert hs.Check(check).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as e:
+                pb_grpc.TranslatorStub(ch).Translate(pb.TranslateRequest(sentences=["one"]))
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            gate.set()
+            srv.wait_serving()
+            deadline = time.monotonic() + 10
+            while hs.Check(check).status != health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+    finally:
+        gate.set()
+        srv.stop()
