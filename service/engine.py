@@ -128,30 +128,29 @@ class DecodeBatch:
         p = max(a.past_len, b.past_len)
         s = max(a.source_len, b.source_len)
 
-        def left(x: np.ndarray, width: int, axis: int) -> np.ndarray:
-            pad = [(0, 0)] * x.ndim
-            pad[axis] = (width - x.shape[axis], 0)
-            return np.pad(x, pad) if width > x.shape[axis] else x
-
-        def right(x: np.ndarray, width: int, axis: int) -> np.ndarray:
-            pad = [(0, 0)] * x.ndim
-            pad[axis] = (0, width - x.shape[axis])
-            return np.pad(x, pad) if width > x.shape[axis] else x
+        def join(x: np.ndarray, y: np.ndarray, width: int, axis: int, at_end: bool) -> np.ndarray:
+            """Stacks x over y along the batch axis, padding `axis` to width with zeros, on
+            the left (at_end: the data sits at the end, as in left-padded caches) or right."""
+            shape = list(x.shape)
+            shape[0] = x.shape[0] + y.shape[0]
+            shape[axis] = width
+            out = np.zeros(shape, x.dtype)
+            for part, rows in ((x, slice(0, x.shape[0])), (y, slice(x.shape[0], None))):
+                n = part.shape[axis]
+                span = slice(width - n, width) if at_end else slice(0, n)
+                index = [rows] + [slice(None)] * (x.ndim - 1)
+                index[axis] = span
+                out[tuple(index)] = part
+            return out
 
         return DecodeBatch(
             rows=a.rows + b.rows,
             tokens=np.concatenate([a.tokens, b.tokens]),
             positions=np.concatenate([a.positions, b.positions]),
-            self_mask=np.concatenate([left(a.self_mask, p, 1), left(b.self_mask, p, 1)]),
-            src_mask=np.concatenate([right(a.src_mask, s, 1), right(b.src_mask, s, 1)]),
-            past=[
-                np.concatenate([left(x, p, 2), left(y, p, 2)])
-                for x, y in zip(a.past, b.past, strict=True)
-            ],
-            cross=[
-                np.concatenate([right(x, s, 2), right(y, s, 2)])
-                for x, y in zip(a.cross, b.cross, strict=True)
-            ],
+            self_mask=join(a.self_mask, b.self_mask, p, 1, at_end=True),
+            src_mask=join(a.src_mask, b.src_mask, s, 1, at_end=False),
+            past=[join(x, y, p, 2, at_end=True) for x, y in zip(a.past, b.past, strict=True)],
+            cross=[join(x, y, s, 2, at_end=False) for x, y in zip(a.cross, b.cross, strict=True)],
         )
 
 

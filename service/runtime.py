@@ -55,6 +55,7 @@ class RuntimeConfig:
     provider: str = "auto"  # cpu | cuda | auto
     precision: str = "fp32"  # fp32 | int8 (the bundle must carry it)
     threads: int = 0  # intra-op threads; 0: usable_cores()
+    spin: bool = False  # let idle onnxruntime threads spin (faster offline, worse when serving)
 
     def __post_init__(self) -> None:
         if self.provider not in ("cpu", "cuda", "auto"):
@@ -98,6 +99,10 @@ class Runtime:
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if not cfg.spin:
+            # Idle intra-op threads would spin for a while after every run, taking the cores
+            # the gRPC event loop needs between decoder steps.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = providers_for(cfg.provider)
         self.encoder = ort.InferenceSession(
             str(bundle.graph(cfg.precision, "encoder")), opts, providers=providers

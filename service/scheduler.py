@@ -185,6 +185,14 @@ class Scheduler:
             tokens = sum(r.source_len for r in batch.rows) if batch is not None else 0
             if not self._queue or rows >= self.cfg.max_batch_rows:
                 return []
+            if rows and not self._stopping:
+                # A running batch takes newcomers in groups: each admission costs an encoder
+                # run and a copy of the caches, so wait until a quarter of the free rows can
+                # be filled — or the oldest sentence has waited max_wait_ms.
+                free = self.cfg.max_batch_rows - rows
+                waited = time.monotonic() - self._queue[0].job.enqueued_at
+                if len(self._queue) < max(1, free // 4) and waited < self.cfg.max_wait_ms / 1e3:
+                    return []
             now = time.monotonic()
             live: list[_Pending] = []
             for p in self._queue:
