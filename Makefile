@@ -34,7 +34,7 @@ run: model
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy export service tests
+	$(VENV)/bin/mypy export service tests benchmarks
 
 test: lint
 	$(PY) -m pytest -q

@@ -1,6 +1,6 @@
 """Service throughput against offline batched decoding of the same sentences, in one run.
 
-    python benchmarks/service_throughput.py --bundle models/default            # or: make bench-service
+    python benchmarks/service_throughput.py --bundle models/default     # or: make bench-service
 
 1. Offline: the bundle's graphs through ``service.engine.Engine.decode_all`` (no scheduler, no
    gRPC), batches of up to 64 sentences grouped by length — the best case for the hardware.
@@ -77,7 +77,7 @@ def offline(bundle_dir: str, sentences: list[str], threads: int, repeats: int) -
 class _Echo(pb_grpc.TranslatorServicer):
     """Answers without translating: the cost of the gRPC round trip alone."""
 
-    async def Translate(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    async def Translate(self, request, context):
         return pb.TranslateResponse(
             results=[pb.TranslationResult(translation=request.sentences[0], token_ids=[5, 6, 7])]
         )
@@ -172,20 +172,20 @@ def main() -> int:
             asyncio.run(closed_loop(target, sentences[:64], 8))  # warm-up
             for c in concurrency:
                 n = len(sentences) if c > 1 else max(64, len(sentences) // 8)
-                rows.append({"concurrency": c, **asyncio.run(closed_loop(target, sentences[:n], c))})
+                res = asyncio.run(closed_loop(target, sentences[:n], c))
+                rows.append({"concurrency": c, **res})
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
         return rows
 
     port = free_port()
-    rows = measure(
-        [sys.executable, "-m", "service", "serve", "--bundle", args.bundle, "--port", str(port),
-         "--provider", "cpu", "--threads", str(args.threads), "--max-batch-rows", "64",
-         "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"],  # fmt: skip
-        port,
-        1,
-    )
+    serve = [
+        *(sys.executable, "-m", "service", "serve", "--bundle", args.bundle, "--port", str(port)),
+        *("--provider", "cpu", "--threads", str(args.threads), "--max-batch-rows", "64"),
+        *("--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"),
+    ]
+    rows = measure(serve, port, 1)
     port = free_port()
     echo = measure([sys.executable, __file__, "--echo-server", str(port)], port, 1)
     print(f"\nbundle {args.bundle}, {len(sentences)} single-sentence requests, "
@@ -199,9 +199,11 @@ def main() -> int:
         print(f"| {r['concurrency']} | {r['sentences_s']:.0f} | {r['tokens_s']:.0f} | "
               f"{r['tokens_s'] / off['tokens_s']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
               f"| {e['sentences_s']:.0f} |")  # fmt: skip
-    print("\nThe last column is a gRPC server that answers without translating, driven by the "
-          "same client:\nthe most single-sentence calls/s this machine carries with the client "
-          "on the same cores.")
+    print(
+        "\nThe last column is a gRPC server that answers without translating, driven by the "
+        "same client:\nthe most single-sentence calls/s this machine carries with the client "
+        "on the same cores."
+    )
     if args.json:
         data = {"offline": off, "service": rows, "noop_grpc": echo}
         Path(args.json).write_text(json.dumps(data, indent=2))

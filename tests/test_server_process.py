@@ -32,8 +32,10 @@ def free_port() -> int:
 def start(bundle: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--bundle", str(bundle),
-         "--host", "127.0.0.1", "--port", str(port), *args],  # fmt: skip
+        [
+            *(sys.executable, "-m", "service", "serve", "--bundle", str(bundle)),
+            *("--host", "127.0.0.1", "--port", str(port), *args),
+        ],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
