@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 RUN ?= runs/default
 BUNDLE ?= models/default
 
-.PHONY: install run model test lint test-slow clean
+.PHONY: install run model test lint test-slow bench-service clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ test: lint
 # Long checks, opt-in: the full default training run and its acceptance figures.
 test-slow: install
 	$(PY) -m pytest -q -m slow --run-slow -s
+
+# Service throughput against offline decoding of the same sentences (prints a table).
+bench-service: model
+	$(PY) benchmarks/service_throughput.py --bundle $(BUNDLE)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
