@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 RUN ?= runs/default
 BUNDLE ?= models/default
 
-.PHONY: install run model test lint test-slow bench-service clean
+.PHONY: install run model test lint test-slow bench-service fuzz-long soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ test-slow: install
 # Service throughput against offline decoding of the same sentences (prints a table).
 bench-service: model
 	$(PY) benchmarks/service_throughput.py --bundle $(BUNDLE)
+
+# Opt-in reliability runs (docs/RELIABILITY.md): 10,000 fuzzed requests; 10 minutes at 70% load.
+fuzz-long: install
+	FUZZ_EXAMPLES=10000 $(PY) -m pytest -q tests/test_fuzz.py
+
+soak: model
+	$(PY) benchmarks/soak.py --bundle $(BUNDLE) --minutes 10
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

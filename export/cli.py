@@ -154,6 +154,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 max_steps=args.max_steps or 0,
                 time_budget_s=args.time_budget or 0.0,
                 target_exact_match=args.target_exact_match or 0.0,
+                target_patience=args.target_patience,
                 eval_every=args.eval_every,
                 eval_max_sentences=args.eval_max_sentences,
                 device=args.device,
@@ -473,6 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="stop once dev exact match reaches this (0 to disable)",
+    )
+    g.add_argument(
+        "--target-patience",
+        type=int,
+        default=tc.target_patience,
+        help="stop only after this many evaluations in a row at the target",
     )
     g.add_argument("--eval-every", type=int, default=tc.eval_every, help="steps between evals")
     g.add_argument(

@@ -46,6 +46,7 @@ class TrainConfig:
     max_steps: int = 0  # 0: no step limit
     time_budget_s: float = 0.0  # 0: no time limit
     target_exact_match: float = 0.0  # stop once the dev exact match reaches this (0: never)
+    target_patience: int = 3  # ... in this many consecutive evaluations
     eval_every: int = 200  # steps between dev evaluations
     eval_max_sentences: int = 0  # dev sentences per evaluation (0: all)
     device: str = "auto"
@@ -286,7 +287,8 @@ class TrainResult:
 def _better(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
     if b is None:
         return True
-    return (a["exact_match"], a["chrf"]) > (b["exact_match"], b["chrf"])
+    # Ties go to the newer checkpoint: same dev figures, more training.
+    return (a["exact_match"], a["chrf"]) >= (b["exact_match"], b["chrf"])
 
 
 def train(
@@ -345,6 +347,11 @@ def train(
     )
     tokens_seen, window_t = 0, time.monotonic()
     stop_reason = ""
+    at_target = 0  # consecutive evaluations at or above the target
+    for rec in reversed(history):  # after a resume, carry on counting
+        if not cfg.target_exact_match or rec["exact_match"] < cfg.target_exact_match:
+            break
+        at_target += 1
 
     def checkpoint_state() -> dict[str, Any]:
         return {
@@ -427,7 +434,16 @@ def train(
             if improved:
                 save_checkpoint(best_path, state)
             if cfg.target_exact_match and metrics["exact_match"] >= cfg.target_exact_match:
-                stop_reason = f"dev exact match {metrics['exact_match']:.4f} reached the target"
+                at_target += 1
+            else:
+                at_target = 0
+            if cfg.target_exact_match and at_target >= max(1, cfg.target_patience):
+                # One perfect dev evaluation can be luck on a few hundred sentences; several in
+                # a row mean the model has settled (and generalises better to the test split).
+                stop_reason = (
+                    f"dev exact match ≥ {cfg.target_exact_match} in {at_target} evaluations "
+                    "in a row"
+                )
     bar.close()
     log(f"stopped after {step} steps: {stop_reason}")
     assert best is not None

@@ -41,6 +41,11 @@ SERVE_HELP = {
     "max_sentences": "sentences per request at most",
     "max_message_bytes": "largest gRPC message received or sent",
     "grace_s": "seconds in-flight requests get to finish after SIGTERM",
+    "tls_cert": "server certificate (PEM); with --tls-key enables TLS",
+    "tls_key": "server private key (PEM)",
+    "tls_client_ca": "CA certificate (PEM) that client certificates must chain to: mutual TLS",
+    "auth_tokens_file": "file of bearer tokens, one per line; every RPC but health needs one",
+    "auth_tokens": "comma-separated bearer tokens (prefer the env variable or a file)",
 }
 
 
@@ -111,7 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except BundleError as e:
         log.error("%s", e)
         return 2
-    except RuntimeError as e:
+    except (RuntimeError, ValueError, OSError) as e:
         log.error("cannot start: %s", e)
         return 2
     return 0

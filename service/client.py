@@ -158,6 +158,8 @@ class TranslatorClient:
         tls_ca: str | None = None,
         token: str | None = None,
         round_robin: bool = False,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         """Opens the channel.
 
@@ -166,6 +168,7 @@ class TranslatorClient:
         timeout: per-call deadline in seconds; None waits forever.
         tls_ca: PEM file of the CA that signed the server's certificate; switches to TLS.
         token: sent as `authorization: Bearer <token>` metadata on every call.
+        tls_cert, tls_key: the client's own certificate and key (PEM), for mutual TLS.
         round_robin: balance over every address the target resolves to (a DNS name with several
             records) rather than gRPC's default pick_first.
         """
@@ -180,9 +183,21 @@ class TranslatorClient:
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
-        if tls_ca is not None:
-            with open(tls_ca, "rb") as f:
-                credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+        if bool(tls_cert) != bool(tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if tls_ca is not None or tls_cert:
+
+            def read(path: str | None) -> bytes | None:
+                if not path:
+                    return None
+                with open(path, "rb") as f:
+                    return f.read()
+
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=read(tls_ca),
+                private_key=read(tls_key),
+                certificate_chain=read(tls_cert),
+            )
             self._channel = grpc.secure_channel(self.channel_target, credentials, self.options)
         else:
             self._channel = grpc.insecure_channel(self.channel_target, self.options)
@@ -466,6 +481,10 @@ def add_translate_args(parser: argparse.ArgumentParser) -> None:
         "--tls-ca", metavar="PEM", help="CA certificate of the server: connect with TLS"
     )
     parser.add_argument(
+        "--tls-cert", metavar="PEM", help="client certificate, for servers that need mutual TLS"
+    )
+    parser.add_argument("--tls-key", metavar="PEM", help="the client certificate's private key")
+    parser.add_argument(
         "--token",
         default=None,
         help=f"bearer token (default: ${TOKEN_ENV}; prefer the variable, argv is visible in ps)",
@@ -602,7 +621,13 @@ def run_translate(args: argparse.Namespace) -> int:
         pieces = True
     try:
         client = TranslatorClient(
-            target, timeout=timeout, tls_ca=args.tls_ca, token=token, round_robin=args.round_robin
+            target,
+            timeout=timeout,
+            tls_ca=args.tls_ca,
+            token=token,
+            round_robin=args.round_robin,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
         )
     except (ValueError, OSError) as err:  # a malformed target, an unreadable CA file
         print(f"error: {err}", file=sys.stderr)

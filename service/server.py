@@ -32,6 +32,7 @@ from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
 from service.runtime import RuntimeConfig
 from service.scheduler import Cancelled, DeadlineExceeded, QueueFull, SchedulerConfig, ShuttingDown
+from service.security import TokenAuth, load_tokens, server_credentials
 from service.translator import InvalidRequest, RequestOptions, Translation, Translator
 
 log = logging.getLogger("nmtserve.server")
@@ -56,6 +57,11 @@ class ServerConfig:
     max_sentences: int = 256
     max_message_bytes: int = 4 * 1024 * 1024
     grace_s: float = 20.0
+    tls_cert: str = ""  # PEM certificate (chain) of the server: enables TLS
+    tls_key: str = ""  # its private key
+    tls_client_ca: str = ""  # CA for client certificates: enables mutual TLS
+    auth_tokens_file: str = ""  # one bearer token per line
+    auth_tokens: str = ""  # comma-separated bearer tokens (prefer the environment or a file)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -319,7 +325,15 @@ class Server:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self.grpc = grpc.aio.server(options=opts)
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        tokens = load_tokens(cfg.auth_tokens_file, cfg.auth_tokens)
+        if tokens:
+            interceptors.append(TokenAuth(tokens))
+        if bool(cfg.tls_cert) != bool(cfg.tls_key):
+            raise RuntimeError("--tls-cert and --tls-key go together")
+        if cfg.tls_client_ca and not cfg.tls_cert:
+            raise RuntimeError("--tls-client-ca needs --tls-cert and --tls-key")
+        self.grpc = grpc.aio.server(options=opts, interceptors=interceptors)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -328,12 +342,23 @@ class Server:
         )
         self.servicer = TranslatorServicer(None, self.metrics, cfg)
         pb_grpc.add_TranslatorServicer_to_server(self.servicer, self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert:
+            creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+            self.port = self.grpc.add_secure_port(address, creds)
+        else:
+            self.port = self.grpc.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {cfg.host}:{cfg.port}")
         # Listen first (health answers NOT_SERVING), then load and warm up.
         await self.grpc.start()
-        log.info("listening on %s:%d (NOT_SERVING while loading)", cfg.host, self.port)
+        log.info(
+            "listening on %s:%d (%s%s; NOT_SERVING while loading)",
+            cfg.host,
+            self.port,
+            "mutual TLS" if cfg.tls_client_ca else "TLS" if cfg.tls_cert else "plaintext",
+            f", {len(tokens)} bearer token(s) required" if tokens else "",
+        )
         if cfg.metrics_port:
             self.metrics.serve(cfg.metrics_port, cfg.metrics_host)
             log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, cfg.metrics_port)

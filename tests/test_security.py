@@ -1,0 +1,179 @@
+"""TLS, mutual TLS and bearer tokens, against real servers with certificates made here."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.client import TranslatorClient
+from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
+from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
+from service.security import load_tokens, token_ok
+from tests.conftest import ServerThread
+
+TOKEN = "s3cret-token-0123456789"
+
+
+def _cert(
+    name: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
+    ca: bool = False, server: bool = False,
+) -> x509.Certificate:  # fmt: skip
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_name, issuer_key = issuer if issuer else (subject, key)
+    now = dt.datetime.now(dt.timezone.utc)
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if server:
+        san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return b.sign(issuer_key, hashes.SHA256())
+
+
+def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    path.with_suffix(".key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("test CA", ca_key, None, ca=True)
+    _write(d / "ca", ca, ca_key)
+    for name, server in (("server", True), ("client", False)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        _write(d / name, _cert(name, key, (ca.subject, ca_key), server=server), key)
+    other_key = ec.generate_private_key(ec.SECP256R1())  # a client the CA never signed
+    _write(d / "stranger", _cert("stranger", other_key, None), other_key)
+    return d
+
+
+@pytest.fixture(scope="module")
+def mtls_server(tiny_bundle: Path, pki: Path) -> Iterator[ServerThread]:
+    tokens = pki / "tokens.txt"
+    tokens.write_text(f"# one per line\n{TOKEN}\n")
+    srv = ServerThread(
+        tiny_bundle,
+        tls_cert=str(pki / "server.crt"),
+        tls_key=str(pki / "server.key"),
+        tls_client_ca=str(pki / "ca.crt"),
+        auth_tokens_file=str(tokens),
+    )
+    srv.wait_serving()
+    yield srv
+    srv.stop()
+
+
+def test_mutual_tls_and_token_accepts_the_right_client(mtls_server, pki) -> None:  # type: ignore[no-untyped-def]
+    with TranslatorClient(
+        mtls_server.target,
+        tls_ca=str(pki / "ca.crt"),
+        tls_cert=str(pki / "client.crt"),
+        tls_key=str(pki / "client.key"),
+        token=TOKEN,
+    ) as c:
+        assert c.translate(["twelve"]).results[0].token_ids
+
+
+@pytest.mark.parametrize(
+    ("cert", "token", "code"),
+    [
+        ("client", None, grpc.StatusCode.UNAUTHENTICATED),  # no token
+        ("client", "wrong-token-0123456789", grpc.StatusCode.UNAUTHENTICATED),
+        (None, TOKEN, grpc.StatusCode.UNAVAILABLE),  # no client certificate: handshake fails
+        ("stranger", TOKEN, grpc.StatusCode.UNAVAILABLE),  # certificate from another CA
+    ],
+)
+def test_refused_clients(mtls_server, pki, cert, token, code) -> None:  # type: ignore[no-untyped-def]
+    kw = {"tls_cert": str(pki / f"{cert}.crt"), "tls_key": str(pki / f"{cert}.key")} if cert else {}
+    with (
+        TranslatorClient(mtls_server.target, tls_ca=str(pki / "ca.crt"), token=token, **kw) as c,
+        pytest.raises(grpc.RpcError) as e,
+    ):
+        c.translate(["twelve"])
+    assert e.value.code() == code
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        assert "bearer token" in e.value.details()
+    # the server keeps serving the right client
+    with TranslatorClient(
+        mtls_server.target,
+        tls_ca=str(pki / "ca.crt"),
+        tls_cert=str(pki / "client.crt"),
+        tls_key=str(pki / "client.key"),
+        token=TOKEN,
+    ) as c:
+        assert c.model_info().decoder_layers == 2
+
+
+def test_plaintext_client_is_refused(mtls_server) -> None:  # type: ignore[no-untyped-def]
+    with TranslatorClient(mtls_server.target, token=TOKEN) as c, pytest.raises(grpc.RpcError) as e:
+        c.translate(["twelve"])
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.fixture(scope="module")
+def token_server(tiny_bundle: Path) -> Iterator[ServerThread]:
+    srv = ServerThread(tiny_bundle, auth_tokens=f"{TOKEN},another-token-0123456789")
+    srv.wait_serving()
+    yield srv
+    srv.stop()
+
+
+def test_health_needs_no_token_but_everything_else_does(token_server) -> None:  # type: ignore[no-untyped-def]
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(token_server.target) as ch:
+        hs = health_pb2_grpc.HealthStub(ch)
+        assert hs.Check(health_pb2.HealthCheckRequest()).status == 1  # SERVING
+        stub = pb_grpc.TranslatorStub(ch)
+        for call in (
+            lambda: stub.GetModelInfo(pb.GetModelInfoRequest()),
+            lambda: list(stub.TranslateStream(pb.TranslateRequest(sentences=["one"]))),
+        ):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as e:
+            ProtoReflectionDescriptorDatabase(ch).get_services()
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        md = (("authorization", "Bearer another-token-0123456789"),)
+        assert stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=md).heads == 4
+
+
+def test_token_helpers(tmp_path: Path) -> None:
+    f = tmp_path / "tokens"
+    f.write_text("# comment\n\nfirst-token-0123456789\n")
+    tokens = load_tokens(str(f), "second-token-0123456789, ")
+    assert tokens == [b"first-token-0123456789", b"second-token-0123456789"]
+    assert token_ok("Bearer second-token-0123456789", tokens)
+    assert not token_ok("bearer second-token-0123456789", tokens)
+    assert not token_ok("Bearer second-token-012345678", tokens)
+    assert not token_ok("", tokens)
+    with pytest.raises(ValueError, match="at least 16"):
+        load_tokens("", "short")
