@@ -24,10 +24,16 @@ from tests.conftest import ServerThread
 TOKEN = "s3cret-token-0123456789"
 
 
+Issuer = tuple[x509.Name, ec.EllipticCurvePrivateKey]
+
+
 def _cert(
-    name: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
-    ca: bool = False, server: bool = False,
-) -> x509.Certificate:  # fmt: skip
+    name: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: Issuer | None,
+    ca: bool = False,
+    server: bool = False,
+) -> x509.Certificate:
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     issuer_name, issuer_key = issuer if issuer else (subject, key)
     now = dt.datetime.now(dt.timezone.utc)
@@ -88,7 +94,7 @@ def mtls_server(tiny_bundle: Path, pki: Path) -> Iterator[ServerThread]:
     srv.stop()
 
 
-def test_mutual_tls_and_token_accepts_the_right_client(mtls_server, pki) -> None:  # type: ignore[no-untyped-def]
+def test_mutual_tls_and_token_accepts_the_right_client(mtls_server, pki) -> None:
     with TranslatorClient(
         mtls_server.target,
         tls_ca=str(pki / "ca.crt"),
@@ -108,10 +114,13 @@ def test_mutual_tls_and_token_accepts_the_right_client(mtls_server, pki) -> None
         ("stranger", TOKEN, grpc.StatusCode.UNAVAILABLE),  # certificate from another CA
     ],
 )
-def test_refused_clients(mtls_server, pki, cert, token, code) -> None:  # type: ignore[no-untyped-def]
-    kw = {"tls_cert": str(pki / f"{cert}.crt"), "tls_key": str(pki / f"{cert}.key")} if cert else {}
+def test_refused_clients(mtls_server, pki, cert, token, code) -> None:
+    crt = str(pki / f"{cert}.crt") if cert else None
+    key = str(pki / f"{cert}.key") if cert else None
     with (
-        TranslatorClient(mtls_server.target, tls_ca=str(pki / "ca.crt"), token=token, **kw) as c,
+        TranslatorClient(
+            mtls_server.target, tls_ca=str(pki / "ca.crt"), token=token, tls_cert=crt, tls_key=key
+        ) as c,
         pytest.raises(grpc.RpcError) as e,
     ):
         c.translate(["twelve"])
@@ -129,7 +138,7 @@ def test_refused_clients(mtls_server, pki, cert, token, code) -> None:  # type: 
         assert c.model_info().decoder_layers == 2
 
 
-def test_plaintext_client_is_refused(mtls_server) -> None:  # type: ignore[no-untyped-def]
+def test_plaintext_client_is_refused(mtls_server) -> None:
     with TranslatorClient(mtls_server.target, token=TOKEN) as c, pytest.raises(grpc.RpcError) as e:
         c.translate(["twelve"])
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -143,7 +152,7 @@ def token_server(tiny_bundle: Path) -> Iterator[ServerThread]:
     srv.stop()
 
 
-def test_health_needs_no_token_but_everything_else_does(token_server) -> None:  # type: ignore[no-untyped-def]
+def test_health_needs_no_token_but_everything_else_does(token_server) -> None:
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
         ProtoReflectionDescriptorDatabase,
     )
@@ -177,3 +186,34 @@ def test_token_helpers(tmp_path: Path) -> None:
     assert not token_ok("", tokens)
     with pytest.raises(ValueError, match="at least 16"):
         load_tokens("", "short")
+
+
+def test_message_size_limit(server) -> None:
+    with grpc.insecure_channel(server.target) as ch:
+        stub = pb_grpc.TranslatorStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Translate(pb.TranslateRequest(sentences=["x" * (5 * 1024 * 1024)]), timeout=30)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30).results
+
+
+def test_service_loads_no_pickle_and_no_code() -> None:
+    """Only ONNX, JSON and the SentencePiece model are read from a bundle."""
+    import ast
+
+    banned = {"pickle", "marshal", "dill", "joblib", "torch", "cloudpickle"}
+    calls = {"eval", "exec", "__import__"}
+    root = Path(__file__).resolve().parents[1] / "service"
+    found = []
+    for path in root.rglob("*.py"):
+        if "proto_gen" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names.append(node.module)
+                found += [f"{path.name}: import {n}" for n in names if n.split(".")[0] in banned]
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in calls:
+                found.append(f"{path.name}: {node.func.id}()")  # type: ignore[attr-defined]
+    assert found == []

@@ -1,0 +1,1 @@
+"""Benchmarks and long-running checks (run as scripts; see the README)."""
