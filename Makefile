@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 RUN ?= runs/default
 BUNDLE ?= models/default
 
-.PHONY: install run model test lint test-slow bench-service fuzz-long soak clean
+.PHONY: install tools run model test lint test-slow bench-service fuzz-long soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,12 +31,21 @@ model: $(BUNDLE)/manifest.json
 run: model
 	$(PY) -m service demo --bundle $(BUNDLE) $(DEMO_ARGS)
 
+# promtool (Debian's prometheus package), unpacked into .tools/ without installing the service.
+TOOLS := .tools
+$(TOOLS)/root/usr/bin/promtool:
+	mkdir -p $(TOOLS)
+	cd $(TOOLS) && (apt-get download prometheus 2>/dev/null || \
+		(apt-get update -qq && apt-get download prometheus)) && dpkg -x prometheus_*.deb root
+
+tools: $(TOOLS)/root/usr/bin/promtool
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy export service tests benchmarks
 
-test: lint
+test: lint tools
 	$(PY) -m pytest -q
 
 # Long checks, opt-in: the full default training run and its acceptance figures.

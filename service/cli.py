@@ -122,6 +122,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the server's grpc.health.v1 service answers SERVING (container HEALTHCHECK)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(args.target) as ch:
+            status = (
+                health_pb2_grpc.HealthStub(ch)
+                .Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+                .status
+            )
+    except grpc.RpcError as e:
+        print(f"{args.target}: {e.code().name}", file=sys.stderr)
+        return 1
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    print(f"{args.target}: {name}")
+    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     try:
         bundle = load_bundle(args.bundle)
@@ -242,6 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sentence", action="append", help="a sentence to show (repeatable)")
     p.add_argument("--once", action="store_true", help="stop after showing the translations")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser(
+        "health",
+        help="check a server's health service (exit 0 when SERVING)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--target", default="127.0.0.1:50051", help="host:port of the server")
+    p.add_argument("--service", default="", help="service name ('' = the whole server)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    p.set_defaults(func=cmd_health)
     p = sub.add_parser("info", help="check a bundle offline and print its summary")
     p.add_argument("--bundle", default=os.environ.get("NMTSERVE_BUNDLE", "models/default"))
     p.set_defaults(func=cmd_info)

@@ -1,0 +1,214 @@
+"""Every deployment artefact checked by a real tool: hadolint, kubernetes-validate (strict),
+promtool, and the project's own consistency checks; plus three replicas behind round_robin."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+
+from service.client import TranslatorClient
+from tests.test_server_process import free_port, start, wait_serving
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = REPO / "deploy" / "k8s" / "base"
+OVERLAY = REPO / "deploy" / "k8s" / "overlays" / "cuda"
+PROM = REPO / "deploy" / "prometheus"
+K8S_VERSION = "1.33.0"
+
+
+def tool(name: str) -> str:
+    """A tool from PATH, the venv, or .tools/ (where `make tools` unpacks promtool)."""
+    for candidate in (
+        shutil.which(name),
+        str(Path(sys.executable).parent / name),
+        str(REPO / ".tools" / "root" / "usr" / "bin" / name),
+    ):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    pytest.fail(f"{name} is not installed: run `make tools`")
+
+
+def manifests(directory: Path) -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(directory.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def by_kind(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for d in docs:
+        out.setdefault(d["kind"], []).append(d)
+    return out
+
+
+def test_hadolint_clean() -> None:
+    res = subprocess.run(
+        [tool("hadolint"), "--failure-threshold", "info", str(REPO / "Dockerfile")],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_manifests_validate_strictly() -> None:
+    import kubernetes_validate
+
+    for d in manifests(BASE):
+        kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+
+
+def merged_overlay() -> dict[str, Any]:
+    """The CUDA overlay's patch applied to the base Deployment (strategic merge, by name)."""
+    base = by_kind(manifests(BASE))["Deployment"][0]
+    patch = yaml.safe_load((OVERLAY / "deployment-cuda.yaml").read_text())
+
+    def merge(a: Any, b: Any) -> Any:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return {k: merge(a.get(k), b[k]) if k in a else b[k] for k in b} | {
+                k: v for k, v in a.items() if k not in b
+            }
+        if isinstance(a, list) and isinstance(b, list) and all("name" in x for x in a + b):
+            names = {x["name"]: x for x in a}
+            for x in b:
+                names[x["name"]] = merge(names.get(x["name"], {}), x)
+            return list(names.values())
+        return b
+
+    return merge(base, patch)
+
+
+def test_cuda_overlay_validates() -> None:
+    import kubernetes_validate
+
+    dep = merged_overlay()
+    kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"name": "NMTSERVE_PROVIDER", "value": "cuda"} in c["env"]
+    assert any(e["name"] == "NMTSERVE_GRACE_S" for e in c["env"])  # base env kept
+
+
+def test_project_consistency() -> None:
+    kinds = by_kind(manifests(BASE))
+    dep = kinds["Deployment"][0]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert ports["grpc"] == int(env["NMTSERVE_PORT"])
+    assert ports["metrics"] == int(env["NMTSERVE_METRICS_PORT"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["grpc"]["port"] == ports["grpc"], probe
+    # the pod outlives the server's drain
+    assert pod["terminationGracePeriodSeconds"] > float(env["NMTSERVE_GRACE_S"])
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert c["resources"]["requests"] and c["resources"]["limits"]
+    for svc in kinds["Service"]:
+        assert svc["spec"]["selector"].items() <= labels.items(), svc["metadata"]["name"]
+        for p in svc["spec"]["ports"]:
+            assert p["targetPort"] in ports
+    assert any(s["spec"].get("clusterIP") == "None" for s in kinds["Service"])  # headless
+    pdb = kinds["PodDisruptionBudget"][0]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    hpa = kinds["HorizontalPodAutoscaler"][0]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+    assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]
+    # the image's own defaults agree with the manifests
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "NMTSERVE_PORT=50051" in dockerfile and "EXPOSE 50051 9090" in dockerfile
+    assert "USER 10001" in dockerfile and pod["securityContext"]["runAsUser"] == 10001
+
+
+def test_kustomizations_list_existing_files() -> None:
+    for k in (BASE, OVERLAY):
+        spec = yaml.safe_load((k / "kustomization.yaml").read_text())
+        for res in spec.get("resources", []):
+            assert (k / res).exists(), f"{k}: {res}"
+        for patch in spec.get("patches", []):
+            assert (k / patch["path"]).is_file()
+
+
+def test_promtool_config_and_rules() -> None:
+    promtool = tool("promtool")
+    res = subprocess.run(
+        [promtool, "check", "config", "--syntax-only", str(PROM / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = subprocess.run(
+        [promtool, "test", "rules", "alerts_test.yml"], cwd=PROM, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "SUCCESS" in res.stdout + res.stderr
+
+
+def test_compose_file_is_consistent() -> None:
+    spec = yaml.safe_load((REPO / "deploy" / "docker-compose.yml").read_text())
+    replicas = [n for n in spec["services"] if n.startswith("nmtserve-")]
+    assert len(replicas) == 3
+    prom = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    static = prom["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert sorted(static) == sorted(f"{r}:9090" for r in replicas)
+
+
+def served(metrics_port: int) -> float:
+    """Translate calls a replica answered OK, from its Prometheus endpoint."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()
+    for line in body.decode().splitlines():
+        if (
+            line.startswith("nmtserve_requests_total")
+            and 'method="Translate"' in line
+            and ('code="OK"' in line)
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_three_replicas_round_robin_and_failover(tiny_bundle: Path) -> None:
+    metrics = [free_port() for _ in range(3)]
+    procs = [start(tiny_bundle, "--metrics-port", str(m)) for m in metrics]
+    try:
+        for proc, port in procs:
+            wait_serving(port, proc)
+        target = ",".join(f"127.0.0.1:{port}" for _, port in procs)
+        with TranslatorClient(target, timeout=10) as client:
+            for _ in range(30):
+                assert client.translate(["twelve"]).results[0].token_ids
+            counts = [served(m) for m in metrics]
+            assert sum(counts) == 30 and all(n >= 5 for n in counts), counts  # spread over all
+            procs[0][0].send_signal(signal.SIGTERM)
+            assert procs[0][0].wait(30) == 0
+            deadline = time.monotonic() + 10
+            ok = 0
+            while ok < 20:  # the channel drops the stopped replica and keeps serving
+                try:
+                    client.translate(["twelve"])
+                    ok += 1
+                except grpc.RpcError:
+                    assert time.monotonic() < deadline, "calls kept failing after failover"
+            assert served(metrics[1]) + served(metrics[2]) >= sum(counts[1:]) + 20
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
