@@ -43,7 +43,7 @@ ENV PATH=/opt/nmtserve/bin:$PATH \
 USER 10001:10001
 EXPOSE 50051 9090
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-m", "service", "health", "--target", "127.0.0.1:50051"]
+    CMD ["python", "-m", "service", "health"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["python", "-m", "service", "serve"]
 
@@ -74,7 +74,7 @@ ENV PATH=/opt/nmtserve/bin:$PATH \
 USER 10001:10001
 EXPOSE 50051 9090
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-m", "service", "health", "--target", "127.0.0.1:50051"]
+    CMD ["python", "-m", "service", "health"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["python", "-m", "service", "serve"]
 

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 RUN ?= runs/default
 BUNDLE ?= models/default
 
-.PHONY: install tools run model test lint test-slow bench-service fuzz-long soak clean
+.PHONY: install tools run model test lint test-slow bench-service fuzz-long soak container-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,10 @@ fuzz-long: install
 
 soak: model
 	$(PY) benchmarks/soak.py --bundle $(BUNDLE) --minutes 10
+
+# Opt-in: build the Dockerfile on a debootstrapped Debian base, run, check, drain (needs root).
+container-check: model
+	PY=$(PY) BUNDLE=$(BUNDLE) deploy/container-check.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -267,7 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="check a server's health service (exit 0 when SERVING)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--target", default="127.0.0.1:50051", help="host:port of the server")
+    p.add_argument(
+        "--target",
+        default=f"127.0.0.1:{os.environ.get('NMTSERVE_PORT', '50051')}",
+        help="host:port of the server (default: this host, port $NMTSERVE_PORT)",
+    )
     p.add_argument("--service", default="", help="service name ('' = the whole server)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds")
     p.set_defaults(func=cmd_health)
