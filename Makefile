@@ -12,7 +12,7 @@ BUNDLE ?= models/default
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[export,service,dev,plot]'
+	$(PY) -m pip install --quiet -e '.[export,service,dev,plot,loadtest]'
 	touch $@
 
 install: $(VENV)/.installed

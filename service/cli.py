@@ -251,6 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_translate_args(p)
     p.set_defaults(func=run_translate)
+    from service.loadtest import __doc__ as loadtest_doc
+    from service.loadtest import add_loadtest_args, run_loadtest
+
+    p = sub.add_parser(
+        "loadtest",
+        help="load-test a running server (closed or open loop) and report",
+        description=loadtest_doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_loadtest_args(p)
+    p.set_defaults(func=run_loadtest)
     p = sub.add_parser(
         "demo",
         help="start a server, translate a few sentences through it, keep serving",
