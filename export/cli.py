@@ -343,6 +343,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ct2(args: argparse.Namespace) -> int:
+    from export.ct2 import convert, greedy_agreement
+
+    run_dir = Path(args.run)
+    ckpt = checkpoint_path(run_dir, args.checkpoint)
+    try:
+        out = convert(ckpt, run_dir / TOKENIZER_FILE, Path(args.out), force=args.force)
+    except (FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    share, n = greedy_agreement(out, ckpt, run_dir)
+    print(f"CTranslate2 model written to {out}")
+    print(f"  identical greedy tokens with PyTorch: {share * 100:.2f} % of {n} test sentences")
+    return 0 if share == 1.0 else 1
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from export.bundle import BundleError
     from export.pipeline import verify_bundle
@@ -539,6 +555,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default="runs/default", help="run directory with the checkpoint")
     p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser(
+        "ct2",
+        help="convert a run's checkpoint to a CTranslate2 model (for the engine benchmark)",
+        formatter_class=_Formatter,
+        description="Converts with CTranslate2's spec API (pip install ctranslate2), then checks "
+        "that CTranslate2's greedy tokens equal PyTorch's on the test split. Exit 1 otherwise.",
+    )
+    p.add_argument("--run", default="runs/default", help="run directory")
+    p.add_argument("--out", default="models/default-ct2", help="CTranslate2 model directory")
+    p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
+    p.add_argument("--force", action="store_true", help="replace an existing directory")
+    p.set_defaults(func=cmd_ct2)
     return parser
 
 

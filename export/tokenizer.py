@@ -160,6 +160,10 @@ class Tokenizer:
         text = str(self._sp.decode([i for i in self._check_ids(ids) if i not in self._skip]))
         return text.strip()
 
+    def piece_id(self, piece: str) -> int:
+        """The id of one piece (unk_id for an unknown piece)."""
+        return int(self._sp.piece_to_id(piece))
+
     def pieces(self, ids: Sequence[int]) -> list[str]:
         """The piece strings of ``ids`` (specials included), for debugging and attention plots."""
         return [str(self._sp.id_to_piece(i)) for i in self._check_ids(ids)]

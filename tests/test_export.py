@@ -164,3 +164,14 @@ def test_graphs_run_where_torch_cannot_be_imported(tiny_bundle: Path) -> None:
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("ok ")
+
+
+def test_ctranslate2_conversion_gives_our_greedy_tokens(tiny_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ctranslate2")
+    out = tmp_path / "ct2"
+    assert main(["ct2", "--run", str(tiny_run), "--out", str(out)]) == 0
+    from export.ct2 import greedy_agreement
+
+    share, n = greedy_agreement(out, tiny_run / "checkpoint_best.pt", tiny_run)
+    assert share == 1.0 and n > 0
+    assert main(["ct2", "--run", str(tiny_run), "--out", str(out)]) == 1  # no overwrite
