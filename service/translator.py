@@ -15,7 +15,7 @@ import sentencepiece as spm
 from service.bundle import Bundle
 from service.engine import AttentionMode, DecodeOptions, Engine, SentenceJob, SentenceResult
 from service.runtime import Runtime, RuntimeConfig
-from service.scheduler import Scheduler, SchedulerConfig
+from service.scheduler import Observer, Scheduler, SchedulerConfig
 
 
 class InvalidRequest(ValueError):
@@ -53,18 +53,15 @@ class Translator:
         runtime_cfg: RuntimeConfig | None = None,
         scheduler_cfg: SchedulerConfig | None = None,
         max_sentences: int = 256,
-        observer: object | None = None,
+        observer: Observer | None = None,
     ) -> None:
-        from service.scheduler import Observer
-
         self.bundle = bundle
         self.limits = bundle.limits
         self.max_sentences = max_sentences
         self.sp = spm.SentencePieceProcessor(model_file=str(bundle.tokenizer_path))
         self.runtime = Runtime(bundle, runtime_cfg)
         self.engine = Engine(self.runtime, self.limits)
-        obs = observer if isinstance(observer, Observer) else None
-        self.scheduler = Scheduler(self.engine, scheduler_cfg, obs)
+        self.scheduler = Scheduler(self.engine, scheduler_cfg, observer)
         self.n_layers = self.runtime.n_layers
 
     def start(self) -> None:

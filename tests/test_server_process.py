@@ -149,3 +149,31 @@ def test_serves_int8_graphs(tiny_bundle: Path, precision: str) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("missing", "tokenizer.model: missing"),
+        ("version", "format_version 99 is not supported"),
+        ("listed", "decoder.onnx: used but not listed in manifest.json"),
+    ],
+)
+def test_refuses_a_missing_or_mismatched_file(
+    tiny_bundle: Path, tmp_path: Path, damage: str, message: str
+) -> None:
+    import json
+
+    bad = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    if damage == "missing":
+        (bad / "tokenizer.model").unlink()
+    elif damage == "version":
+        manifest["format_version"] = 99
+    else:
+        del manifest["files"]["decoder.onnx"]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    proc, _ = start(bad)
+    assert proc.wait(60) == 2
+    assert message in (proc.stdout.read() if proc.stdout else "")
