@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 RUN ?= runs/default
 BUNDLE ?= models/default
 
-.PHONY: install tools run model test lint test-slow bench-service fuzz-long soak container-check clean
+.PHONY: install tools run model test lint test-slow bench-service fuzz-long soak container-check compose-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,10 @@ soak: model
 # Opt-in: build the Dockerfile on a debootstrapped Debian base, run, check, drain (needs root).
 container-check: model
 	PY=$(PY) BUNDLE=$(BUNDLE) deploy/container-check.sh
+
+# Opt-in, after container-check: three replicas + Prometheus + the load-test job, via compose.
+compose-check: tools
+	deploy/compose-check.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
