@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 RUN ?= runs/default
 BUNDLE ?= models/default
 
-.PHONY: install tools run model test lint test-slow bench-service fuzz-long soak container-check compose-check clean
+.PHONY: install tools run model test lint test-slow bench bench-service bench-engines fuzz-long soak container-check compose-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,14 @@ test-slow: install
 # Service throughput against offline decoding of the same sentences (prints a table).
 bench-service: model
 	$(PY) benchmarks/service_throughput.py --bundle $(BUNDLE)
+
+bench: bench-engines bench-service
+
+# Engine benchmark: PyTorch, our onnxruntime decoding and CTranslate2 on the same weights
+# (the default model and a Transformer-base configuration); tables in benchmarks/RESULTS.md.
+bench-engines: model
+	$(PY) benchmarks/engines.py --model default --run $(RUN)
+	$(PY) benchmarks/engines.py --model base
 
 # Opt-in reliability runs (docs/RELIABILITY.md): 10,000 fuzzed requests; 10 minutes at 70% load.
 fuzz-long: install

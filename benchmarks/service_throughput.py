@@ -4,8 +4,9 @@
 
 1. Offline: the bundle's graphs through ``service.engine.Engine.decode_all`` (no scheduler, no
    gRPC), batches of up to 64 sentences grouped by length — the best case for the hardware.
-2. Service: ``python -m service serve`` in its own process; a grpc.aio client sends
-   single-sentence requests from N concurrent workers (closed loop), for N = 1, 8, 32, 64.
+2. Service: ``python -m service serve`` in its own process, driven by the project's load
+   tester (``service.loadtest``, closed loop) with single-sentence calls from N concurrent
+   clients, for N = 1, 8, 32, 64.
 
 Prints sentences/s, generated tokens/s and latency percentiles, and the ratio of each service
 figure to the offline figure measured in the same run. The machine is shared: compare ratios.
@@ -29,12 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import grpc  # noqa: E402
-import numpy as np  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from service.bundle import load_bundle  # noqa: E402
 from service.engine import Engine, SentenceJob  # noqa: E402
+from service.loadtest import Corpus, Settings, run_load, summarize  # noqa: E402
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb  # noqa: E402
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc  # noqa: E402
 from service.runtime import Runtime, RuntimeConfig  # noqa: E402
@@ -116,31 +117,21 @@ def wait_ready(target: str, proc: subprocess.Popen[bytes], status_ok: int) -> No
 
 
 async def closed_loop(target: str, sentences: list[str], concurrency: int) -> dict:
-    latencies: list[float] = []
-    tokens = 0
-    todo = list(sentences)
-    async with grpc.aio.insecure_channel(target) as ch:
-        stub = pb_grpc.TranslatorStub(ch)
-
-        async def worker() -> None:
-            nonlocal tokens
-            while todo:
-                s = todo.pop()
-                t = time.perf_counter()
-                r = await stub.Translate(pb.TranslateRequest(sentences=[s]), timeout=60)
-                latencies.append(time.perf_counter() - t)
-                tokens += len(r.results[0].token_ids)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        dt = time.perf_counter() - t0
-    lat = np.array(latencies) * 1000
+    """The project's load tester (service.loadtest), closed loop: len(sentences) single-sentence
+    calls drawn from `sentences` by `concurrency` clients, no warm-up."""
+    settings = Settings(
+        target, concurrency=concurrency, requests=len(sentences), progress=False, timeout=60
+    )
+    corpus = Corpus(sentences, None)
+    summary = summarize(await run_load(settings, corpus), settings, corpus)
+    if summary["errors"]:
+        raise RuntimeError(f"errors under load: {summary['errors']}")
     return {
-        "seconds": dt,
-        "sentences_s": len(sentences) / dt,
-        "tokens_s": tokens / dt,
-        "p50_ms": float(np.percentile(lat, 50)),
-        "p99_ms": float(np.percentile(lat, 99)),
+        "seconds": summary["measured_s"],
+        "sentences_s": summary["sentences_per_s"],
+        "tokens_s": summary["tokens_per_s"],
+        "p50_ms": summary["latency_ms"]["p50"],
+        "p99_ms": summary["latency_ms"]["p99"],
     }
 
 

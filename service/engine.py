@@ -34,6 +34,7 @@ class DecodeOptions:
     attention_layer: int = -1  # resolved to 0..L-1 by the caller
     scores: bool = False
     alignment: bool = False
+    min_output_tokens: int = 0  # EOS is not allowed before this many tokens (benchmarks)
 
 
 @dataclass
@@ -199,6 +200,12 @@ class Engine:
         logits, present, cross_attn = self.rt.step(
             batch.tokens, batch.positions, self_mask, batch.src_mask, batch.past, batch.cross
         )
+        early = [
+            i for i, r in enumerate(batch.rows) if len(r.tokens) < r.job.options.min_output_tokens
+        ]
+        if early:  # rows that may not end yet: the best token other than EOS
+            logits = logits.copy()
+            logits[early, self.rt.eos_id] = -np.inf
         nxt = logits.argmax(axis=-1)  # (B,)
         finished: list[tuple[SentenceJob, SentenceResult]] = []
         keep: list[int] = []
