@@ -174,8 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         splits = build_corpus(run["corpus"])
     except CorpusError as e:
         raise SystemExit(f"error: {e}") from e
-    problems = splits.summary.get("problem_list", [])
-    for p in problems:
+    for p in splits.problems:
         log.warning("skipped corpus line: %s", p)
     log.info(
         "corpus: %d train, %d dev, %d test pairs (%.1fs)",

@@ -11,7 +11,7 @@ import os
 import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,6 +95,8 @@ class Splits:
     dev: list[Pair]
     test: list[Pair]
     summary: dict[str, Any]
+    # Lines left out under on_error="skip", for the caller to report one by one.
+    problems: list[CorpusProblem] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -575,7 +577,9 @@ def user_corpus(
         },
         "problems": len(problems),
     }
-    return Splits(train=train_pairs, dev=dev_pairs, test=test_pairs, summary=summary)
+    return Splits(
+        train=train_pairs, dev=dev_pairs, test=test_pairs, summary=summary, problems=problems
+    )
 
 
 def _auto_split(

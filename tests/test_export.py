@@ -175,3 +175,24 @@ def test_ctranslate2_conversion_gives_our_greedy_tokens(tiny_run: Path, tmp_path
     share, n = greedy_agreement(out, tiny_run / "checkpoint_best.pt", tiny_run)
     assert share == 1.0 and n > 0
     assert main(["ct2", "--run", str(tiny_run), "--out", str(out)]) == 1  # no overwrite
+
+
+def test_train_on_a_user_tsv_reports_bad_lines(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tsv = tmp_path / "corpus.tsv"
+    good = [f"word {i}\tWort {i}" for i in range(60)]
+    tsv.write_text("\n".join([*good[:10], "no tab here", *good[10:], "left\t"]) + "\n")
+    args = ["--train", str(tsv), "--vocab-size", "60", "--d-model", "16", "--heads", "2",
+            "--d-ff", "32", "--encoder-layers", "1", "--decoder-layers", "1", "--max-steps", "2",
+            "--eval-every", "2", "--time-budget", "0", "--target-exact-match", "0",
+            "--no-progress", "--skip-test"]  # fmt: skip
+    with pytest.raises(SystemExit) as err:  # default: fail, naming every bad line
+        main(["train", "--run", str(tmp_path / "fail"), *args])
+    assert f"{tsv}:11:" in str(err.value) and f"{tsv}:62:" in str(err.value)
+    with caplog.at_level("WARNING", logger="export"):
+        assert main(["train", "--run", str(tmp_path / "skip"), *args, "--on-error", "skip"]) == 0
+    skipped = [r.getMessage() for r in caplog.records if "skipped corpus line" in r.getMessage()]
+    assert len(skipped) == 2 and f"{tsv}:11:" in skipped[0] and f"{tsv}:62:" in skipped[1]
+    run = json.loads((tmp_path / "skip" / "run.json").read_text())
+    assert run["corpus_summary"]["problems"] == 2 and run["bleu_tokenize"] == "13a"
