@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -83,12 +84,8 @@ def pick_device(name: str) -> torch.device:
 def usable_cores() -> int:
     """Cores this process may run on (affinity), not the host's count."""
     try:
-        import os
-
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # pragma: no cover - non-Linux
-        import os
-
         return os.cpu_count() or 1
 
 

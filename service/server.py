@@ -213,11 +213,10 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
 
     async def _submit(
         self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext
-    ) -> tuple[list[str], RequestOptions, list[SentenceJob], list[asyncio.Future[SentenceResult]]]:
-        sentences = list(request.sentences)
+    ) -> tuple[RequestOptions, list[SentenceJob], list[asyncio.Future[SentenceResult]]]:
         opts = request_options(request.options)
-        jobs, futures = self.tr.submit(sentences, opts, self._deadline(context))
-        return sentences, opts, jobs, [asyncio.wrap_future(f) for f in futures]
+        jobs, futures = self.tr.submit(list(request.sentences), opts, self._deadline(context))
+        return opts, jobs, [asyncio.wrap_future(f) for f in futures]
 
     async def Translate(
         self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext
@@ -225,7 +224,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         rid = request.request_id or uuid.uuid4().hex[:16]
 
         async def body() -> pb.TranslateResponse:
-            sentences, opts, jobs, futures = await self._submit(request, context)
+            opts, jobs, futures = await self._submit(request, context)
             try:
                 results = await asyncio.gather(*futures)
             except BaseException:
@@ -235,7 +234,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             return pb.TranslateResponse(
                 request_id=rid,
                 results=[
-                    result_message(i, self.tr.finish(sentences, r, opts, i))
+                    result_message(i, self.tr.finish(jobs[i], r, opts))
                     for i, r in enumerate(results)
                 ],
             )
@@ -251,11 +250,11 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             return i, await fut
 
         async def body() -> int:
-            sentences, opts, jobs, futures = await self._submit(request, context)
+            opts, jobs, futures = await self._submit(request, context)
             try:
                 for nxt in asyncio.as_completed([indexed(i, f) for i, f in enumerate(futures)]):
                     i, res = await nxt
-                    await context.write(result_message(i, self.tr.finish(sentences, res, opts, i)))
+                    await context.write(result_message(i, self.tr.finish(jobs[i], res, opts)))
             except BaseException:
                 for j in jobs:  # the call failed or went away: drop its other sentences
                     j.cancelled.set()

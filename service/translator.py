@@ -153,13 +153,12 @@ class Translator:
         ]
         return jobs, self.scheduler.submit(jobs)
 
-    def finish(
-        self, sentences: list[str], result: SentenceResult, opts: RequestOptions, i: int
-    ) -> Translation:
+    def finish(self, job: SentenceJob, result: SentenceResult, opts: RequestOptions) -> Translation:
+        """The decoded text and, if asked, the pieces of a finished sentence."""
         text = self.sp.decode(result.token_ids).strip() if result.token_ids else ""
         src_pieces = tgt_pieces = None
         if opts.pieces:
-            src_pieces = [self.sp.id_to_piece(t) for t in self.encode(sentences[i])]
+            src_pieces = [self.sp.id_to_piece(t) for t in job.source_ids]
             tgt_pieces = [self.sp.id_to_piece(t) for t in result.token_ids]
         return Translation(result, text, src_pieces, tgt_pieces)
 
