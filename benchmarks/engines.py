@@ -28,10 +28,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bundles import SIZES  # noqa: E402
+
 ENGINES = ("torch-nocache", "torch-cache", "ort-fp32", "ort-int8", "ct2-fp32", "ct2-int8")
-BASE = {"vocab_size": 32000, "d_model": 512, "n_heads": 8, "d_ff": 2048,
-        "n_encoder_layers": 6, "n_decoder_layers": 6, "dropout": 0.0, "norm": "pre",
-        "max_positions": 256}  # fmt: skip
+SHOWN = ("vocab_size", "d_model", "n_heads", "d_ff", "n_encoder_layers", "n_decoder_layers")
 
 
 def inputs(vocab: int, batch: int, src_len: int, seed: int) -> list[list[int]]:
@@ -48,48 +48,19 @@ def prepare(model_name: str, run: str | None, work: Path) -> dict[str, Any]:
     """Checkpoint, ONNX bundle (fp32 + int8) and CTranslate2 models of the same weights."""
     import torch
 
-    from export.bundle import FORMAT, FORMAT_VERSION, GRAPH_FILES, file_entries, write_manifest
+    from benchmarks.bundles import random_model, write_bundle
     from export.ct2 import build_spec
-    from export.model import ModelConfig, make_model
-    from export.onnx_export import OPSET, export_graphs, graph_io
-    from export.pipeline import quantize_int8
     from export.train import model_from_checkpoint
 
     if model_name == "default":
         ckpt = Path(run or "runs/default") / "checkpoint_best.pt"
         model, _ = model_from_checkpoint(ckpt)
     else:
-        torch.manual_seed(0)
-        model = make_model(ModelConfig(**BASE)).eval()  # type: ignore[arg-type]
+        model = random_model(model_name, vocab_size=32000)
         ckpt = work / "checkpoint.pt"
         torch.save({"model_config": model.cfg.to_dict(), "model": model.state_dict()}, ckpt)
     cfg = model.cfg
-    bundle = work / "bundle"
-    bundle.mkdir(parents=True, exist_ok=True)
-    export_graphs(model, bundle, OPSET)
-    for part in ("encoder", "decoder"):
-        quantize_int8(bundle / GRAPH_FILES["fp32"][part], bundle / GRAPH_FILES["int8"][part])
-    (bundle / "tokenizer.model").write_bytes(b"")  # unused: the benchmark feeds token ids
-    io = graph_io(cfg.n_decoder_layers)
-    write_manifest(
-        bundle,
-        {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model": cfg.to_dict(),
-            "tokenizer": {"file": "tokenizer.model"},
-            "limits": {
-                "max_source_tokens": 128,
-                "max_target_tokens": 128,
-                "target_tokens_a": 0.0,
-                "target_tokens_b": 128.0,
-            },
-            "onnx": {"opset": OPSET, "graphs": GRAPH_FILES, "decoder_inputs": io.decoder_inputs},
-            "files": file_entries(
-                bundle, [f for g in GRAPH_FILES.values() for f in g.values()] + ["tokenizer.model"]
-            ),
-        },
-    )
+    bundle = write_bundle(model, work / "bundle", int8=True)  # token ids in, no tokenizer
 
     class Pieces:  # the converter needs a vocabulary; ids are what the benchmark uses
         vocab_size = cfg.vocab_size
@@ -205,7 +176,7 @@ def flops_per_token(cfg: dict[str, Any], src_len: int, tokens: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", choices=["default", "base"], default="default")
+    ap.add_argument("--model", choices=["default", *SIZES], default="default")
     ap.add_argument("--run", default="runs/default", help="run directory (--model default)")
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--batches", default="1,8,32,64")
@@ -261,7 +232,7 @@ def main() -> int:
             print(f"{engine:>14} batch {batch:>3}: {rows[-1]['tokens_per_s']:9.1f} tokens/s",
                   file=sys.stderr)  # fmt: skip
     fpt = flops_per_token(prep["cfg"], args.src_len, args.tokens)
-    print(f"\nmodel {args.model}: {json.dumps({k: prep['cfg'][k] for k in BASE})}")
+    print(f"\nmodel {args.model}: {json.dumps({k: prep['cfg'][k] for k in SHOWN})}")
     print(f"{args.tokens} output tokens per row, {args.src_len} source tokens, "
           f"{args.threads} threads; ~{fpt / 1e6:.1f} MFLOP per generated token\n")  # fmt: skip
     print("| batch | engine | tokens/s | × ct2-fp32 | % of peak | same tokens as torch-cache |")

@@ -1,10 +1,17 @@
 """Batched greedy decoding: the batch state as its own typed object, and one step at a time.
 
-``Engine.start(jobs)`` encodes new sentences into a ``DecodeBatch``; ``DecodeBatch.concatenate``
-lets them join a batch that is already decoding (their caches are left-padded and masked, so
-rows of different ages share one decoder call); ``Engine.step(batch)`` generates one token per
-row and returns the rows that finished, which leave the batch at once (``DecodeBatch.filter``).
-Nothing here knows about gRPC or protobuf.
+``Engine.start(jobs)`` encodes new sentences into a ``DecodeBatch``; ``Engine.admit(batch,
+jobs)`` lets them join a batch that is already decoding (their caches are left-padded and
+masked, so rows of different ages share one decoder call); ``Engine.step(batch)`` generates one
+token per row and returns the rows that finished, which leave the batch at once.
+
+A finished (or dropped) row leaves a free *slot* behind instead of being cut out of the arrays
+at once: cutting copies the whole KV cache, and under a steady stream of requests that copy
+cost as much as the decoder step itself. Newcomers take free slots first (only their own row of
+the caches is written); the arrays are compacted when a quarter of the slots are free, and the
+leading cache columns that no row uses any more are cut off when they are half the cache. A
+free slot's row is computed and ignored; masks keep every row's result exactly what it would
+be decoded alone. Nothing here knows about gRPC or protobuf.
 """
 
 from __future__ import annotations
@@ -81,9 +88,12 @@ class Row:
 
 @dataclass
 class DecodeBatch:
-    """Decoder state of B rows: P cached self-attention slots, S source positions."""
+    """Decoder state of B slots: P cached self-attention columns, S source positions.
 
-    rows: list[Row]
+    rows[i] is None where slot i is free: its arrays hold stale, masked data until a newcomer
+    takes the slot or the batch is compacted."""
+
+    rows: list[Row | None]
     tokens: np.ndarray  # (B,) the last token of each row
     positions: np.ndarray  # (B,) its position in its row
     self_mask: np.ndarray  # (B, P) 1 where a cached slot belongs to the row
@@ -102,16 +112,35 @@ class DecodeBatch:
     def source_len(self) -> int:
         return int(self.src_mask.shape[1])
 
+    @property
+    def live(self) -> list[int]:
+        """Indices of the slots that hold a row."""
+        return [i for i, r in enumerate(self.rows) if r is not None]
+
+    @property
+    def free(self) -> list[int]:
+        return [i for i, r in enumerate(self.rows) if r is None]
+
+    def live_rows(self) -> list[Row]:
+        return [r for r in self.rows if r is not None]
+
+    def release(self, i: int) -> None:
+        """Frees slot i: its row is no longer decoded (its arrays stay until reused)."""
+        self.rows[i] = None
+        self.positions[i] = 0  # a free slot must never walk past the position table
+
     def filter(self, keep: list[int]) -> DecodeBatch:
-        """Only the rows at `keep`; the cache and source axes shrink to what they still need."""
+        """Only the slots at `keep`; the cache and source axes shrink to what the rows still
+        need."""
         idx = np.asarray(keep, dtype=np.int64)
         rows = [self.rows[i] for i in keep]
+        live = [i for i, r in enumerate(rows) if r is not None]
         self_mask = self.self_mask[idx]
         src_mask = self.src_mask[idx]
-        # Left-padded caches: drop leading slots no remaining row uses.
-        used = self_mask.any(axis=0)
+        # Left-padded caches: drop leading columns no remaining row uses.
+        used = self_mask[live].any(axis=0)
         start = int(np.argmax(used)) if used.any() else self_mask.shape[1]
-        s = max((r.source_len for r in rows), default=0)
+        s = max((r.source_len for r in rows if r is not None), default=0)
         s = max(s, 1)
         return DecodeBatch(
             rows=rows,
@@ -122,6 +151,49 @@ class DecodeBatch:
             past=[np.ascontiguousarray(p[idx][:, :, start:]) for p in self.past],
             cross=[np.ascontiguousarray(c[idx][:, :, :s]) for c in self.cross],
         )
+
+    def compact(self) -> DecodeBatch | None:
+        """Drops free slots (None when no row is left) and unused cache columns."""
+        live = self.live
+        return self.filter(live) if live else None
+
+    def tidy(self) -> DecodeBatch | None:
+        """Compacts when it pays: a quarter of the slots free, or half the cache columns
+        unused by every row. Otherwise the batch as it is."""
+        live = self.live
+        if not live:
+            return None
+        if 4 * (len(self.rows) - len(live)) >= len(self.rows):
+            return self.filter(live)
+        p = self.past_len
+        if p >= 16:
+            used = self.self_mask[live].any(axis=0)
+            if used.any() and 2 * int(np.argmax(used)) >= p:
+                return self.filter(list(range(len(self.rows))))
+        return self
+
+    def widen_source(self, s: int) -> None:
+        """Right-pads the source axis to s positions (masked) so longer newcomers fit."""
+        if s <= self.source_len:
+            return
+        extra = s - self.source_len
+        self.src_mask = np.pad(self.src_mask, ((0, 0), (0, extra)))
+        self.cross = [np.pad(c, ((0, 0), (0, 0), (0, extra), (0, 0))) for c in self.cross]
+
+    def place(self, slot: int, other: DecodeBatch, j: int) -> None:
+        """Puts row j of a fresh batch (no cached columns yet) into free slot `slot`."""
+        row = other.rows[j]
+        assert row is not None and self.rows[slot] is None and other.past_len == 0
+        s = row.source_len  # ≤ self.source_len (see widen_source)
+        self.rows[slot] = row
+        self.tokens[slot] = other.tokens[j]
+        self.positions[slot] = other.positions[j]
+        self.self_mask[slot] = 0  # none of the cached columns is the newcomer's
+        self.src_mask[slot] = 0
+        self.src_mask[slot, :s] = other.src_mask[j, :s]
+        for c, oc in zip(self.cross, other.cross, strict=True):
+            c[slot, :, :s] = oc[j, :, :s]
+            c[slot, :, s:] = 0
 
     @staticmethod
     def concatenate(a: DecodeBatch, b: DecodeBatch) -> DecodeBatch:
@@ -157,8 +229,8 @@ class DecodeBatch:
 
 @dataclass
 class StepStats:
-    rows: int
-    padding_waste: float  # share of (row, source position) cells that are padding
+    rows: int  # live rows decoded
+    padding_waste: float  # share of (slot, source position) cells computed for no live row
     seconds: float
 
 
@@ -189,34 +261,59 @@ class Engine:
             cross=cross,
         )
 
+    def admit(self, batch: DecodeBatch | None, jobs: list[SentenceJob]) -> DecodeBatch:
+        """Encodes new sentences and adds them to a running batch: free slots first, the rest
+        appended (one copy of the caches)."""
+        new = self.start(jobs)
+        if batch is None:
+            return new
+        free = batch.free
+        n = min(len(free), len(new))
+        if n:
+            batch.widen_source(max(new.rows[k].source_len for k in range(n)))  # type: ignore[union-attr]
+            for k in range(n):
+                batch.place(free[k], new, k)
+        if n == len(new):
+            return batch
+        return DecodeBatch.concatenate(batch, new.filter(list(range(n, len(new)))) if n else new)
+
     def step(
         self, batch: DecodeBatch
     ) -> tuple[list[tuple[SentenceJob, SentenceResult]], DecodeBatch | None, StepStats]:
         """Generates one token for every row. Returns the finished sentences, the batch of the
         rows still going (None when none is), and the step's figures."""
         t0 = time.perf_counter()
+        tidy = batch.tidy()
+        if tidy is None:
+            return [], None, StepStats(0, 0.0, 0.0)
+        batch = tidy
         b = len(batch)
+        live = batch.live
         self_mask = np.concatenate([batch.self_mask, np.ones((b, 1), np.int64)], axis=1)
         logits, present, cross_attn = self.rt.step(
             batch.tokens, batch.positions, self_mask, batch.src_mask, batch.past, batch.cross
         )
-        early = [
-            i for i, r in enumerate(batch.rows) if len(r.tokens) < r.job.options.min_output_tokens
-        ]
+        rows = batch.rows
+        early = [i for i in live if len(rows[i].tokens) < rows[i].job.options.min_output_tokens]  # type: ignore[union-attr]
         if early:  # rows that may not end yet: the best token other than EOS
             logits = logits.copy()
             logits[early, self.rt.eos_id] = -np.inf
         nxt = logits.argmax(axis=-1)  # (B,)
         finished: list[tuple[SentenceJob, SentenceResult]] = []
-        keep: list[int] = []
+        done: list[int] = []
         eos = self.rt.eos_id
-        for i, row in enumerate(batch.rows):
+        source_cells = 0
+        for i in live:
+            row = rows[i]
+            assert row is not None
+            source_cells += row.source_len
             tok = int(nxt[i])
             opts = row.job.options
             lp = _log_prob(logits[i], tok) if opts.scores else 0.0
             if tok == eos:
                 row.eos_log_prob = lp
                 finished.append((row.job, self._result(row, "eos")))
+                done.append(i)
                 continue
             row.tokens.append(tok)
             if opts.scores:
@@ -227,23 +324,25 @@ class Engine:
                 )
             if len(row.tokens) >= row.job.limit:
                 finished.append((row.job, self._result(row, "length")))
-            else:
-                keep.append(i)
-        waste = 1.0 - sum(r.source_len for r in batch.rows) / max(b * batch.source_len, 1)
-        stats = StepStats(b, waste, time.perf_counter() - t0)
-        if not keep:
+                done.append(i)
+        # Waste: source cells computed that carry no live row's data (padding and free slots).
+        waste = 1.0 - source_cells / max(b * batch.source_len, 1)
+        stats = StepStats(len(live), waste, time.perf_counter() - t0)
+        if len(done) == len(live):
             return finished, None, stats
+        positions = batch.positions + 1
+        positions[batch.free] = 0
         nxt_batch = DecodeBatch(
-            rows=batch.rows,
+            rows=list(rows),
             tokens=nxt.astype(np.int64),
-            positions=batch.positions + 1,
+            positions=positions,
             self_mask=self_mask,
             src_mask=batch.src_mask,
             past=present,
             cross=batch.cross,
         )
-        if len(keep) < b:
-            nxt_batch = nxt_batch.filter(keep)
+        for i in done:
+            nxt_batch.release(i)
         return finished, nxt_batch, stats
 
     def _result(self, row: Row, reason: str) -> SentenceResult:

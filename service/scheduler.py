@@ -139,10 +139,9 @@ class Scheduler:
             try:
                 if admit:
                     t = time.perf_counter()
-                    new = self.engine.start([p.job for p in admit])
+                    batch = self.engine.admit(batch, [p.job for p in admit])
                     for p in admit:
                         self._running[id(p.job)] = p
-                    batch = new if batch is None else DecodeBatch.concatenate(batch, new)
                     self.obs.admitted(len(admit), time.perf_counter() - t)
                 if batch is None:
                     continue
@@ -181,8 +180,9 @@ class Scheduler:
                     if left <= 0:
                         break
                     self._cond.wait(left)
-            rows = len(batch) if batch is not None else 0
-            tokens = sum(r.source_len for r in batch.rows) if batch is not None else 0
+            running = batch.live_rows() if batch is not None else []
+            rows = len(running)
+            tokens = sum(r.source_len for r in running)
             if not self._queue or rows >= self.cfg.max_batch_rows:
                 return []
             if rows and not self._stopping:
@@ -233,9 +233,8 @@ class Scheduler:
         if batch is None:
             return None
         now = time.monotonic()
-        keep = []
-        for i, row in enumerate(batch.rows):
-            job = row.job
+        for i in batch.live:
+            job = batch.rows[i].job  # type: ignore[union-attr]
             if job.cancelled.is_set() or job.expired(now):
                 p = self._running.pop(id(job))
                 reason = "deadline" if job.expired(now) else "cancelled"
@@ -247,8 +246,5 @@ class Scheduler:
                 if not p.future.done():
                     p.future.set_exception(exc)
                 self.obs.dropped(reason)
-            else:
-                keep.append(i)
-        if not keep:
-            return None
-        return batch if len(keep) == len(batch) else batch.filter(keep)
+                batch.release(i)
+        return batch if batch.live else None

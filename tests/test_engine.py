@@ -1,0 +1,125 @@
+"""The decoding engine alone (no scheduler, no gRPC): rows of different ages in one batch,
+free slots reused by newcomers, compaction — every sentence's result equal to decoding it
+alone, with the real onnxruntime sessions of the tiny bundle."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.bundle import load_bundle
+from service.engine import (
+    AttentionMode,
+    DecodeBatch,
+    DecodeOptions,
+    Engine,
+    SentenceJob,
+    SentenceResult,
+)
+from service.runtime import Runtime, RuntimeConfig
+
+OPTS = DecodeOptions(attention=AttentionMode.ALL_LAYERS, scores=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle: Path) -> Engine:
+    b = load_bundle(tiny_bundle)
+    return Engine(Runtime(b, RuntimeConfig("cpu", "fp32", 1)), b.limits)
+
+
+def job(ids: list[int], limit: int, exact: bool = False) -> SentenceJob:
+    """exact: EOS is not allowed before `limit` tokens, so the row runs exactly that long."""
+    return SentenceJob(ids, limit, replace(OPTS, min_output_tokens=limit) if exact else OPTS)
+
+
+def sources(engine: Engine, n: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    v = engine.rt.vocab_size
+    return [[rng.randrange(4, v) for _ in range(rng.randint(1, 14))] for _ in range(n)]
+
+
+def solo(engine: Engine, ids: list[int], limit: int) -> SentenceResult:
+    return engine.decode_all([job(ids, limit)])[0]
+
+
+def same(a: SentenceResult, b: SentenceResult) -> None:
+    assert a.token_ids == b.token_ids
+    assert a.finish_reason == b.finish_reason
+    assert a.token_log_probs is not None and b.token_log_probs is not None
+    assert a.attention is not None and b.attention is not None
+    np.testing.assert_allclose(
+        np.asarray(a.token_log_probs), np.asarray(b.token_log_probs), atol=1e-4
+    )
+    np.testing.assert_allclose(a.attention, b.attention, atol=1e-5)
+
+
+def test_newcomers_take_free_slots_and_match_solo(engine: Engine) -> None:
+    rng = random.Random(3)
+    srcs = sources(engine, 40, seed=1)
+    limits = [rng.randint(1, 9) for _ in srcs]  # rows finish at different steps
+    jobs = [job(s, n) for s, n in zip(srcs, limits, strict=True)]
+    results: dict[int, SentenceResult] = {}
+    index = {id(j): i for i, j in enumerate(jobs)}
+    waiting = list(range(len(jobs)))
+    batch: DecodeBatch | None = None
+    reused = 0
+    while waiting or batch is not None:
+        if waiting:  # a few newcomers before most steps, as under load
+            k = rng.randint(1, 4)
+            take, waiting = waiting[:k], waiting[k:]
+            free_before = len(batch.free) if batch is not None else 0
+            if take:
+                batch = engine.admit(batch, [jobs[i] for i in take])
+                reused += min(free_before, len(take))
+        assert batch is not None
+        done, batch, stats = engine.step(batch)
+        assert 0.0 <= stats.padding_waste < 1.0
+        for j, res in done:
+            results[index[id(j)]] = res
+    assert reused > 0, "no newcomer took a free slot: the test does not test reuse"
+    assert len(results) == len(jobs)
+    for i, (s, n) in enumerate(zip(srcs, limits, strict=True)):
+        same(results[i], solo(engine, s, n))
+
+
+def test_free_slots_are_compacted_and_stale_cache_columns_cut(engine: Engine) -> None:
+    srcs = sources(engine, 8, seed=2)
+    batch = engine.start([job(s, 40, exact=True) for s in srcs])
+    for _ in range(20):
+        _, nb, _ = engine.step(batch)
+        assert nb is not None
+        batch = nb
+    assert len(batch) == 8 and batch.past_len == 20
+    batch.release(0)  # one of eight free: kept as a slot
+    _, nb, _ = engine.step(batch)
+    assert nb is not None and len(nb) == 8 and len(nb.live) == 7
+    nb.release(1)  # two of eight: compacted before the next step
+    _, nb2, _ = engine.step(nb)
+    assert nb2 is not None and len(nb2) == 6 and nb2.free == []
+    # A newcomer starts with no cached columns; once every old row is gone, the columns only
+    # old rows used are cut off.
+    young = engine.admit(nb2, [job(srcs[0], 40, exact=True)])
+    for i in range(6):
+        young.release(i)
+    _, nb3, _ = engine.step(young)
+    assert nb3 is not None and len(nb3) == 1 and nb3.past_len == 1
+
+
+def test_free_slot_positions_stay_in_range(engine: Engine) -> None:
+    """A slot left free for many steps must not walk past the position table."""
+    long_src = sources(engine, 1, seed=4)[0]
+    limit = engine.limits.max_target_tokens
+    batch: DecodeBatch | None = engine.start(
+        [job(long_src, limit, exact=True)] + [job([5], 1) for _ in range(2)]
+    )
+    steps = 0
+    while batch is not None:
+        _, batch, _ = engine.step(batch)
+        if batch is not None:
+            assert int(batch.positions.max()) < limit + 1
+        steps += 1
+    assert steps == limit
