@@ -1,15 +1,27 @@
 """Service throughput against offline batched decoding of the same sentences, in one run.
 
     python benchmarks/service_throughput.py --bundle models/default     # or: make bench-service
+    python benchmarks/service_throughput.py --models default,small,base  # bigger models too
 
+For each model:
 1. Offline: the bundle's graphs through ``service.engine.Engine.decode_all`` (no scheduler, no
    gRPC), batches of up to 64 sentences grouped by length — the best case for the hardware.
-2. Service: ``python -m service serve`` in its own process, driven by the project's load
+2. Scheduler: the same engine behind ``service.scheduler`` in this process, N closed-loop
+   callers submitting single sentences (no gRPC): what continuous batching itself costs.
+3. Service: ``python -m service serve`` in its own process, driven by the project's load
    tester (``service.loadtest``, closed loop) with single-sentence calls from N concurrent
    clients, for N = 1, 8, 32, 64.
+And once per run, a gRPC server that answers without translating, driven by the same client:
+the most calls/s this machine carries with client and server on the same cores.
 
-Prints sentences/s, generated tokens/s and latency percentiles, and the ratio of each service
-figure to the offline figure measured in the same run. The machine is shared: compare ratios.
+Steps 2 and 3 run for --duration seconds per concurrency and count the sentences finished
+between the end of the warm-up and the end of sending (steady state: neither the ramp-up nor
+the drain of the last calls). "default" is the trained bundle (--bundle); "small" and "base"
+are random-weight bundles of those sizes (benchmarks/bundles.py) with the same tokenizer and
+length limits — speed does not depend on the weights, only on the shapes and on how many tokens
+each sentence generates, which is the same for all three paths. Prints sentences/s, generated
+tokens/s and latency percentiles, and each figure's ratio to the offline figure of the same
+run. The machine is shared: compare ratios.
 """
 
 from __future__ import annotations
@@ -23,7 +35,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,11 +49,12 @@ import sentencepiece as spm  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from service.bundle import load_bundle  # noqa: E402
-from service.engine import Engine, SentenceJob  # noqa: E402
-from service.loadtest import Corpus, Settings, run_load, summarize  # noqa: E402
+from service.engine import Engine, SentenceJob, SentenceResult  # noqa: E402
+from service.loadtest import Corpus, Settings, run_load  # noqa: E402
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb  # noqa: E402
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc  # noqa: E402
 from service.runtime import Runtime, RuntimeConfig  # noqa: E402
+from service.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
 
 def number_sentences(n: int, seed: int) -> list[str]:
@@ -73,6 +89,75 @@ def offline(bundle_dir: str, sentences: list[str], threads: int, repeats: int) -
     tokens = sum(len(r.token_ids) for r in results)
     assert best is not None
     return {"seconds": best, "sentences_s": len(sentences) / best, "tokens_s": tokens / best}
+
+
+def scheduler_closed_loop(
+    bundle_dir: str, sentences: list[str], threads: int, concurrency: int, duration: float,
+    warmup: float, max_wait_ms: float,
+) -> dict:  # fmt: skip
+    """`concurrency` callers in this process, each submitting one sentence to the scheduler as
+    soon as its previous one finished; no gRPC. Steady-state figures as in closed_loop."""
+    bundle = load_bundle(bundle_dir)
+    sp = spm.SentencePieceProcessor(model_file=str(bundle.tokenizer_path))
+    engine = Engine(Runtime(bundle, RuntimeConfig("cpu", "fp32", threads)), bundle.limits)
+    sched = Scheduler(engine, SchedulerConfig(max_batch_rows=64, max_wait_ms=max_wait_ms))
+    sched.start()
+    ids = [list(sp.encode(x)) for x in sentences]
+    rng = random.Random(1)
+    lock = threading.Lock()
+    finished: list[tuple[float, float, int]] = []  # (sent, done, tokens), seconds from start
+    t0 = time.monotonic()
+    stop_at = t0 + duration
+    all_done = threading.Event()
+    in_flight = [0]
+
+    def send() -> None:
+        with lock:
+            if time.monotonic() >= stop_at:
+                in_flight[0] -= 1
+                if in_flight[0] == 0:
+                    all_done.set()
+                return
+            src = ids[rng.randrange(len(ids))]
+        sent = time.monotonic() - t0
+        job = SentenceJob(src, bundle.limits.target_limit(len(src)))
+        fut = sched.submit([job])[0]
+        fut.add_done_callback(lambda f: done(f, sent))
+
+    def done(fut: Future[SentenceResult], sent: float) -> None:
+        res = fut.result()
+        with lock:
+            finished.append((sent, time.monotonic() - t0, len(res.token_ids)))
+        send()
+
+    in_flight[0] = concurrency
+    for _ in range(concurrency):
+        send()
+    all_done.wait()
+    sched.stop()
+    return steady(
+        [(a, b - a, n) for a, b, n in finished], warmup, duration,
+    )  # fmt: skip
+
+
+def steady(calls: list[tuple[float, float, int]], warmup: float, duration: float) -> dict:
+    """Figures over the window [warmup, duration] from (sent, latency, tokens) per sentence,
+    seconds from the start: sentences finished in the window per second, latency of those."""
+    inside = [(a, lat, n) for a, lat, n in calls if warmup <= a + lat <= duration]
+    window = duration - warmup
+    lat_ms = sorted(lat * 1000 for _, lat, _ in inside)
+
+    def pct(q: float) -> float:
+        return lat_ms[min(len(lat_ms) - 1, int(q * len(lat_ms)))] if lat_ms else float("nan")
+
+    return {
+        "seconds": window,
+        "sentences": len(inside),
+        "sentences_s": len(inside) / window,
+        "tokens_s": sum(n for _, _, n in inside) / window,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+    }
 
 
 class _Echo(pb_grpc.TranslatorServicer):
@@ -116,88 +201,138 @@ def wait_ready(target: str, proc: subprocess.Popen[bytes], status_ok: int) -> No
     raise TimeoutError(f"{target} never became ready")
 
 
-async def closed_loop(target: str, sentences: list[str], concurrency: int) -> dict:
-    """The project's load tester (service.loadtest), closed loop: len(sentences) single-sentence
-    calls drawn from `sentences` by `concurrency` clients, no warm-up."""
+async def closed_loop(target: str, sentences: list[str], concurrency: int, duration: float,
+                      warmup: float) -> dict:  # fmt: skip
+    """The project's load tester (service.loadtest), closed loop: `concurrency` clients send
+    single-sentence calls drawn from `sentences` for `duration` seconds; steady-state figures
+    over [warmup, duration] (the load tester's own summary also counts the drain)."""
     settings = Settings(
-        target, concurrency=concurrency, requests=len(sentences), progress=False, timeout=60
+        target, concurrency=concurrency, duration=duration, progress=False, timeout=60
     )
-    corpus = Corpus(sentences, None)
-    summary = summarize(await run_load(settings, corpus), settings, corpus)
-    if summary["errors"]:
-        raise RuntimeError(f"errors under load: {summary['errors']}")
-    return {
-        "seconds": summary["measured_s"],
-        "sentences_s": summary["sentences_per_s"],
-        "tokens_s": summary["tokens_per_s"],
-        "p50_ms": summary["latency_ms"]["p50"],
-        "p99_ms": summary["latency_ms"]["p99"],
-    }
+    run = await run_load(settings, Corpus(sentences, None))
+    errors = [r.code for r in run.records if r.code != "OK"]
+    if errors:
+        raise RuntimeError(f"errors under load: {errors[:5]} ({len(errors)} in all)")
+    return steady([(r.scheduled, r.latency, r.tokens) for r in run.records], warmup, duration)
+
+
+def model_bundles(names: list[str], default: str, work: Path) -> dict[str, str]:
+    """name → bundle directory: the trained bundle for "default", random weights otherwise."""
+    from benchmarks.bundles import random_model, tokenizer_vocab, write_bundle
+
+    trained = load_bundle(default)
+    out = {}
+    for name in names:
+        if name == "default":
+            out[name] = default
+            continue
+        model = random_model(name, tokenizer_vocab(trained.tokenizer_path))
+        limits = dict(trained.manifest["limits"])
+        write_bundle(model, work / name, trained.tokenizer_path, limits)
+        out[name] = str(work / name)
+    return out
+
+
+def describe(bundle_dir: str) -> str:
+    m = load_bundle(bundle_dir).model
+    return (
+        f"d_model {m['d_model']}, {m['n_encoder_layers']}+{m['n_decoder_layers']} layers, "
+        f"{m['n_heads']} heads, FFN {m['d_ff']}, vocabulary {m['vocab_size']}"
+    )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--bundle", default="models/default")
-    ap.add_argument("--sentences", type=int, default=1024)
+    ap.add_argument("--bundle", default="models/default", help='the trained bundle ("default")')
+    ap.add_argument("--models", default="default", help="comma list of default, small, base")
+    ap.add_argument("--sentences", type=int, default=1024, help="the sentence set")
     ap.add_argument("--concurrency", default="1,8,32,64")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per concurrency")
+    ap.add_argument("--warmup", type=float, default=3.0, help="seconds left out of each")
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all usable)")
     ap.add_argument("--repeats", type=int, default=3, help="offline repeats (best is kept)")
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
+    ap.add_argument("--no-echo", action="store_true", help="skip the no-op gRPC server")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)  # internal
     args = ap.parse_args()
     if args.echo_server:
         asyncio.run(echo_server(args.echo_server))
         return 0
+    if args.duration <= args.warmup:
+        ap.error("--duration must be longer than --warmup")
     sentences = number_sentences(args.sentences, seed=7)
-    off = offline(args.bundle, sentences, args.threads, args.repeats)
-
     concurrency = [int(x) for x in args.concurrency.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="bench-service-"))
+    bundles = model_bundles(args.models.split(","), args.bundle, work)
 
-    def measure(cmd: list[str], port: int, health_ok: int) -> list[dict]:
+    def measure(cmd: list[str], port: int) -> list[dict]:
         proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         rows = []
         try:
             target = f"127.0.0.1:{port}"
-            wait_ready(target, proc, health_ok)
-            asyncio.run(closed_loop(target, sentences[:64], 8))  # warm-up
+            wait_ready(target, proc, health_pb2.HealthCheckResponse.SERVING)
             for c in concurrency:
-                n = len(sentences) if c > 1 else max(64, len(sentences) // 8)
-                res = asyncio.run(closed_loop(target, sentences[:n], c))
+                res = asyncio.run(closed_loop(target, sentences, c, args.duration, args.warmup))
                 rows.append({"concurrency": c, **res})
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
         return rows
 
-    port = free_port()
-    serve = [
-        *(sys.executable, "-m", "service", "serve", "--bundle", args.bundle, "--port", str(port)),
-        *("--provider", "cpu", "--threads", str(args.threads), "--max-batch-rows", "64"),
-        *("--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"),
-    ]
-    rows = measure(serve, port, 1)
-    port = free_port()
-    echo = measure([sys.executable, __file__, "--echo-server", str(port)], port, 1)
-    print(f"\nbundle {args.bundle}, {len(sentences)} single-sentence requests, "
-          f"onnxruntime threads {args.threads or 'all usable'}, {os.cpu_count()} CPUs")  # fmt: skip
-    print(f"offline batched decode: {off['sentences_s']:.0f} sentences/s, "
-          f"{off['tokens_s']:.0f} tokens/s\n")  # fmt: skip
-    print("| concurrency | sentences/s | tokens/s | × offline (tokens/s) | p50 ms | p99 ms "
-          "| no-op gRPC server, calls/s |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for r, e in zip(rows, echo, strict=True):
-        print(f"| {r['concurrency']} | {r['sentences_s']:.0f} | {r['tokens_s']:.0f} | "
-              f"{r['tokens_s'] / off['tokens_s']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
-              f"| {e['sentences_s']:.0f} |")  # fmt: skip
-    print(
-        "\nThe last column is a gRPC server that answers without translating, driven by the "
-        "same client:\nthe most single-sentence calls/s this machine carries with the client "
-        "on the same cores."
-    )
+    results: dict[str, dict] = {}
+    for name, bundle in bundles.items():
+        off = offline(bundle, sentences, args.threads, args.repeats)
+        sched = [
+            {"concurrency": c, **scheduler_closed_loop(
+                bundle, sentences, args.threads, c, args.duration, args.warmup, args.max_wait_ms
+            )}
+            for c in concurrency
+        ]  # fmt: skip
+        port = free_port()
+        serve = [
+            *(sys.executable, "-m", "service", "serve", "--bundle", bundle, "--port", str(port)),
+            *("--provider", "cpu", "--threads", str(args.threads), "--max-batch-rows", "64"),
+            *("--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"),
+        ]
+        results[name] = {
+            "bundle": bundle,
+            "model": describe(bundle),
+            "offline": off,
+            "scheduler": sched,
+            "service": measure(serve, port),
+        }
+    echo: list[dict] = []
+    if not args.no_echo:
+        port = free_port()
+        echo = measure([sys.executable, __file__, "--echo-server", str(port)], port)
+
+    print(f"\n{len(sentences)} number sentences, single-sentence calls, closed loop, "
+          f"{args.duration:g} s per row ({args.warmup:g} s warm-up left out), onnxruntime "
+          f"threads {args.threads or 'all usable'}, {os.cpu_count()} CPUs")  # fmt: skip
+    for name, r in results.items():
+        off = r["offline"]
+        print(f"\n### {name}: {r['model']}\n")
+        print(f"offline batched decode: {off['sentences_s']:.0f} sentences/s, "
+              f"{off['tokens_s']:.0f} tokens/s\n")  # fmt: skip
+        print("| concurrency | scheduler, no gRPC: tokens/s | × offline | service: sentences/s "
+              "| tokens/s | × offline | p50 ms | p99 ms |")  # fmt: skip
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for sc, sv in zip(r["scheduler"], r["service"], strict=True):
+            print(f"| {sv['concurrency']} | {sc['tokens_s']:.0f} | "
+                  f"{sc['tokens_s'] / off['tokens_s']:.2f} | {sv['sentences_s']:.0f} | "
+                  f"{sv['tokens_s']:.0f} | **{sv['tokens_s'] / off['tokens_s']:.2f}** | "
+                  f"{sv['p50_ms']:.1f} | {sv['p99_ms']:.1f} |")  # fmt: skip
+    if echo:
+        print("\nNo-op gRPC server (answers without translating), same client, calls/s: "
+              + ", ".join(f"{e['sentences_s']:.0f} at {e['concurrency']}" for e in echo)
+              + "\n— the most single-sentence calls/s this machine carries with the client "
+              "on the same cores.")  # fmt: skip
+    print("\nAt concurrency 64, service × offline: "
+          + ", ".join(f"{n} {r['service'][-1]['tokens_s'] / r['offline']['tokens_s']:.2f}"
+                      for n, r in results.items()))  # fmt: skip
     if args.json:
-        data = {"offline": off, "service": rows, "noop_grpc": echo}
-        Path(args.json).write_text(json.dumps(data, indent=2))
+        Path(args.json).write_text(json.dumps({"models": results, "noop_grpc": echo}, indent=2))
     return 0
 
 
