@@ -32,6 +32,8 @@ SERVE_HELP = {
     "metrics_port": "Prometheus /metrics HTTP port (0: off)",
     "metrics_host": "address of the metrics endpoint",
     "provider": "execution provider: cpu, cuda, or auto (CUDA where onnxruntime-gpu sees a GPU)",
+    "io_binding": "keep the KV cache in device memory between decoder steps: on, off, or auto "
+    "(on with CUDA)",
     "precision": "graphs to serve: fp32, or int8 if the bundle has them",
     "threads": "onnxruntime intra-op threads (0: the cores this process may use)",
     "max_queue": "sentences waiting at most; more get RESOURCE_EXHAUSTED at once",
@@ -87,6 +89,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"default": default, "help": f"{SERVE_HELP[f.name]} [{env}]"}
         if f.name == "provider":
             kwargs["choices"] = ["cpu", "cuda", "auto"]
+        if f.name == "io_binding":
+            kwargs["choices"] = ["on", "off", "auto"]
         if f.name == "precision":
             kwargs["choices"] = ["fp32", "int8"]
         p.add_argument(flag, type=kind, required=f.name == "bundle" and default is None, **kwargs)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.bundle import Limits
-from service.runtime import Runtime
+from service.runtime import Cache, Runtime, to_host
 
 
 class AttentionMode(enum.IntEnum):
@@ -99,11 +99,17 @@ class DecodeBatch:
     positions: np.ndarray  # (B,) its position in its row
     self_mask: np.ndarray  # (B, P) 1 where a cached slot belongs to the row
     src_mask: np.ndarray  # (B, S)
-    past: list[np.ndarray]  # 2L × (B, H, P, Dh)
-    cross: list[np.ndarray]  # 2L × (B, H, S, Dh)
+    past: list[Cache]  # 2L × (B, H, P, Dh); on the device with IO binding
+    cross: list[Cache]  # 2L × (B, H, S, Dh); likewise
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def host(self) -> DecodeBatch:
+        """Brings device-resident caches to host memory (before the arrays are reshaped)."""
+        self.past = to_host(self.past)
+        self.cross = to_host(self.cross)
+        return self
 
     @property
     def past_len(self) -> int:
@@ -133,6 +139,7 @@ class DecodeBatch:
     def filter(self, keep: list[int]) -> DecodeBatch:
         """Only the slots at `keep`; the cache and source axes shrink to what the rows still
         need."""
+        self.host()
         idx = np.asarray(keep, dtype=np.int64)
         rows = [self.rows[i] for i in keep]
         live = [i for i, r in enumerate(rows) if r is not None]
@@ -149,8 +156,8 @@ class DecodeBatch:
             positions=self.positions[idx],
             self_mask=np.ascontiguousarray(self_mask[:, start:]),
             src_mask=np.ascontiguousarray(src_mask[:, :s]),
-            past=[np.ascontiguousarray(p[idx][:, :, start:]) for p in self.past],
-            cross=[np.ascontiguousarray(c[idx][:, :, :s]) for c in self.cross],
+            past=[np.ascontiguousarray(p[idx][:, :, start:]) for p in to_host(self.past)],
+            cross=[np.ascontiguousarray(c[idx][:, :, :s]) for c in to_host(self.cross)],
         )
 
     def compact(self) -> DecodeBatch | None:
@@ -179,12 +186,13 @@ class DecodeBatch:
             return
         extra = s - self.source_len
         self.src_mask = np.pad(self.src_mask, ((0, 0), (0, extra)))
-        self.cross = [np.pad(c, ((0, 0), (0, 0), (0, extra), (0, 0))) for c in self.cross]
+        self.cross = [np.pad(c, ((0, 0), (0, 0), (0, extra), (0, 0))) for c in to_host(self.cross)]
 
     def place(self, slot: int, other: DecodeBatch, j: int) -> None:
         """Puts row j of a fresh batch (no cached columns yet) into free slot `slot`."""
         row = other.rows[j]
         assert row is not None and self.rows[slot] is None and other.past_len == 0
+        self.host()
         s = row.source_len  # ≤ self.source_len (see widen_source)
         self.rows[slot] = row
         self.tokens[slot] = other.tokens[j]
@@ -192,13 +200,14 @@ class DecodeBatch:
         self.self_mask[slot] = 0  # none of the cached columns is the newcomer's
         self.src_mask[slot] = 0
         self.src_mask[slot, :s] = other.src_mask[j, :s]
-        for c, oc in zip(self.cross, other.cross, strict=True):
+        for c, oc in zip(to_host(self.cross), to_host(other.cross), strict=True):
             c[slot, :, :s] = oc[j, :, :s]
             c[slot, :, s:] = 0
 
     @staticmethod
     def concatenate(a: DecodeBatch, b: DecodeBatch) -> DecodeBatch:
         """Rows of a then b; the shorter past is left-padded, the shorter source right-padded."""
+        a, b = a.host(), b.host()
         p = max(a.past_len, b.past_len)
         s = max(a.source_len, b.source_len)
 
@@ -223,8 +232,14 @@ class DecodeBatch:
             positions=np.concatenate([a.positions, b.positions]),
             self_mask=join(a.self_mask, b.self_mask, p, 1, at_end=True),
             src_mask=join(a.src_mask, b.src_mask, s, 1, at_end=False),
-            past=[join(x, y, p, 2, at_end=True) for x, y in zip(a.past, b.past, strict=True)],
-            cross=[join(x, y, s, 2, at_end=False) for x, y in zip(a.cross, b.cross, strict=True)],
+            past=[
+                join(x, y, p, 2, at_end=True)
+                for x, y in zip(to_host(a.past), to_host(b.past), strict=True)
+            ],
+            cross=[
+                join(x, y, s, 2, at_end=False)
+                for x, y in zip(to_host(a.cross), to_host(b.cross), strict=True)
+            ],
         )
 
 
@@ -291,7 +306,7 @@ class Engine:
         b = len(batch)
         live = batch.live
         self_mask = np.concatenate([batch.self_mask, np.ones((b, 1), np.int64)], axis=1)
-        logits, present, cross_attn = self.rt.step(
+        logits, present, cross_attn, cross = self.rt.step(
             batch.tokens, batch.positions, self_mask, batch.src_mask, batch.past, batch.cross
         )
         rows = batch.rows
@@ -340,7 +355,7 @@ class Engine:
             self_mask=self_mask,
             src_mask=batch.src_mask,
             past=present,
-            cross=batch.cross,
+            cross=cross,
         )
         for i in done:
             nxt_batch.release(i)

@@ -1,8 +1,18 @@
 """onnxruntime sessions for a bundle's encoder and decoder graphs.
 
-Plain numpy in, numpy out; the decoding logic lives in ``service.engine``. The execution
-provider is chosen here (``cpu | cuda | auto``) and logged, and intra-op threads default to the
-cores this process may really use (CPU affinity and the cgroup quota, not the host's count).
+Numpy in, numpy out — except the caches with IO binding (below); the decoding logic lives in
+``service.engine``. The execution provider is chosen here (``cpu | cuda | auto``) and logged,
+and intra-op threads default to the cores this process may really use (CPU affinity and the
+cgroup quota, not the host's count).
+
+IO binding (on by default with CUDA, ``--io-binding``): the decoder's present key/value outputs
+are bound to device memory and fed back as the next step's past inputs without a trip through
+host memory, and the cross-attention keys/values are copied to the device once and reused
+every step. Only the logits and the (small) cross-attention weights come back to the host each
+step. Cache values are then ``Cache`` objects (``onnxruntime.OrtValue``) rather than numpy
+arrays; ``to_host`` turns them back when the batch's membership changes (onnxruntime's Python
+API has no device-side gather or scatter), after which they go back to the device at the next
+step. On CPU the same code path runs against host memory, which is how the tests exercise it.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 import numpy as np
 import onnxruntime as ort
@@ -22,6 +33,21 @@ log = logging.getLogger("nmtserve.runtime")
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+
+# A cache tensor: a numpy array in host memory, or an OrtValue where IO binding keeps it on the
+# execution provider's device.
+Cache: TypeAlias = "np.ndarray | ort.OrtValue"
+
+
+def host_array(v: ort.OrtValue) -> np.ndarray:
+    """A numpy copy of an OrtValue. The copy matters on CPU too: OrtValue.numpy() there is a
+    view of memory that onnxruntime may free or reuse (measured: wrong tokens without it)."""
+    return np.array(v.numpy(), copy=True)
+
+
+def to_host(values: list[Cache]) -> list[np.ndarray]:
+    """Cache tensors as numpy arrays (copied from the device where they live there)."""
+    return [host_array(v) if isinstance(v, ort.OrtValue) else v for v in values]
 
 
 def usable_cores() -> int:
@@ -57,10 +83,13 @@ class RuntimeConfig:
     threads: int = 0  # intra-op threads; 0: usable_cores()
     spin: bool = False  # let idle onnxruntime threads spin (faster offline, worse when serving)
     arena: bool = False  # onnxruntime's CPU memory arena (keeps a high-water mark per shape mix)
+    io_binding: str = "auto"  # on | off | auto (on where the provider is CUDA)
 
     def __post_init__(self) -> None:
         if self.provider not in ("cpu", "cuda", "auto"):
             raise ValueError(f"provider must be cpu, cuda or auto, not {self.provider!r}")
+        if self.io_binding not in ("on", "off", "auto"):
+            raise ValueError(f"io_binding must be on, off or auto, not {self.io_binding!r}")
         if self.threads < 0:
             raise ValueError("threads must be ≥ 0")
 
@@ -118,13 +147,19 @@ class Runtime:
         if cfg.provider == "cuda" and self.provider != CUDA:
             raise RuntimeError("--provider cuda: onnxruntime could not start CUDA on this machine")
         self.decoder_inputs = [i.name for i in self.decoder.get_inputs()]
+        self.decoder_outputs = [o.name for o in self.decoder.get_outputs()]
         self.past_names = self.decoder_inputs[4 : 4 + 2 * self.n_layers]
         self.cross_names = self.decoder_inputs[4 + 2 * self.n_layers :]
+        self.device = "cuda" if self.provider == CUDA else "cpu"
+        self.io_binding = cfg.io_binding == "on" or (
+            cfg.io_binding == "auto" and self.provider == CUDA
+        )
         log.info(
-            "execution provider %s, %s graphs, %d intra-op threads",
+            "execution provider %s, %s graphs, %d intra-op threads, IO binding %s",
             self.provider,
             cfg.precision,
             self.threads,
+            f"on (KV cache kept in {self.device} memory)" if self.io_binding else "off",
         )
 
     def encode(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
@@ -138,22 +173,58 @@ class Runtime:
         positions: np.ndarray,  # (B,) int64
         self_mask: np.ndarray,  # (B, P+1) int64
         src_mask: np.ndarray,  # (B, S) int64
-        past: list[np.ndarray],  # 2L × (B, H, P, Dh)
-        cross: list[np.ndarray],  # 2L × (B, H, S, Dh)
-    ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        past: list[Cache],  # 2L × (B, H, P, Dh)
+        cross: list[Cache],  # 2L × (B, H, S, Dh)
+    ) -> tuple[np.ndarray, list[Cache], list[np.ndarray], list[Cache]]:
         """One decoder step → logits (B, V), present 2L × (B, H, P+1, Dh), cross attention
-        L × (B, H, S)."""
+        L × (B, H, S), and the cross keys/values as the step used them (on the device with IO
+        binding: keep them for the next step)."""
+        if self.io_binding:
+            return self._bound_step(tokens, positions, self_mask, src_mask, past, cross)
         feeds = {
             "input_ids": tokens[:, None],
             "position_ids": positions[:, None],
             "decoder_attention_mask": self_mask,
             "encoder_attention_mask": src_mask,
-            **dict(zip(self.past_names, past, strict=True)),
-            **dict(zip(self.cross_names, cross, strict=True)),
+            **dict(zip(self.past_names, to_host(past), strict=True)),
+            **dict(zip(self.cross_names, to_host(cross), strict=True)),
         }
         outs = self.decoder.run(None, feeds)
         n = 2 * self.n_layers
-        return outs[0][:, 0, :], list(outs[1 : 1 + n]), list(outs[1 + n :])
+        return outs[0][:, 0, :], list(outs[1 : 1 + n]), list(outs[1 + n :]), cross
+
+    def _on_device(self, v: Cache) -> ort.OrtValue:
+        if isinstance(v, ort.OrtValue):
+            return v
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), self.device, 0)
+
+    def _bound_step(
+        self,
+        tokens: np.ndarray,
+        positions: np.ndarray,
+        self_mask: np.ndarray,
+        src_mask: np.ndarray,
+        past: list[Cache],
+        cross: list[Cache],
+    ) -> tuple[np.ndarray, list[Cache], list[np.ndarray], list[Cache]]:
+        binding = self.decoder.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens[:, None]))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions[:, None]))
+        binding.bind_cpu_input("decoder_attention_mask", np.ascontiguousarray(self_mask))
+        binding.bind_cpu_input("encoder_attention_mask", np.ascontiguousarray(src_mask))
+        cross_dev = [self._on_device(c) for c in cross]
+        for name, v in zip(self.past_names, past, strict=True):
+            binding.bind_ortvalue_input(name, self._on_device(v))
+        for name, v in zip(self.cross_names, cross_dev, strict=True):
+            binding.bind_ortvalue_input(name, v)
+        n = 2 * self.n_layers
+        for i, name in enumerate(self.decoder_outputs):
+            # logits and attention weights come to the host; the new cache stays put
+            binding.bind_output(name, self.device if 1 <= i <= n else "cpu", 0)
+        self.decoder.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        logits = host_array(outs[0])[:, 0, :]
+        return logits, list(outs[1 : 1 + n]), [host_array(o) for o in outs[1 + n :]], cross_dev
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.n_heads, 0, self.head_dim)

@@ -48,6 +48,7 @@ class ServerConfig:
     metrics_port: int = 0  # 0: no metrics endpoint
     metrics_host: str = "127.0.0.1"
     provider: str = "auto"
+    io_binding: str = "auto"
     precision: str = "fp32"
     threads: int = 0
     max_queue: int = 1024
@@ -375,7 +376,7 @@ class Server:
         bundle = load_bundle(cfg.bundle)
         tr = Translator(
             bundle,
-            RuntimeConfig(cfg.provider, cfg.precision, cfg.threads),
+            RuntimeConfig(cfg.provider, cfg.precision, cfg.threads, io_binding=cfg.io_binding),
             SchedulerConfig(
                 cfg.max_queue, cfg.max_batch_rows, cfg.max_batch_tokens, cfg.max_wait_ms
             ),

@@ -123,3 +123,42 @@ def test_free_slot_positions_stay_in_range(engine: Engine) -> None:
             assert int(batch.positions.max()) < limit + 1
         steps += 1
     assert steps == limit
+
+
+@pytest.fixture(scope="module")
+def bound(tiny_bundle: Path) -> Engine:
+    """The IO-binding path (what CUDA uses), run against host memory."""
+    b = load_bundle(tiny_bundle)
+    return Engine(Runtime(b, RuntimeConfig("cpu", "fp32", 1, io_binding="on")), b.limits)
+
+
+def test_io_binding_keeps_caches_bound_and_decodes_the_same(engine: Engine, bound: Engine) -> None:
+    import onnxruntime as ort
+
+    assert bound.rt.io_binding and not engine.rt.io_binding
+    srcs = sources(engine, 24, seed=5)
+    limits = [3 + i % 7 for i in range(len(srcs))]
+    # Offline batches: rows finish at different steps (free slots, then compaction).
+    for rows in (2, 8):
+        plain = engine.decode_all([job(s, n) for s, n in zip(srcs, limits, strict=True)], rows)
+        got = bound.decode_all([job(s, n) for s, n in zip(srcs, limits, strict=True)], rows)
+        for a, b in zip(plain, got, strict=True):
+            same(a, b)
+    # Between steps the caches stay OrtValues (device memory on CUDA), cross K/V included ...
+    batch = bound.start([job(s, 30, exact=True) for s in srcs[:4]])
+    _, nb, _ = bound.step(batch)
+    assert nb is not None
+    _, nb, _ = bound.step(nb)
+    assert nb is not None
+    assert all(isinstance(v, ort.OrtValue) for v in nb.past + nb.cross)
+    # ... until the batch changes shape: a newcomer takes a free slot, through host memory.
+    nb.release(1)
+    grown = bound.admit(nb, [job(srcs[5], 30, exact=True)])
+    assert all(isinstance(v, np.ndarray) for v in grown.past + grown.cross)
+    _, after, _ = bound.step(grown)
+    assert after is not None and all(isinstance(v, ort.OrtValue) for v in after.past)
+
+
+def test_io_binding_setting_is_checked() -> None:
+    with pytest.raises(ValueError, match="io_binding"):
+        RuntimeConfig(io_binding="sometimes")
