@@ -9,11 +9,12 @@ calls → finish in-flight work within the grace period → exit 0.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+import os
 import signal
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -38,6 +39,15 @@ from service.translator import InvalidRequest, RequestOptions, Translation, Tran
 log = logging.getLogger("nmtserve.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name
+
+# Request ids for calls that bring none: a random per-process prefix and a counter (unique per
+# server process, and cheaper per call than uuid4's system call for random bytes).
+_ID_PREFIX = os.urandom(4).hex()
+_ID_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}-{next(_ID_COUNTER):08x}"
 
 
 @dataclass(frozen=True)
@@ -222,7 +232,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
     async def Translate(
         self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext
     ) -> pb.TranslateResponse:
-        rid = request.request_id or uuid.uuid4().hex[:16]
+        rid = request.request_id or new_request_id()
 
         async def body() -> pb.TranslateResponse:
             opts, jobs, futures = await self._submit(request, context)
@@ -245,7 +255,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
     async def TranslateStream(
         self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext
     ) -> Any:
-        rid = request.request_id or uuid.uuid4().hex[:16]
+        rid = request.request_id or new_request_id()
 
         async def indexed(i: int, fut: Awaitable[SentenceResult]) -> tuple[int, SentenceResult]:
             return i, await fut

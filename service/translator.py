@@ -17,6 +17,8 @@ from service.engine import AttentionMode, DecodeOptions, Engine, SentenceJob, Se
 from service.runtime import Runtime, RuntimeConfig
 from service.scheduler import Observer, Scheduler, SchedulerConfig
 
+_ATTENTION_MODES = frozenset(m.value for m in AttentionMode)
+
 
 class InvalidRequest(ValueError):
     """A request the server will not decode; violations are (field, description) pairs."""
@@ -98,7 +100,7 @@ class Translator:
                     f"{lim.max_target_tokens}",
                 )
             )
-        if opts.attention not in {m.value for m in AttentionMode}:
+        if opts.attention not in _ATTENTION_MODES:
             problems.append(("options.attention", f"unknown attention mode {opts.attention}"))
         if opts.attention_layer is not None and not (
             -self.n_layers <= opts.attention_layer < self.n_layers
