@@ -38,13 +38,13 @@ class Metrics(Observer):
         self.steps = Counter("nmtserve_decode_steps", "Decoder steps run", registry=r)
         self.rows = Histogram(
             "nmtserve_batch_rows",
-            "Rows per decoder step",
+            "Live rows per decoder step",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=r,
         )
         self.padding = Histogram(
             "nmtserve_padding_waste",
-            "Share of source positions that are padding, per decoder step",
+            "Share of source positions computed for no live row (padding, free slots), per step",
             buckets=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
             registry=r,
         )
