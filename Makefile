@@ -54,7 +54,7 @@ test-slow: install
 
 # Service throughput against offline decoding of the same sentences (prints a table).
 bench-service: model
-	$(PY) benchmarks/service_throughput.py --bundle $(BUNDLE)
+	$(PY) benchmarks/service_throughput.py --bundle $(BUNDLE) --models default,small,base
 
 bench: bench-engines bench-service
 
