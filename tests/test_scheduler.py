@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from service.bundle import load_bundle
 from service.engine import DecodeOptions, Engine, SentenceJob, StepStats
@@ -34,7 +35,7 @@ def test_newcomers_join_a_running_batch_in_groups(tiny_bundle: Path) -> None:
     sched = Scheduler(engine, SchedulerConfig(max_batch_rows=64, max_wait_ms=1.0), obs)
     step = engine.rt.step
 
-    def slow_step(*args):  # type: ignore[no-untyped-def]
+    def slow_step(*args: Any) -> Any:
         time.sleep(0.006)  # decoder steps slower than arrivals, as with a bigger model
         return step(*args)
 
