@@ -39,7 +39,7 @@ def test_newcomers_join_a_running_batch_in_groups(tiny_bundle: Path) -> None:
         time.sleep(0.006)  # decoder steps slower than arrivals, as with a bigger model
         return step(*args)
 
-    engine.rt.step = slow_step  # type: ignore[method-assign]
+    engine.rt.step = slow_step  # type: ignore[method-assign, assignment]
     sched.start()
     try:
         n = b.limits.max_target_tokens  # the longest a row may run
