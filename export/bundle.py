@@ -17,10 +17,15 @@ FORMAT = "nmtserve-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"
-# Graph file names per precision.
+# Graph file names per precision. "decoder_kv" (the decoder over preallocated caches updated in
+# place, see export.onnx_export) is optional: bundles without it are served with "decoder".
 GRAPH_FILES = {
-    "fp32": {"encoder": "encoder.onnx", "decoder": "decoder.onnx"},
-    "int8": {"encoder": "encoder.int8.onnx", "decoder": "decoder.int8.onnx"},
+    "fp32": {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "decoder_kv": "decoder_kv.onnx"},
+    "int8": {
+        "encoder": "encoder.int8.onnx",
+        "decoder": "decoder.int8.onnx",
+        "decoder_kv": "decoder_kv.int8.onnx",
+    },
 }
 REQUIRED_KEYS = (
     "format",
@@ -90,7 +95,7 @@ def check_bundle(directory: Path) -> dict[str, Any]:
     files: dict[str, Any] = manifest["files"]
     needed = [manifest["tokenizer"]["file"]]
     for graphs in manifest["onnx"]["graphs"].values():
-        needed += [graphs["encoder"], graphs["decoder"]]
+        needed += [graphs["encoder"], graphs["decoder"], *graphs.values()]
     problems += [f"{n} is used but not listed in files" for n in needed if n not in files]
     for name, entry in files.items():
         f = directory / name

@@ -154,6 +154,60 @@ class MultiHeadAttention(nn.Module):
         return self.attend(query, self.project_kv(memory), bias)
 
 
+class CachedSelfAttention(torch.autograd.Function):
+    """One new token per row attending over a preallocated cache that it also writes into.
+
+    q, k, v (B, 1, D); past_k, past_v (B, H, M, Dh) hold each row's earlier keys/values at
+    positions 0..seqlens[b]-1 (M ≥ every row's length + 1; what lies beyond is ignored);
+    seqlens (B,) int32 is each row's cached length. The new key/value goes to position
+    seqlens[b] of its row and the query attends to positions 0..seqlens[b]. Returns the output
+    (B, 1, D) and the updated caches.
+
+    Exported as onnxruntime's ``com.microsoft.GroupQueryAttention`` (as many key/value heads as
+    query heads): bound to the same buffer as input and output, the cache is updated in place,
+    so a decoder step no longer copies every row's history, and rows of any mix of ages share a
+    step without padding. The eager code below is the reference semantics.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        past_k: Tensor,
+        past_v: Tensor,
+        seqlens: Tensor,
+        total: Tensor,
+        n_heads: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        b, _, d = q.shape
+        dh = d // n_heads
+
+        def heads(x: Tensor) -> Tensor:
+            return x.reshape(b, 1, n_heads, dh).transpose(1, 2)  # (B, H, 1, Dh)
+
+        rows = torch.arange(b, device=q.device)
+        pos = seqlens.long()
+        present_k, present_v = past_k.clone(), past_v.clone()
+        present_k[rows, :, pos] = heads(k)[:, :, 0]
+        present_v[rows, :, pos] = heads(v)[:, :, 0]
+        keep = torch.arange(past_k.shape[2], device=q.device)[None] <= pos[:, None]  # (B, M)
+        scale = 1.0 / math.sqrt(dh)
+        out, _ = scaled_dot_product_attention(
+            heads(q), present_k, present_v, padding_bias(keep), scale
+        )
+        return out.transpose(1, 2).reshape(b, 1, d), present_k, present_v
+
+    @staticmethod
+    def symbolic(g: Any, q, k, v, past_k, past_v, seqlens, total, n_heads):
+        return g.op(
+            "com.microsoft::GroupQueryAttention",
+            q, k, v, past_k, past_v, seqlens, total,
+            num_heads_i=n_heads, kv_num_heads_i=n_heads, outputs=3,
+        )  # fmt: skip
+
+
 class FeedForward(nn.Module):
     """Two linear maps with a ReLU between, the inner one wider."""
 
@@ -236,6 +290,23 @@ class DecoderLayer(nn.Module):
         x = self.sub_cross.output(x, y)
         x = self.sub_ff.output(x, self.ff(self.sub_ff.input(x)))
         return x, (k, v), self_probs, cross_probs
+
+    def step_cached(
+        self, x: Tensor, cache: KV, seqlens: Tensor, total: Tensor, cross_kv: KV, cross_bias: Tensor
+    ) -> tuple[Tensor, KV, Tensor]:
+        """One step (x (B, 1, D)) over a preallocated per-row cache (CachedSelfAttention) →
+        x, the updated cache, cross probs (B, H, 1, S). Same computation as forward with past."""
+        attn = self.self_attn
+        h = self.sub_self.input(x)
+        y, k, v = CachedSelfAttention.apply(
+            attn.w_q(h), attn.w_k(h), attn.w_v(h), cache[0], cache[1], seqlens, total,
+            attn.n_heads,
+        )  # fmt: skip
+        x = self.sub_self.output(x, attn.dropout(attn.w_o(y)))
+        y, cross_probs = self.cross_attn.attend(self.sub_cross.input(x), cross_kv, cross_bias)
+        x = self.sub_cross.output(x, y)
+        x = self.sub_ff.output(x, self.ff(self.sub_ff.input(x)))
+        return x, (k, v), cross_probs
 
 
 @dataclass
@@ -341,6 +412,27 @@ class Transformer(nn.Module):
             present.append(new_kv)
             cross.append(cross_probs[:, :, 0, :])  # (B, H, S)
         logits = self.generator(self.decoder_norm(x))[:, 0, :]  # (B, V)
+        return StepOutput(logits, present, cross)
+
+    def decode_step_cached(
+        self, tokens: Tensor, positions: Tensor, cache: list[KV], cross_kv: list[KV],
+        src_mask: Tensor,
+    ) -> StepOutput:  # fmt: skip
+        """decode_step over preallocated per-row caches (B, H, M, Dh) per layer: row b's
+        earlier keys/values sit at positions 0..positions[b]-1 and its new ones are written at
+        positions[b] (see CachedSelfAttention). ``present`` holds the updated caches."""
+        x = self.embed(self.tgt_embed, tokens[:, None], positions[:, None])  # (B, 1, D)
+        seqlens = positions.to(torch.int32)
+        total = (seqlens.max() + 1).to(torch.int32)
+        cross_bias = padding_bias(src_mask)
+        present, cross = [], []
+        for layer, layer_cache, kv in zip(self.decoder_layers, cache, cross_kv, strict=True):
+            x, new_kv, cross_probs = cast(DecoderLayer, layer).step_cached(
+                x, layer_cache, seqlens, total, kv, cross_bias
+            )
+            present.append(new_kv)
+            cross.append(cross_probs[:, :, 0, :])
+        logits = self.generator(self.decoder_norm(x))[:, 0, :]
         return StepOutput(logits, present, cross)
 
     def decode(

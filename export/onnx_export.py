@@ -5,6 +5,13 @@ cross-attention keys/values, so the decoder never recomputes them. ``decoder.onn
 greedy step over a batch of rows that may be of different ages: each row brings its own
 position and a mask over the cached self-attention slots. Names follow the usual seq2seq ONNX
 convention (``input_ids``, ``past_key_values.{i}.decoder.key``, ``present.{i}.decoder.key``…).
+
+``decoder_kv.onnx`` is the same step over preallocated per-row caches (B, H, M, Dh): each row's
+history sits at positions 0..position-1 of its own row and the step writes the new key/value at
+its position, through onnxruntime's ``com.microsoft.GroupQueryAttention``. Bound to one buffer
+as both input and output the cache is updated in place (no copy of the history every step, no
+left padding between rows of different ages). onnxruntime runs that operator in fp32 on the CPU;
+the CUDA provider has it for fp16 only, so CUDA serving uses ``decoder.onnx``.
 """
 
 from __future__ import annotations
@@ -12,11 +19,12 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from export.model import Transformer
+from export.model import KV, StepOutput, Transformer
 
 OPSET = 17
 
@@ -29,11 +37,14 @@ class GraphIO:
     encoder_outputs: list[str]
     decoder_inputs: list[str]
     decoder_outputs: list[str]
+    cached_decoder_inputs: list[str]  # decoder_kv.onnx: no self-attention mask
 
 
 def graph_io(n_decoder_layers: int) -> GraphIO:
     layers = range(n_decoder_layers)
     enc_kv = [f"present.{i}.encoder.{kv}" for i in layers for kv in ("key", "value")]
+    past = [f"past_key_values.{i}.decoder.{kv}" for i in layers for kv in ("key", "value")]
+    cross = [f"past_key_values.{i}.encoder.{kv}" for i in layers for kv in ("key", "value")]
     return GraphIO(
         encoder_inputs=["input_ids", "attention_mask"],
         encoder_outputs=["last_hidden_state", *enc_kv],
@@ -42,13 +53,20 @@ def graph_io(n_decoder_layers: int) -> GraphIO:
             "position_ids",
             "decoder_attention_mask",
             "encoder_attention_mask",
-            *[f"past_key_values.{i}.decoder.{kv}" for i in layers for kv in ("key", "value")],
-            *[f"past_key_values.{i}.encoder.{kv}" for i in layers for kv in ("key", "value")],
+            *past,
+            *cross,
         ],
         decoder_outputs=[
             "logits",
             *[f"present.{i}.decoder.{kv}" for i in layers for kv in ("key", "value")],
             *[f"cross_attentions.{i}" for i in layers],
+        ],
+        cached_decoder_inputs=[
+            "input_ids",
+            "position_ids",
+            "encoder_attention_mask",
+            *past,
+            *cross,
         ],
     )
 
@@ -74,17 +92,26 @@ class DecoderGraph(nn.Module):
         self.model = model
         self.n_layers = len(model.decoder_layers)
 
+    def split(self, kv: tuple[Tensor, ...]) -> tuple[list[KV], list[KV]]:
+        """Flat self-attention caches then cross K/V → per-layer (key, value) pairs of each."""
+        n = self.n_layers
+        pairs = [(kv[2 * i], kv[2 * i + 1]) for i in range(2 * n)]
+        return pairs[:n], pairs[n:]
+
+    @staticmethod
+    def outputs(res: StepOutput) -> tuple[Tensor, ...]:
+        present = [t for p in res.present for t in p]
+        return (res.logits[:, None, :], *present, *res.cross_attentions)
+
     def forward(
         self,
         input_ids: Tensor,  # (B, 1)
         position_ids: Tensor,  # (B, 1)
         decoder_attention_mask: Tensor,  # (B, P+1)
         encoder_attention_mask: Tensor,  # (B, S)
-        *kv: Tensor,  # past self K/V then cross K/V, per layer (key, value)
+        *kv: Tensor,  # past self K/V (B, H, P, Dh) then cross K/V (B, H, S, Dh), per layer
     ) -> tuple[Tensor, ...]:
-        n = self.n_layers
-        past = [(kv[2 * i], kv[2 * i + 1]) for i in range(n)]  # each (B, H, P, Dh)
-        cross = [(kv[2 * n + 2 * i], kv[2 * n + 2 * i + 1]) for i in range(n)]  # (B, H, S, Dh)
+        past, cross = self.split(kv)
         res = self.model.decode_step(
             input_ids[:, 0],
             position_ids[:, 0],
@@ -93,8 +120,25 @@ class DecoderGraph(nn.Module):
             cross,
             encoder_attention_mask,
         )
-        present = [t for p in res.present for t in p]  # each (B, H, P+1, Dh)
-        return (res.logits[:, None, :], *present, *res.cross_attentions)
+        return self.outputs(res)  # present: (B, H, P+1, Dh)
+
+
+class CachedDecoderGraph(DecoderGraph):
+    """One step over preallocated caches: ``graph_io().cached_decoder_inputs`` → the same
+    outputs as DecoderGraph, ``present.*`` being the updated caches (B, H, M, Dh)."""
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: Tensor,  # (B, 1)
+        position_ids: Tensor,  # (B, 1): also each row's cached length
+        encoder_attention_mask: Tensor,  # (B, S)
+        *kv: Tensor,  # caches (B, H, M, Dh) then cross K/V (B, H, S, Dh), per layer
+    ) -> tuple[Tensor, ...]:
+        cache, cross = self.split(kv)
+        res = self.model.decode_step_cached(
+            input_ids[:, 0], position_ids[:, 0], cache, cross, encoder_attention_mask
+        )
+        return self.outputs(res)
 
 
 def _example_inputs(model: Transformer, batch: int = 2, src_len: int = 5, past: int = 3):
@@ -144,30 +188,68 @@ def export_graphs(model: Transformer, out_dir: Path, opset: int = OPSET) -> tupl
     for name in io.decoder_outputs[1:]:
         dec_axes[name] = {0: batch, 2: total} if name.startswith("present.") else {0: batch, 2: src}
     enc_path, dec_path = out_dir / "encoder.onnx", out_dir / "decoder.onnx"
+    _export(EncoderGraph(model), enc_args, enc_path, io.encoder_inputs, io.encoder_outputs,
+            enc_axes, opset)  # fmt: skip
+    _export(DecoderGraph(model), dec_args, dec_path, io.decoder_inputs, io.decoder_outputs,
+            dec_axes, opset)  # fmt: skip
+    return enc_path, dec_path
+
+
+def export_cached_decoder(model: Transformer, out_dir: Path, opset: int = OPSET) -> Path:
+    """Writes decoder_kv.onnx (see the module docstring) into out_dir; returns its path."""
+    model = model.eval()
+    io = graph_io(len(model.decoder_layers))
+    cfg = model.cfg
+    b, s, m = 2, 5, 6
+    h, dh, n = cfg.n_heads, cfg.head_dim, len(model.decoder_layers)
+    args = (
+        torch.randint(4, cfg.vocab_size, (b, 1)),
+        torch.tensor([[0], [3]]),
+        torch.ones(b, s, dtype=torch.long),
+        *[torch.randn(b, h, m, dh) for _ in range(2 * n)],
+        *[torch.randn(b, h, s, dh) for _ in range(2 * n)],
+    )
+    batch, src, cap = "batch", "source_length", "cache_length"
+    axes: dict[str, dict[int, str]] = {
+        "input_ids": {0: batch},
+        "position_ids": {0: batch},
+        "encoder_attention_mask": {0: batch, 1: src},
+        "logits": {0: batch},
+    }
+    for name in io.cached_decoder_inputs[3:]:
+        axes[name] = {0: batch, 2: cap if ".decoder." in name else src}
+    for name in io.decoder_outputs[1:]:
+        axes[name] = {0: batch, 2: cap} if name.startswith("present.") else {0: batch, 2: src}
+    path = out_dir / "decoder_kv.onnx"
+    _export(CachedDecoderGraph(model), args, path, io.cached_decoder_inputs, io.decoder_outputs,
+            axes, opset, custom_opsets={"com.microsoft": 1})  # fmt: skip
+    return path
+
+
+def _export(
+    module: nn.Module,
+    args: tuple[Tensor, ...],
+    path: Path,
+    inputs: list[str],
+    outputs: list[str],
+    axes: dict[str, dict[int, str]],
+    opset: int,
+    **extra: Any,
+) -> None:
+    """torch.onnx.export with the TorchScript-based exporter (see export_graphs)."""
     with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript exporter announces its own deprecation on every call.
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
         torch.onnx.export(
-            EncoderGraph(model),
-            enc_args,
-            str(enc_path),
-            input_names=io.encoder_inputs,
-            output_names=io.encoder_outputs,
-            dynamic_axes=enc_axes,
+            module,
+            args,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=axes,
             opset_version=opset,
             dynamo=False,
             do_constant_folding=True,
+            **extra,
         )
-        torch.onnx.export(
-            DecoderGraph(model),
-            dec_args,
-            str(dec_path),
-            input_names=io.decoder_inputs,
-            output_names=io.decoder_outputs,
-            dynamic_axes=dec_axes,
-            opset_version=opset,
-            dynamo=False,
-            do_constant_folding=True,
-        )
-    return enc_path, dec_path

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,18 +85,27 @@ class OrtModel:
     def greedy(self, ids: np.ndarray, mask: np.ndarray, limits: np.ndarray) -> list[list[int]]:
         """Greedy decoding of a padded batch; limits (B,) caps each row's output tokens."""
         b = ids.shape[0]
-        enc = self.encode(ids, mask)
-        cross = enc[1:]
+        cross = self.encode(ids, mask)[1:]
         past = [np.zeros((b, self.n_heads, 0, self.head_dim), np.float32)] * (2 * self.n_layers)
+
+        def step(tokens: np.ndarray, t: int) -> np.ndarray:
+            nonlocal past
+            res = self.step(tokens, np.full(b, t), np.ones((b, t + 1), np.int64), mask, past, cross)
+            past = res[1 : 1 + 2 * self.n_layers]
+            return res[0]
+
+        return self._greedy_loop(b, limits, step)
+
+    def _greedy_loop(
+        self, b: int, limits: np.ndarray, step: Callable[[np.ndarray, int], np.ndarray]
+    ) -> list[list[int]]:
+        """Greedy token choice over `step(tokens, t)` → logits (B, 1, V) until every row ends."""
         tokens = np.full(b, self.bos_id, np.int64)
         out: list[list[int]] = [[] for _ in range(b)]
         done = np.zeros(b, bool)
-        step = 0
+        t = 0
         while not done.all():
-            res = self.step(
-                tokens, np.full(b, step), np.ones((b, step + 1), np.int64), mask, past, cross
-            )
-            nxt = res[0][:, 0, :].argmax(-1)
+            nxt = step(tokens, t)[:, 0, :].argmax(-1)
             for i in range(b):
                 if done[i]:
                     continue
@@ -105,9 +114,117 @@ class OrtModel:
                 else:
                     out[i].append(int(nxt[i]))
             tokens = nxt.astype(np.int64)
-            past = res[1 : 1 + 2 * self.n_layers]
-            step += 1
+            t += 1
         return out
+
+
+class CachedOrtModel(OrtModel):
+    """OrtModel whose greedy decoding runs decoder_kv.onnx over preallocated caches, updated in
+    place through IO binding exactly as the service runs it."""
+
+    def cached_step(
+        self,
+        tokens: np.ndarray,  # (B,)
+        positions: np.ndarray,  # (B,): also each row's cached length
+        src_mask: np.ndarray,  # (B, S)
+        caches: Sequence[np.ndarray],  # 2L arrays (B, H, M, Dh), updated in place
+        cross: Sequence[np.ndarray],  # 2L arrays (B, H, S, Dh)
+    ) -> list[np.ndarray]:
+        """→ logits (B, 1, V) and the cross attention of every layer (B, H, S)."""
+        io = graph_io(self.n_layers)
+        n = 2 * self.n_layers
+        binding = self.decoder.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens[:, None], np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions[:, None], np.int64))
+        binding.bind_cpu_input("encoder_attention_mask", np.ascontiguousarray(src_mask, np.int64))
+        for name, c in zip(io.cached_decoder_inputs[3 : 3 + n], caches, strict=True):
+            assert c.flags.c_contiguous and c.dtype == np.float32
+            shape = list(c.shape)
+            binding.bind_input(name, "cpu", 0, np.float32, shape, c.ctypes.data)
+            out = name.replace("past_key_values", "present")
+            binding.bind_output(out, "cpu", 0, np.float32, shape, c.ctypes.data)
+        for name, c in zip(io.cached_decoder_inputs[3 + n :], cross, strict=True):
+            binding.bind_cpu_input(name, np.ascontiguousarray(c))
+        wanted = [io.decoder_outputs[0], *io.decoder_outputs[1 + n :]]
+        for name in wanted:
+            binding.bind_output(name, "cpu")
+        self.decoder.run_with_iobinding(binding)
+        outs = binding.get_outputs()[n:]  # in binding order: caches, logits, attention
+        return [np.array(o.numpy()) for o in outs]  # copies: ORT may reuse that memory
+
+    def greedy(self, ids: np.ndarray, mask: np.ndarray, limits: np.ndarray) -> list[list[int]]:
+        b = ids.shape[0]
+        cross = self.encode(ids, mask)[1:]
+        m = int(limits.max()) + 1 if b else 1
+        caches = [
+            np.zeros((b, self.n_heads, m, self.head_dim), np.float32)
+            for _ in range(2 * self.n_layers)
+        ]
+        return self._greedy_loop(
+            b,
+            limits,
+            lambda tokens, t: self.cached_step(tokens, np.full(b, t), mask, caches, cross)[0],
+        )
+
+
+@torch.no_grad()
+def compare_cached_mixed_ages(
+    model: Transformer,
+    cached: CachedOrtModel,
+    seed: int = 0,
+    ages: Sequence[int] = (5, 2, 0, 9),
+    steps: int = 3,
+) -> dict[str, Any]:
+    """Rows of different ages, each row's history at the start of its own cache row, share
+    decoder_kv steps; every row's logits and cross attention must equal that row decoded alone
+    in PyTorch (decode_step, the graph decoder.onnx is checked against)."""
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(seed)
+    n, h, dh = cached.n_layers, cached.n_heads, cached.head_dim
+    b, s, m = len(ages), 6, max(ages) + steps + 2
+    ids = torch.randint(4, cfg.vocab_size, (b, s), generator=gen)
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[1, 3:] = 0
+    enc = model.encode(ids, mask)
+    caches = [np.zeros((b, h, m, dh), np.float32) for _ in range(2 * n)]
+    pasts = []
+    for i, age in enumerate(ages):  # each row's own history, decoded alone
+        past = model.empty_past(1)
+        cross = [(k[i : i + 1], v[i : i + 1]) for k, v in enc.cross_kv]
+        for t in range(age):
+            tok = torch.randint(4, cfg.vocab_size, (1,), generator=gen)
+            past = model.decode_step(
+                tok, torch.tensor([t]), past, torch.ones(1, t + 1, dtype=torch.long), cross,
+                mask[i : i + 1],
+            ).present  # fmt: skip
+        for j, tensor in enumerate(x for kv in past for x in kv):
+            caches[j][i, :, :age] = tensor[0].numpy()
+        pasts.append(past)
+    logit_diff = attn_diff = 0.0
+    positions = np.array(ages)
+    for _ in range(steps):
+        tokens = torch.randint(4, cfg.vocab_size, (b,), generator=gen)
+        cross_np = [t.numpy() for kv in enc.cross_kv for t in kv]
+        got = cached.cached_step(tokens.numpy(), positions, mask.numpy(), caches, cross_np)
+        for i in range(b):
+            p = int(positions[i])
+            ref = model.decode_step(
+                tokens[i : i + 1], torch.tensor([p]), pasts[i],
+                torch.ones(1, p + 1, dtype=torch.long),
+                [(k[i : i + 1], v[i : i + 1]) for k, v in enc.cross_kv], mask[i : i + 1],
+            )  # fmt: skip
+            pasts[i] = ref.present
+            logit_diff = max(logit_diff, _max_diff(got[0][i, 0], ref.logits[0]))
+            for o, r in zip(got[1:], ref.cross_attentions, strict=True):
+                attn_diff = max(attn_diff, _max_diff(o[i], r[0]))
+        positions = positions + 1
+    return {
+        "graph": "decoder_kv",
+        "past_lengths": list(ages),
+        "steps": steps,
+        "logits": logit_diff,
+        "cross_attention": attn_diff,
+    }
 
 
 def _max_diff(a: np.ndarray, b: torch.Tensor) -> float:

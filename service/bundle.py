@@ -62,6 +62,9 @@ class Bundle:
     def precisions(self) -> list[str]:
         return sorted(self.manifest["onnx"]["graphs"])
 
+    def has_graph(self, precision: str, part: str) -> bool:
+        return part in self.manifest["onnx"]["graphs"].get(precision, {})
+
     def graph(self, precision: str, part: str) -> Path:
         graphs = self.manifest["onnx"]["graphs"]
         if precision not in graphs:
@@ -126,6 +129,7 @@ def load_bundle(directory: str | Path) -> Bundle:
                 problems.append(f"{MANIFEST}: {precision} graphs lack the {part}")
             else:
                 used.append(graphs[part])
+        used += [f for part, f in graphs.items() if part not in ("encoder", "decoder")]
     problems += [f"{name}: used but not listed in {MANIFEST}" for name in used if name not in files]
     for name, entry in sorted(files.items()):
         f = root / name

@@ -13,6 +13,12 @@ leading cache columns that no row uses any more are cut off when they are a quar
 cache (each step's cost grows with the cache length: +30% from 17 to 50 columns). A
 free slot's row is computed and ignored; masks keep every row's result exactly what it would
 be decoded alone. Nothing here knows about gRPC or protobuf.
+
+With the in-place decoder (``Runtime.inplace``) the self-attention cache is not left-padded at
+all: each cache is a preallocated buffer (capacity, H, M, Dh) in which row b's history sits at
+positions 0..position-1 and the step writes the next key/value in place. A newcomer in a free
+slot starts at position 0 (nothing to copy), compaction moves only the live part of a few rows,
+and the step's cost no longer grows with the age of the oldest row.
 """
 
 from __future__ import annotations
@@ -101,6 +107,10 @@ class DecodeBatch:
     src_mask: np.ndarray  # (B, S)
     past: list[Cache]  # 2L × (B, H, P, Dh); on the device with IO binding
     cross: list[Cache]  # 2L × (B, H, S, Dh); likewise
+    # In-place decoder: past is 2L buffers (capacity ≥ B, H, M, Dh), row b's history at
+    # positions 0..positions[b]-1, and self_mask has no columns. [] for a batch of newcomers
+    # that has not decoded yet and will join another batch's buffers.
+    inplace: bool = False
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -139,6 +149,8 @@ class DecodeBatch:
     def filter(self, keep: list[int]) -> DecodeBatch:
         """Only the slots at `keep`; the cache and source axes shrink to what the rows still
         need."""
+        if self.inplace:
+            return self._filter_inplace(keep)
         self.host()
         idx = np.asarray(keep, dtype=np.int64)
         rows = [self.rows[i] for i in keep]
@@ -159,6 +171,43 @@ class DecodeBatch:
             past=[np.ascontiguousarray(p[idx][:, :, start:]) for p in to_host(self.past)],
             cross=[np.ascontiguousarray(c[idx][:, :, :s]) for c in to_host(self.cross)],
         )
+
+    def _filter_inplace(self, keep: list[int]) -> DecodeBatch:
+        """filter() for in-place buffers: kept rows move down to slots 0..len(keep)-1 (only
+        their used positions are copied); the buffers themselves are reused."""
+        assert keep == sorted(keep)
+        for dst, src in enumerate(keep):
+            n = int(self.positions[src])
+            if dst != src and n and self.rows[src] is not None:
+                for buf in self.past:  # dst < src: a row still to move is never overwritten
+                    buf[dst, :, :n] = buf[src, :, :n]
+        idx = np.asarray(keep, dtype=np.int64)
+        rows = [self.rows[i] for i in keep]
+        s = max(max((r.source_len for r in rows if r is not None), default=0), 1)
+        return DecodeBatch(
+            rows=rows,
+            tokens=self.tokens[idx],
+            positions=self.positions[idx],
+            self_mask=self.self_mask[idx],
+            src_mask=np.ascontiguousarray(self.src_mask[idx][:, :s]),
+            past=self.past,
+            cross=[np.ascontiguousarray(c[idx][:, :, :s]) for c in to_host(self.cross)],
+            inplace=True,
+        )
+
+    def ensure_capacity(self, rows: int, length: int) -> None:
+        """In-place buffers: at least `rows` rows (doubling) and `length` positions."""
+        cap, m = (self.past[0].shape[0], self.past[0].shape[2]) if self.past else (0, 0)
+        if rows <= cap and length <= m:
+            return
+        new_cap, new_m = max(rows, 2 * cap if rows > cap else cap), max(length, m)
+        used = min(len(self.rows), cap)
+        grown = []
+        for buf in self.past:
+            g = np.zeros((new_cap, buf.shape[1], new_m, buf.shape[3]), np.float32)
+            g[:used, :, :m] = buf[:used]
+            grown.append(g)
+        self.past = grown
 
     def compact(self) -> DecodeBatch | None:
         """Drops free slots (None when no row is left) and unused cache columns."""
@@ -206,8 +255,12 @@ class DecodeBatch:
 
     @staticmethod
     def concatenate(a: DecodeBatch, b: DecodeBatch) -> DecodeBatch:
-        """Rows of a then b; the shorter past is left-padded, the shorter source right-padded."""
+        """Rows of a then b; the shorter past is left-padded, the shorter source right-padded.
+        In-place buffers: b must not have decoded yet; its rows take a's next buffer rows."""
         a, b = a.host(), b.host()
+        if a.inplace:
+            assert not b.positions.any(), "only fresh rows join in-place buffers"
+            a.ensure_capacity(len(a) + len(b), a.past[0].shape[2])
         p = max(a.past_len, b.past_len)
         s = max(a.source_len, b.source_len)
 
@@ -232,7 +285,9 @@ class DecodeBatch:
             positions=np.concatenate([a.positions, b.positions]),
             self_mask=join(a.self_mask, b.self_mask, p, 1, at_end=True),
             src_mask=join(a.src_mask, b.src_mask, s, 1, at_end=False),
-            past=[
+            past=a.past
+            if a.inplace
+            else [
                 join(x, y, p, 2, at_end=True)
                 for x, y in zip(to_host(a.past), to_host(b.past), strict=True)
             ],
@@ -240,6 +295,7 @@ class DecodeBatch:
                 join(x, y, s, 2, at_end=False)
                 for x, y in zip(to_host(a.cross), to_host(b.cross), strict=True)
             ],
+            inplace=a.inplace,
         )
 
 
@@ -253,12 +309,14 @@ class StepStats:
 class Engine:
     """Greedy decoding over a Runtime; used by the scheduler and by offline batch decoding."""
 
-    def __init__(self, runtime: Runtime, limits: Limits) -> None:
+    def __init__(self, runtime: Runtime, limits: Limits, capacity: int = 64) -> None:
         self.rt = runtime
         self.limits = limits
+        self.capacity = capacity  # rows the in-place cache buffers are first allocated for
 
-    def start(self, jobs: list[SentenceJob]) -> DecodeBatch:
-        """Runs the encoder over new sentences → a batch ready for its first step (BOS)."""
+    def start(self, jobs: list[SentenceJob], cache: bool = True) -> DecodeBatch:
+        """Runs the encoder over new sentences → a batch ready for its first step (BOS).
+        cache=False: no in-place cache buffers (the rows are about to join another batch)."""
         n = len(jobs)
         s = max(1, max(len(j.source_ids) for j in jobs))
         ids = np.full((n, s), self.rt.pad_id, np.int64)
@@ -267,22 +325,33 @@ class Engine:
             ids[i, : len(j.source_ids)] = j.source_ids
             mask[i, : max(1, len(j.source_ids))] = 1
         cross = self.rt.encode(ids, mask)
-        return DecodeBatch(
+        batch = DecodeBatch(
             rows=[Row(j, max(1, len(j.source_ids))) for j in jobs],
             tokens=np.full(n, self.rt.bos_id, np.int64),
             positions=np.zeros(n, np.int64),
             self_mask=np.zeros((n, 0), np.int64),
             src_mask=mask,
-            past=self.rt.empty_past(n),
+            past=[] if self.rt.inplace else self.rt.empty_past(n),
             cross=cross,
+            inplace=self.rt.inplace,
         )
+        if self.rt.inplace and cache:
+            batch.past = self.rt.cache_buffers(max(n, self.capacity))
+            batch.ensure_capacity(n, self._cache_length(jobs))
+        return batch
+
+    def _cache_length(self, jobs: list[SentenceJob]) -> int:
+        """Positions an in-place cache row needs: the bundle's limit, or a longer job's."""
+        return max(self.rt.cache_length, max((j.limit for j in jobs), default=0))
 
     def admit(self, batch: DecodeBatch | None, jobs: list[SentenceJob]) -> DecodeBatch:
         """Encodes new sentences and adds them to a running batch: free slots first, the rest
         appended (one copy of the caches)."""
-        new = self.start(jobs)
+        new = self.start(jobs, cache=batch is None)
         if batch is None:
             return new
+        if batch.inplace:
+            batch.ensure_capacity(len(batch), self._cache_length(jobs))
         free = batch.free
         n = min(len(free), len(new))
         if n:
@@ -305,10 +374,16 @@ class Engine:
         batch = tidy
         b = len(batch)
         live = batch.live
-        self_mask = np.concatenate([batch.self_mask, np.ones((b, 1), np.int64)], axis=1)
-        logits, present, cross_attn, cross = self.rt.step(
-            batch.tokens, batch.positions, self_mask, batch.src_mask, batch.past, batch.cross
-        )
+        if batch.inplace:
+            self_mask, present, cross = batch.self_mask, batch.past, batch.cross
+            logits, cross_attn = self.rt.step_inplace(
+                batch.tokens, batch.positions, batch.src_mask, batch.past, batch.cross
+            )
+        else:
+            self_mask = np.concatenate([batch.self_mask, np.ones((b, 1), np.int64)], axis=1)
+            logits, present, cross_attn, cross = self.rt.step(
+                batch.tokens, batch.positions, self_mask, batch.src_mask, batch.past, batch.cross
+            )
         rows = batch.rows
         early = [i for i in live if len(rows[i].tokens) < rows[i].job.options.min_output_tokens]  # type: ignore[union-attr]
         if early:  # rows that may not end yet: the best token other than EOS
@@ -356,6 +431,7 @@ class Engine:
             src_mask=batch.src_mask,
             past=present,
             cross=cross,
+            inplace=batch.inplace,
         )
         for i in done:
             nxt_batch.release(i)

@@ -13,6 +13,14 @@ step. Cache values are then ``Cache`` objects (``onnxruntime.OrtValue``) rather 
 arrays; ``to_host`` turns them back when the batch's membership changes (onnxruntime's Python
 API has no device-side gather or scatter), after which they go back to the device at the next
 step. On CPU the same code path runs against host memory, which is how the tests exercise it.
+
+In-place KV cache (``--kv-cache``, ``inplace`` by default on CPU when the bundle carries
+``decoder_kv.onnx``): every cache is one preallocated host buffer (capacity rows, H, M, Dh),
+row b holding its own history at positions 0..position-1; the buffer is bound as both the past
+input and the present output of onnxruntime's GroupQueryAttention, which writes the new
+key/value in place. A step then costs the same whatever the ages of the rows it mixes, instead
+of copying every row's whole history (left-padded to the oldest row) into a new present tensor.
+CUDA keeps the ``decoder.onnx`` path: onnxruntime implements that operator for fp16 only there.
 """
 
 from __future__ import annotations
@@ -84,8 +92,11 @@ class RuntimeConfig:
     spin: bool = False  # let idle onnxruntime threads spin (faster offline, worse when serving)
     arena: bool = False  # onnxruntime's CPU memory arena (keeps a high-water mark per shape mix)
     io_binding: str = "auto"  # on | off | auto (on where the provider is CUDA)
+    kv_cache: str = "auto"  # inplace | concat | auto (inplace on CPU with decoder_kv.onnx)
 
     def __post_init__(self) -> None:
+        if self.kv_cache not in ("inplace", "concat", "auto"):
+            raise ValueError(f"kv_cache must be inplace, concat or auto, not {self.kv_cache!r}")
         if self.provider not in ("cpu", "cuda", "auto"):
             raise ValueError(f"provider must be cpu, cuda or auto, not {self.provider!r}")
         if self.io_binding not in ("on", "off", "auto"):
@@ -140,26 +151,51 @@ class Runtime:
         self.encoder = ort.InferenceSession(
             str(bundle.graph(cfg.precision, "encoder")), opts, providers=providers
         )
+        self.provider = self.encoder.get_providers()[0]
+        has_kv = bundle.has_graph(cfg.precision, "decoder_kv")
+        if cfg.kv_cache == "inplace" and not has_kv:
+            raise RuntimeError(
+                f"--kv-cache inplace: the bundle has no {cfg.precision} decoder_kv graph "
+                "(re-export it with this version of `python -m export export`)"
+            )
+        if cfg.kv_cache == "inplace" and self.provider == CUDA:
+            raise RuntimeError(
+                "--kv-cache inplace runs on the CPU provider only (onnxruntime's CUDA "
+                "GroupQueryAttention is fp16-only); use --kv-cache concat or auto with CUDA"
+            )
+        self.inplace = has_kv and self.provider != CUDA and cfg.kv_cache != "concat"
         self.decoder = ort.InferenceSession(
-            str(bundle.graph(cfg.precision, "decoder")), opts, providers=providers
+            str(bundle.graph(cfg.precision, "decoder_kv" if self.inplace else "decoder")),
+            opts,
+            providers=providers,
         )
         self.provider = self.decoder.get_providers()[0]
         if cfg.provider == "cuda" and self.provider != CUDA:
             raise RuntimeError("--provider cuda: onnxruntime could not start CUDA on this machine")
         self.decoder_inputs = [i.name for i in self.decoder.get_inputs()]
         self.decoder_outputs = [o.name for o in self.decoder.get_outputs()]
-        self.past_names = self.decoder_inputs[4 : 4 + 2 * self.n_layers]
-        self.cross_names = self.decoder_inputs[4 + 2 * self.n_layers :]
+        first = 3 if self.inplace else 4  # decoder_kv has no self-attention mask input
+        self.past_names = self.decoder_inputs[first : first + 2 * self.n_layers]
+        self.cross_names = self.decoder_inputs[first + 2 * self.n_layers :]
+        self.present_names = self.decoder_outputs[1 : 1 + 2 * self.n_layers]
         self.device = "cuda" if self.provider == CUDA else "cpu"
-        self.io_binding = cfg.io_binding == "on" or (
-            cfg.io_binding == "auto" and self.provider == CUDA
+        self.io_binding = not self.inplace and (
+            cfg.io_binding == "on" or (cfg.io_binding == "auto" and self.provider == CUDA)
         )
+        # Cache rows hold positions 0..limit-1 (the last step writes position limit-1).
+        self.cache_length = bundle.limits.max_target_tokens + 1
+        if self.inplace:
+            cache = f"in place (preallocated, {self.cache_length} positions per row)"
+        elif self.io_binding:
+            cache = f"concatenated, kept in {self.device} memory (IO binding)"
+        else:
+            cache = "concatenated"
         log.info(
-            "execution provider %s, %s graphs, %d intra-op threads, IO binding %s",
+            "execution provider %s, %s graphs, %d intra-op threads, KV cache %s",
             self.provider,
             cfg.precision,
             self.threads,
-            f"on (KV cache kept in {self.device} memory)" if self.io_binding else "off",
+            cache,
         )
 
     def encode(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
@@ -225,6 +261,41 @@ class Runtime:
         outs = binding.get_outputs()
         logits = host_array(outs[0])[:, 0, :]
         return logits, list(outs[1 : 1 + n]), [host_array(o) for o in outs[1 + n :]], cross_dev
+
+    def cache_buffers(self, capacity: int) -> list[np.ndarray]:
+        """2L zeroed buffers (capacity, H, M, Dh) for the in-place decoder."""
+        shape = (capacity, self.n_heads, self.cache_length, self.head_dim)
+        return [np.zeros(shape, np.float32) for _ in range(2 * self.n_layers)]
+
+    def step_inplace(
+        self,
+        tokens: np.ndarray,  # (B,) int64
+        positions: np.ndarray,  # (B,) int64: also each row's cached length
+        src_mask: np.ndarray,  # (B, S) int64
+        buffers: list[np.ndarray],  # 2L × (capacity ≥ B, H, M, Dh), rows 0..B-1 updated
+        cross: list[Cache],  # 2L × (B, H, S, Dh)
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One step of decoder_kv.onnx → logits (B, V) and cross attention L × (B, H, S); the
+        new keys/values are written into `buffers` at each row's position."""
+        b = int(tokens.shape[0])
+        n = 2 * self.n_layers
+        binding = self.decoder.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens[:, None]))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions[:, None]))
+        binding.bind_cpu_input("encoder_attention_mask", np.ascontiguousarray(src_mask))
+        for past, present, buf in zip(self.past_names, self.present_names, buffers, strict=True):
+            view = buf[:b]  # the first b rows of a C-contiguous buffer: contiguous too
+            shape = list(view.shape)
+            binding.bind_input(past, "cpu", 0, np.float32, shape, view.ctypes.data)
+            binding.bind_output(present, "cpu", 0, np.float32, shape, view.ctypes.data)
+        for name, v in zip(self.cross_names, to_host(cross), strict=True):
+            binding.bind_cpu_input(name, np.ascontiguousarray(v))
+        binding.bind_output(self.decoder_outputs[0], "cpu")
+        for name in self.decoder_outputs[1 + n :]:
+            binding.bind_output(name, "cpu")
+        self.decoder.run_with_iobinding(binding)
+        outs = binding.get_outputs()[n:]  # binding order: caches, logits, attention
+        return host_array(outs[0])[:, 0, :], [host_array(o) for o in outs[1:]]
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.n_heads, 0, self.head_dim)

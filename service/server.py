@@ -59,6 +59,7 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"
     provider: str = "auto"
     io_binding: str = "auto"
+    kv_cache: str = "auto"
     precision: str = "fp32"
     threads: int = 0
     max_queue: int = 1024
@@ -289,7 +290,8 @@ def model_info(tr: Translator, cfg: ServerConfig) -> pb.ModelInfo:
     model = m["model"]
     lim = tr.limits
     corpus = m.get("corpus", {})
-    decoder_file = m["onnx"]["graphs"][cfg.precision]["decoder"]
+    part = "decoder_kv" if tr.runtime.inplace else "decoder"  # the decoder graph in use
+    decoder_file = m["onnx"]["graphs"][cfg.precision][part]
     return pb.ModelInfo(
         format_version=m["format_version"],
         vocab_size=model["vocab_size"],
@@ -386,7 +388,13 @@ class Server:
         bundle = load_bundle(cfg.bundle)
         tr = Translator(
             bundle,
-            RuntimeConfig(cfg.provider, cfg.precision, cfg.threads, io_binding=cfg.io_binding),
+            RuntimeConfig(
+                cfg.provider,
+                cfg.precision,
+                cfg.threads,
+                io_binding=cfg.io_binding,
+                kv_cache=cfg.kv_cache,
+            ),
             SchedulerConfig(
                 cfg.max_queue, cfg.max_batch_rows, cfg.max_batch_tokens, cfg.max_wait_ms
             ),

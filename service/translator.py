@@ -62,7 +62,8 @@ class Translator:
         self.max_sentences = max_sentences
         self.sp = spm.SentencePieceProcessor(model_file=str(bundle.tokenizer_path))
         self.runtime = Runtime(bundle, runtime_cfg)
-        self.engine = Engine(self.runtime, self.limits)
+        rows = (scheduler_cfg or SchedulerConfig()).max_batch_rows
+        self.engine = Engine(self.runtime, self.limits, capacity=rows)
         self.scheduler = Scheduler(self.engine, scheduler_cfg, observer)
         self.n_layers = self.runtime.n_layers
 

@@ -1,6 +1,8 @@
 """The decoding engine alone (no scheduler, no gRPC): rows of different ages in one batch,
 free slots reused by newcomers, compaction — every sentence's result equal to decoding it
-alone, with the real onnxruntime sessions of the tiny bundle."""
+alone, with the real onnxruntime sessions of the tiny bundle. Both decoders run: the in-place
+cache (decoder_kv.onnx, the CPU default) and the concatenating one (decoder.onnx, what CUDA
+uses)."""
 
 from __future__ import annotations
 
@@ -27,8 +29,21 @@ OPTS = DecodeOptions(attention=AttentionMode.ALL_LAYERS, scores=True)
 
 @pytest.fixture(scope="module")
 def engine(tiny_bundle: Path) -> Engine:
+    """The concatenating decoder (decoder.onnx)."""
     b = load_bundle(tiny_bundle)
-    return Engine(Runtime(b, RuntimeConfig("cpu", "fp32", 1)), b.limits)
+    return Engine(Runtime(b, RuntimeConfig("cpu", "fp32", 1, kv_cache="concat")), b.limits)
+
+
+@pytest.fixture(scope="module")
+def inplace(tiny_bundle: Path) -> Engine:
+    """The in-place cache (decoder_kv.onnx), buffers first sized for 4 rows so they grow."""
+    b = load_bundle(tiny_bundle)
+    return Engine(Runtime(b, RuntimeConfig("cpu", "fp32", 1)), b.limits, capacity=4)
+
+
+@pytest.fixture(params=["concat", "inplace"])
+def either(request: pytest.FixtureRequest, engine: Engine, inplace: Engine) -> Engine:
+    return engine if request.param == "concat" else inplace
 
 
 def job(ids: list[int], limit: int, exact: bool = False) -> SentenceJob:
@@ -57,7 +72,8 @@ def same(a: SentenceResult, b: SentenceResult) -> None:
     np.testing.assert_allclose(a.attention, b.attention, atol=1e-5)
 
 
-def test_newcomers_take_free_slots_and_match_solo(engine: Engine) -> None:
+def test_newcomers_take_free_slots_and_match_solo(either: Engine, engine: Engine) -> None:
+    """Solo results come from the concatenating decoder: both decoders must agree with it."""
     rng = random.Random(3)
     srcs = sources(engine, 40, seed=1)
     limits = [rng.randint(1, 9) for _ in srcs]  # rows finish at different steps
@@ -73,10 +89,10 @@ def test_newcomers_take_free_slots_and_match_solo(engine: Engine) -> None:
             take, waiting = waiting[:k], waiting[k:]
             free_before = len(batch.free) if batch is not None else 0
             if take:
-                batch = engine.admit(batch, [jobs[i] for i in take])
+                batch = either.admit(batch, [jobs[i] for i in take])
                 reused += min(free_before, len(take))
         assert batch is not None
-        done, batch, stats = engine.step(batch)
+        done, batch, stats = either.step(batch)
         assert 0.0 <= stats.padding_waste < 1.0
         for j, res in done:
             results[index[id(j)]] = res
@@ -109,8 +125,9 @@ def test_free_slots_are_compacted_and_stale_cache_columns_cut(engine: Engine) ->
     assert nb3 is not None and len(nb3) == 1 and nb3.past_len == 1
 
 
-def test_free_slot_positions_stay_in_range(engine: Engine) -> None:
+def test_free_slot_positions_stay_in_range(either: Engine) -> None:
     """A slot left free for many steps must not walk past the position table."""
+    engine = either
     long_src = sources(engine, 1, seed=4)[0]
     limit = engine.limits.max_target_tokens
     batch: DecodeBatch | None = engine.start(
@@ -129,7 +146,8 @@ def test_free_slot_positions_stay_in_range(engine: Engine) -> None:
 def bound(tiny_bundle: Path) -> Engine:
     """The IO-binding path (what CUDA uses), run against host memory."""
     b = load_bundle(tiny_bundle)
-    return Engine(Runtime(b, RuntimeConfig("cpu", "fp32", 1, io_binding="on")), b.limits)
+    cfg = RuntimeConfig("cpu", "fp32", 1, io_binding="on", kv_cache="concat")
+    return Engine(Runtime(b, cfg), b.limits)
 
 
 def test_io_binding_keeps_caches_bound_and_decodes_the_same(engine: Engine, bound: Engine) -> None:
@@ -162,3 +180,48 @@ def test_io_binding_keeps_caches_bound_and_decodes_the_same(engine: Engine, boun
 def test_io_binding_setting_is_checked() -> None:
     with pytest.raises(ValueError, match="io_binding"):
         RuntimeConfig(io_binding="sometimes")
+
+
+def test_inplace_cache_is_shared_compacted_and_grown(engine: Engine, inplace: Engine) -> None:
+    """The in-place decoder writes into one set of buffers: no self-attention columns, the same
+    buffers after every step, rows moved down on compaction, buffers grown (rows and positions)
+    when needed — and every result equal to the concatenating decoder's."""
+    assert inplace.rt.inplace and not engine.rt.inplace
+    srcs = sources(inplace, 8, seed=6)
+    jobs = [job(s, 12 + i, exact=True) for i, s in enumerate(srcs[:6])]
+    batch = inplace.start(jobs)  # 6 rows > capacity 4: grown at once
+    assert batch.inplace and batch.past_len == 0 and batch.past[0].shape[0] >= 6
+    buffers = [id(b) for b in batch.past]
+    for _ in range(5):
+        _, nb, _ = inplace.step(batch)
+        assert nb is not None and [id(b) for b in nb.past] == buffers
+        batch = nb
+    assert list(batch.positions) == [5] * 6
+    batch.release(0)
+    batch.release(2)  # a third of the slots free: compacted before the next step
+    finished = {}
+    _, nb, _ = inplace.step(batch)
+    assert nb is not None and len(nb) == 4 and nb.free == []
+    # A newcomer with a longer limit than the buffers hold: they grow along positions.
+    longer = SentenceJob(srcs[6], inplace.rt.cache_length + 3, OPTS)
+    grown: DecodeBatch | None = inplace.admit(nb, [longer, job(srcs[7], 7, exact=True)])
+    assert grown is not None and grown.past[0].shape[2] >= longer.limit
+    while grown is not None:
+        done, grown, _ = inplace.step(grown)
+        finished.update({id(j): r for j, r in done})
+    for j in [jobs[1], jobs[3], jobs[4], jobs[5], longer]:
+        same(finished[id(j)], engine.decode_all([replace(j)])[0])
+
+
+def test_kv_cache_setting_is_checked(tiny_bundle: Path) -> None:
+    with pytest.raises(ValueError, match="kv_cache"):
+        RuntimeConfig(kv_cache="sometimes")
+    b = load_bundle(tiny_bundle)
+    manifest = {**b.manifest, "onnx": {**b.manifest["onnx"], "graphs": {
+        p: {k: v for k, v in g.items() if k != "decoder_kv"}
+        for p, g in b.manifest["onnx"]["graphs"].items()
+    }}}  # fmt: skip
+    old = type(b)(b.directory, manifest)  # a bundle exported before decoder_kv existed
+    assert not Runtime(old, RuntimeConfig("cpu", "fp32", 1)).inplace
+    with pytest.raises(RuntimeError, match="no fp32 decoder_kv graph"):
+        Runtime(old, RuntimeConfig("cpu", "fp32", 1, kv_cache="inplace"))

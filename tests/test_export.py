@@ -54,9 +54,17 @@ def test_bundle_contents_and_verification(tiny_bundle: Path) -> None:
         "decoder.onnx",
         "encoder.int8.onnx",
         "decoder.int8.onnx",
+        "decoder_kv.onnx",
+        "decoder_kv.int8.onnx",
     }
     ver = manifest["verification"]
     assert ver["passed"] is True
+    kv = ver["decoder_kv"]  # the in-place decoder, checked against PyTorch on its own
+    assert kv["passed"] and kv["greedy_identical_share"] == 1.0 and kv["logits"] <= 1e-4
+    assert kv["cross_attention"] <= 1e-5 and len(set(kv["past_lengths"])) == 4
+    kv_graph = onnx.load(str(tiny_bundle / "decoder_kv.onnx"))
+    assert [o.name for o in kv_graph.graph.output] == manifest["onnx"]["decoder_outputs"]
+    assert sum(n.op_type == "GroupQueryAttention" for n in kv_graph.graph.node) == 2
     assert ver["max_abs_logit_diff"] <= 1e-4
     assert ver["greedy_identical_share"] == 1.0
     shapes = {(c["batch"], c.get("source_length")) for c in ver["grid"]}

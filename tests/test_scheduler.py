@@ -33,13 +33,14 @@ def test_newcomers_join_a_running_batch_in_groups(tiny_bundle: Path) -> None:
     engine = Engine(Runtime(b, RuntimeConfig("cpu", "fp32", 1)), b.limits)
     obs = Counting()
     sched = Scheduler(engine, SchedulerConfig(max_batch_rows=64, max_wait_ms=1.0), obs)
-    step = engine.rt.step
+    name = "step_inplace" if engine.rt.inplace else "step"  # the decoder in use
+    step = getattr(engine.rt, name)
 
     def slow_step(*args: Any) -> Any:
         time.sleep(0.006)  # decoder steps slower than arrivals, as with a bigger model
         return step(*args)
 
-    engine.rt.step = slow_step  # type: ignore[method-assign, assignment]
+    setattr(engine.rt, name, slow_step)
     sched.start()
     try:
         n = b.limits.max_target_tokens  # the longest a row may run

@@ -133,7 +133,7 @@ def test_model_info(stub, tiny_bundle) -> None:
     assert info.max_sentences_per_request == 40
     assert info.execution_provider == "CPUExecutionProvider"
     assert info.decoder_layers == 2 and info.heads == 4
-    assert info.model_sha256 == manifest["files"]["decoder.onnx"]["sha256"]
+    assert info.model_sha256 == manifest["files"]["decoder_kv.onnx"]["sha256"]  # the one served
     assert info.target_language == "de"
 
 
