@@ -180,6 +180,7 @@ class CachedSelfAttention(torch.autograd.Function):
         seqlens: Tensor,
         total: Tensor,
         n_heads: int,
+        scale: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
         b, _, d = q.shape
         dh = d // n_heads
@@ -193,18 +194,17 @@ class CachedSelfAttention(torch.autograd.Function):
         present_k[rows, :, pos] = heads(k)[:, :, 0]
         present_v[rows, :, pos] = heads(v)[:, :, 0]
         keep = torch.arange(past_k.shape[2], device=q.device)[None] <= pos[:, None]  # (B, M)
-        scale = 1.0 / math.sqrt(dh)
         out, _ = scaled_dot_product_attention(
             heads(q), present_k, present_v, padding_bias(keep), scale
         )
         return out.transpose(1, 2).reshape(b, 1, d), present_k, present_v
 
     @staticmethod
-    def symbolic(g: Any, q, k, v, past_k, past_v, seqlens, total, n_heads):
+    def symbolic(g: Any, q, k, v, past_k, past_v, seqlens, total, n_heads, scale):
         return g.op(
             "com.microsoft::GroupQueryAttention",
             q, k, v, past_k, past_v, seqlens, total,
-            num_heads_i=n_heads, kv_num_heads_i=n_heads, outputs=3,
+            num_heads_i=n_heads, kv_num_heads_i=n_heads, scale_f=scale, outputs=3,
         )  # fmt: skip
 
 
@@ -300,7 +300,7 @@ class DecoderLayer(nn.Module):
         h = self.sub_self.input(x)
         y, k, v = CachedSelfAttention.apply(
             attn.w_q(h), attn.w_k(h), attn.w_v(h), cache[0], cache[1], seqlens, total,
-            attn.n_heads,
+            attn.n_heads, attn.scale,
         )  # fmt: skip
         x = self.sub_self.output(x, attn.dropout(attn.w_o(y)))
         y, cross_probs = self.cross_attn.attend(self.sub_cross.input(x), cross_kv, cross_bias)
