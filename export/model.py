@@ -201,11 +201,14 @@ class CachedSelfAttention(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g: Any, q, k, v, past_k, past_v, seqlens, total, n_heads, scale):
-        return g.op(
+        outs = g.op(
             "com.microsoft::GroupQueryAttention",
             q, k, v, past_k, past_v, seqlens, total,
             num_heads_i=n_heads, kv_num_heads_i=n_heads, scale_f=scale, outputs=3,
         )  # fmt: skip
+        for out, like in zip(outs, (q, past_k, past_v), strict=True):
+            out.setType(like.type())  # ONNX has no shape inference for contrib operators
+        return outs
 
 
 class FeedForward(nn.Module):
