@@ -336,8 +336,7 @@ class Engine:
             inplace=self.rt.inplace,
         )
         if self.rt.inplace and cache:
-            batch.past = self.rt.cache_buffers(max(n, self.capacity))
-            batch.ensure_capacity(n, self._cache_length(jobs))
+            batch.past = self.rt.cache_buffers(max(n, self.capacity), self._cache_length(jobs))
         return batch
 
     def _cache_length(self, jobs: list[SentenceJob]) -> int:

@@ -262,9 +262,9 @@ class Runtime:
         logits = host_array(outs[0])[:, 0, :]
         return logits, list(outs[1 : 1 + n]), [host_array(o) for o in outs[1 + n :]], cross_dev
 
-    def cache_buffers(self, capacity: int) -> list[np.ndarray]:
-        """2L zeroed buffers (capacity, H, M, Dh) for the in-place decoder."""
-        shape = (capacity, self.n_heads, self.cache_length, self.head_dim)
+    def cache_buffers(self, capacity: int, length: int) -> list[np.ndarray]:
+        """2L zeroed buffers (capacity, H, length, Dh) for the in-place decoder."""
+        shape = (capacity, self.n_heads, length, self.head_dim)
         return [np.zeros(shape, np.float32) for _ in range(2 * self.n_layers)]
 
     def step_inplace(
