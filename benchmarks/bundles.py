@@ -55,16 +55,15 @@ def write_bundle(
     source tokens, every sentence allowed 128 output tokens).
     """
     from export.bundle import FORMAT, FORMAT_VERSION, GRAPH_FILES, file_entries, write_manifest
-    from export.onnx_export import OPSET, export_cached_decoder, export_graphs, graph_io
+    from export.onnx_export import OPSET, export_all, graph_io
     from export.pipeline import quantize_int8
 
     cfg = model.cfg
     out.mkdir(parents=True, exist_ok=True)
-    export_graphs(model, out, OPSET)
-    export_cached_decoder(model, out, OPSET)
+    export_all(model, out, OPSET)
     graphs = {"fp32": GRAPH_FILES["fp32"]}
     if int8:
-        for part in ("encoder", "decoder", "decoder_kv"):
+        for part in GRAPH_FILES["int8"]:
             quantize_int8(out / GRAPH_FILES["fp32"][part], out / GRAPH_FILES["int8"][part])
         graphs["int8"] = GRAPH_FILES["int8"]
     if tokenizer is not None:

@@ -6,6 +6,10 @@
 For each model:
 1. Offline: the bundle's graphs through ``service.engine.Engine.decode_all`` (no scheduler, no
    gRPC), batches of up to 64 sentences grouped by length — the best case for the hardware.
+   Measured again before every concurrency and once after the last (passes over the sentence
+   set for at least --offline-seconds each): each concurrency's ratios are against the mean of
+   the offline figures taken just before and just after it, because these shared machines
+   drift by 20-30% over minutes.
 2. Scheduler: the same engine behind ``service.scheduler`` in this process, N closed-loop
    callers submitting single sentences (no gRPC): what continuous batching itself costs.
 3. Service: ``python -m service serve`` in its own process, driven by the project's load
@@ -68,27 +72,39 @@ def number_sentences(n: int, seed: int) -> list[str]:
     return out
 
 
-def offline(bundle_dir: str, sentences: list[str], threads: int, repeats: int) -> dict:
-    bundle = load_bundle(bundle_dir)
-    sp = spm.SentencePieceProcessor(model_file=str(bundle.tokenizer_path))
-    engine = Engine(Runtime(bundle, RuntimeConfig("cpu", "fp32", threads)), bundle.limits)
+class Offline:
+    """Offline batched decoding of the sentence set with one engine, measurable many times."""
 
-    def jobs() -> list[SentenceJob]:
-        return [
-            SentenceJob(ids, bundle.limits.target_limit(len(ids)))
-            for ids in (list(sp.encode(s)) for s in sentences)
-        ]
+    def __init__(self, bundle_dir: str, sentences: list[str], threads: int) -> None:
+        bundle = load_bundle(bundle_dir)
+        sp = spm.SentencePieceProcessor(model_file=str(bundle.tokenizer_path))
+        self.engine = Engine(Runtime(bundle, RuntimeConfig("cpu", "fp32", threads)), bundle.limits)
+        self.ids = [list(sp.encode(s)) for s in sentences]
+        self.limits = bundle.limits
+        self.engine.decode_all(self.jobs()[:64])  # warm-up
 
-    engine.decode_all(jobs()[:64])  # warm-up
-    best = None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        results = engine.decode_all(jobs(), max_rows=64)
-        dt = time.perf_counter() - t
-        best = dt if best is None else min(best, dt)
-    tokens = sum(len(r.token_ids) for r in results)
-    assert best is not None
-    return {"seconds": best, "sentences_s": len(sentences) / best, "tokens_s": tokens / best}
+    def jobs(self) -> list[SentenceJob]:
+        return [SentenceJob(ids, self.limits.target_limit(len(ids))) for ids in self.ids]
+
+    def measure(self, min_seconds: float) -> dict:
+        """Whole passes over the sentence set until min_seconds have passed: their rates."""
+        seconds = 0.0
+        sentences = tokens = 0
+        while seconds < min_seconds or not sentences:
+            t = time.perf_counter()
+            results = self.engine.decode_all(self.jobs(), max_rows=64)
+            seconds += time.perf_counter() - t
+            sentences += len(results)
+            tokens += sum(len(r.token_ids) for r in results)
+        return {"seconds": seconds, "sentences_s": sentences / seconds,
+                "tokens_s": tokens / seconds}  # fmt: skip
+
+
+def around(runs: list[dict], i: int) -> dict:
+    """The offline figures measured just before (runs[i]) and just after (runs[i + 1]) the
+    i-th concurrency, averaged."""
+    a, b = runs[i], runs[i + 1]
+    return {k: (a[k] + b[k]) / 2 for k in ("sentences_s", "tokens_s")}
 
 
 def scheduler_closed_loop(
@@ -250,7 +266,12 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per concurrency")
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds left out of each")
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all usable)")
-    ap.add_argument("--repeats", type=int, default=3, help="offline repeats (best is kept)")
+    ap.add_argument(
+        "--offline-seconds",
+        type=float,
+        default=4.0,
+        help="each offline measurement: whole passes for at least this long",
+    )
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
     ap.add_argument("--no-echo", action="store_true", help="skip the no-op gRPC server")
     ap.add_argument("--json", help="also write the figures to this file")
@@ -266,71 +287,103 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-service-"))
     bundles = model_bundles(args.models.split(","), args.bundle, work)
 
-    def measure(cmd: list[str], port: int) -> list[dict]:
+    def start(cmd: list[str], port: int) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        rows = []
         try:
-            target = f"127.0.0.1:{port}"
-            wait_ready(target, proc, health_pb2.HealthCheckResponse.SERVING)
-            for c in concurrency:
-                res = asyncio.run(closed_loop(target, sentences, c, args.duration, args.warmup))
-                rows.append({"concurrency": c, **res})
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
-        return rows
+            wait_ready(f"127.0.0.1:{port}", proc, health_pb2.HealthCheckResponse.SERVING)
+        except BaseException:
+            stop(proc)
+            raise
+        return proc
+
+    def stop(proc: subprocess.Popen[bytes]) -> None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+    def load(port: int, c: int) -> dict:
+        target = f"127.0.0.1:{port}"
+        return {
+            "concurrency": c,
+            **asyncio.run(closed_loop(target, sentences, c, args.duration, args.warmup)),
+        }
 
     results: dict[str, dict] = {}
     for name, bundle in bundles.items():
-        off = offline(bundle, sentences, args.threads, args.repeats)
-        sched = [
-            {"concurrency": c, **scheduler_closed_loop(
-                bundle, sentences, args.threads, c, args.duration, args.warmup, args.max_wait_ms
-            )}
-            for c in concurrency
-        ]  # fmt: skip
         port = free_port()
         serve = [
             *(sys.executable, "-m", "service", "serve", "--bundle", bundle, "--port", str(port)),
             *("--provider", "cpu", "--threads", str(args.threads), "--max-batch-rows", "64"),
             *("--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"),
         ]
+        base = Offline(bundle, sentences, args.threads)
+        off: list[dict] = []
+        sched: list[dict] = []
+        service: list[dict] = []
+        proc = start(serve, port)  # idle (no spinning threads) while the others run
+        try:
+            for c in concurrency:
+                off.append(base.measure(args.offline_seconds))
+                sched.append({"concurrency": c, **scheduler_closed_loop(
+                    bundle, sentences, args.threads, c, args.duration, args.warmup,
+                    args.max_wait_ms,
+                )})  # fmt: skip
+                service.append(load(port, c))
+            off.append(base.measure(args.offline_seconds))
+        finally:
+            stop(proc)
         results[name] = {
             "bundle": bundle,
             "model": describe(bundle),
             "offline": off,
             "scheduler": sched,
-            "service": measure(serve, port),
+            "service": service,
         }
     echo: list[dict] = []
     if not args.no_echo:
         port = free_port()
-        echo = measure([sys.executable, __file__, "--echo-server", str(port)], port)
+        proc = start([sys.executable, __file__, "--echo-server", str(port)], port)
+        try:
+            echo = [load(port, c) for c in concurrency]
+        finally:
+            stop(proc)
 
     print(f"\n{len(sentences)} number sentences, single-sentence calls, closed loop, "
           f"{args.duration:g} s per row ({args.warmup:g} s warm-up left out), onnxruntime "
           f"threads {args.threads or 'all usable'}, {os.cpu_count()} CPUs")  # fmt: skip
     for name, r in results.items():
-        off = r["offline"]
+        offs = r["offline"]
         print(f"\n### {name}: {r['model']}\n")
-        print(f"offline batched decode: {off['sentences_s']:.0f} sentences/s, "
-              f"{off['tokens_s']:.0f} tokens/s\n")  # fmt: skip
-        print("| concurrency | scheduler, no gRPC: tokens/s | × offline | service: sentences/s "
-              "| tokens/s | × offline | p50 ms | p99 ms |")  # fmt: skip
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for sc, sv in zip(r["scheduler"], r["service"], strict=True):
-            print(f"| {sv['concurrency']} | {sc['tokens_s']:.0f} | "
-                  f"{sc['tokens_s'] / off['tokens_s']:.2f} | {sv['sentences_s']:.0f} | "
-                  f"{sv['tokens_s']:.0f} | **{sv['tokens_s'] / off['tokens_s']:.2f}** | "
+        print(
+            "offline batched decode, measured before each concurrency and after the last: "
+            + ", ".join(f"{o['tokens_s']:.0f}" for o in offs)
+            + " tokens/s ("
+            + ", ".join(f"{o['sentences_s']:.0f}" for o in offs)
+            + " sentences/s)\n"
+        )
+        print(
+            "| concurrency | offline tokens/s (mean around) | scheduler, no gRPC: tokens/s "
+            "| × offline | service: sentences/s | tokens/s | × offline | p50 ms | p99 ms |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for i, (sc, sv) in enumerate(zip(r["scheduler"], r["service"], strict=True)):
+            mean = around(offs, i)
+            print(f"| {sv['concurrency']} | {mean['tokens_s']:.0f} | {sc['tokens_s']:.0f} | "
+                  f"{sc['tokens_s'] / mean['tokens_s']:.2f} | {sv['sentences_s']:.0f} | "
+                  f"{sv['tokens_s']:.0f} | **{sv['tokens_s'] / mean['tokens_s']:.2f}** | "
                   f"{sv['p50_ms']:.1f} | {sv['p99_ms']:.1f} |")  # fmt: skip
     if echo:
         print("\nNo-op gRPC server (answers without translating), same client, calls/s: "
               + ", ".join(f"{e['sentences_s']:.0f} at {e['concurrency']}" for e in echo)
               + "\n— the most single-sentence calls/s this machine carries with the client "
               "on the same cores.")  # fmt: skip
-    print("\nAt concurrency 64, service × offline: "
-          + ", ".join(f"{n} {r['service'][-1]['tokens_s'] / r['offline']['tokens_s']:.2f}"
-                      for n, r in results.items()))  # fmt: skip
+
+    def last_ratio(r: dict) -> float:
+        return r["service"][-1]["tokens_s"] / around(r["offline"], len(concurrency) - 1)["tokens_s"]
+
+    print(
+        f"\nAt concurrency {concurrency[-1]}, service × offline: "
+        + ", ".join(f"{n} {last_ratio(r):.2f}" for n, r in results.items())
+    )
     if args.json:
         Path(args.json).write_text(json.dumps({"models": results, "noop_grpc": echo}, indent=2))
     return 0

@@ -18,13 +18,21 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"
 # Graph file names per precision. "decoder_kv" (the decoder over preallocated caches updated in
-# place, see export.onnx_export) is optional: bundles without it are served with "decoder".
+# place) and "encoder_packed" (the encoder over sentences packed without padding), see
+# export.onnx_export, are optional: bundles without them are served with "decoder" and
+# "encoder".
 GRAPH_FILES = {
-    "fp32": {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "decoder_kv": "decoder_kv.onnx"},
+    "fp32": {
+        "encoder": "encoder.onnx",
+        "decoder": "decoder.onnx",
+        "decoder_kv": "decoder_kv.onnx",
+        "encoder_packed": "encoder_packed.onnx",
+    },
     "int8": {
         "encoder": "encoder.int8.onnx",
         "decoder": "decoder.int8.onnx",
         "decoder_kv": "decoder_kv.int8.onnx",
+        "encoder_packed": "encoder_packed.int8.onnx",
     },
 }
 REQUIRED_KEYS = (

@@ -101,6 +101,13 @@ def padding_bias(mask: Tensor) -> Tensor:
     return ((1.0 - keep) * MASK_VALUE)[:, None, None, :]
 
 
+def segment_bias(segments: Tensor) -> Tensor:
+    """Sentence ids (B, T) of packed tokens → additive bias (B, 1, T, T) letting a token attend
+    only to the tokens of its own sentence."""
+    other = segments[:, :, None] != segments[:, None, :]  # (B, T, T)
+    return (other.to(torch.float32) * MASK_VALUE)[:, None]
+
+
 def causal_bias(length: int, device: torch.device | None = None) -> Tensor:
     """(1, 1, T, T) bias letting position t attend to positions ≤ t only."""
     allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()
@@ -378,8 +385,17 @@ class Transformer(nn.Module):
     def encode(self, src: Tensor, src_mask: Tensor) -> EncoderOutput:
         """src (B, S) ids, src_mask (B, S) 1/0 → memory and every decoder layer's cross K/V."""
         positions = torch.arange(src.size(1), device=src.device)[None].expand_as(src)  # (B, S)
+        return self._encode(src, positions, padding_bias(src_mask))
+
+    def encode_packed(self, src: Tensor, positions: Tensor, segments: Tensor) -> EncoderOutput:
+        """Several sentences packed end to end in each row, no padding: src (B, T) ids,
+        positions (B, T) each token's position in its own sentence, segments (B, T) which
+        sentence it belongs to. Tokens attend within their sentence only, so every sentence's
+        slice of the outputs is what ``encode`` gives for it alone."""
+        return self._encode(src, positions, segment_bias(segments))
+
+    def _encode(self, src: Tensor, positions: Tensor, bias: Tensor) -> EncoderOutput:
         x = self.embed(self.src_embed, src, positions)  # (B, S, D)
-        bias = padding_bias(src_mask)  # (B, 1, 1, S)
         attns = []
         for layer in self.encoder_layers:
             x, probs = layer(x, bias)

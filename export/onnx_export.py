@@ -12,6 +12,12 @@ its position, through onnxruntime's ``com.microsoft.GroupQueryAttention``. Bound
 as both input and output the cache is updated in place (no copy of the history every step, no
 left padding between rows of different ages). onnxruntime runs that operator in fp32 on the CPU;
 the CUDA provider has it for fp16 only, so CUDA serving uses ``decoder.onnx``.
+
+``encoder_packed.onnx`` is the encoder over sentences packed end to end without padding: each
+token brings its position in its own sentence and its sentence's index, and attends within its
+sentence only. Its outputs are per token; the server scatters them into a padded batch. A few
+sentences of mixed lengths (what a running batch admits at a time) then cost their real tokens,
+not rows × the longest.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class GraphIO:
     decoder_inputs: list[str]
     decoder_outputs: list[str]
     cached_decoder_inputs: list[str]  # decoder_kv.onnx: no self-attention mask
+    packed_encoder_inputs: list[str]  # encoder_packed.onnx; outputs as encoder_outputs
 
 
 def graph_io(n_decoder_layers: int) -> GraphIO:
@@ -68,6 +75,7 @@ def graph_io(n_decoder_layers: int) -> GraphIO:
             *past,
             *cross,
         ],
+        packed_encoder_inputs=["input_ids", "position_ids", "segment_ids"],
     )
 
 
@@ -82,6 +90,17 @@ class EncoderGraph(nn.Module):
         enc = self.model.encode(input_ids, attention_mask)
         flat = [t for kv in enc.cross_kv for t in kv]  # each (B, H, S, Dh)
         return (enc.memory, *flat)
+
+
+class PackedEncoderGraph(EncoderGraph):
+    """(input_ids, position_ids, segment_ids (B, T)) → last_hidden_state (B, T, D), cross K/V
+    per layer (B, H, T, Dh), for sentences packed end to end."""
+
+    def forward(  # type: ignore[override]
+        self, input_ids: Tensor, position_ids: Tensor, segment_ids: Tensor
+    ) -> tuple[Tensor, ...]:
+        enc = self.model.encode_packed(input_ids, position_ids, segment_ids)
+        return (enc.memory, *[t for kv in enc.cross_kv for t in kv])
 
 
 class DecoderGraph(nn.Module):
@@ -224,6 +243,36 @@ def export_cached_decoder(model: Transformer, out_dir: Path, opset: int = OPSET)
     _export(CachedDecoderGraph(model), args, path, io.cached_decoder_inputs, io.decoder_outputs,
             axes, opset, custom_opsets={"com.microsoft": 1})  # fmt: skip
     return path
+
+
+def export_packed_encoder(model: Transformer, out_dir: Path, opset: int = OPSET) -> Path:
+    """Writes encoder_packed.onnx (see the module docstring) into out_dir; returns its path."""
+    model = model.eval()
+    io = graph_io(len(model.decoder_layers))
+    args = (
+        torch.randint(4, model.cfg.vocab_size, (1, 7)),
+        torch.tensor([[0, 1, 2, 0, 1, 0, 1]]),
+        torch.tensor([[0, 0, 0, 1, 1, 2, 2]]),
+    )
+    axes: dict[str, dict[int, str]] = {
+        name: {0: "batch", 1: "packed_length"} for name in io.packed_encoder_inputs
+    }
+    axes["last_hidden_state"] = {0: "batch", 1: "packed_length"}
+    for name in io.encoder_outputs[1:]:
+        axes[name] = {0: "batch", 2: "packed_length"}
+    path = out_dir / "encoder_packed.onnx"
+    _export(PackedEncoderGraph(model), args, path, io.packed_encoder_inputs, io.encoder_outputs,
+            axes, opset)  # fmt: skip
+    return path
+
+
+def export_all(model: Transformer, out_dir: Path, opset: int = OPSET) -> list[Path]:
+    """Every graph of a bundle: encoder, decoder, decoder_kv and encoder_packed."""
+    return [
+        *export_graphs(model, out_dir, opset),
+        export_cached_decoder(model, out_dir, opset),
+        export_packed_encoder(model, out_dir, opset),
+    ]
 
 
 def _export(

@@ -6,6 +6,10 @@
    batch and checks each row against that row decoded alone.
 2. Greedy decoding through onnxruntime must give exactly PyTorch's greedy tokens on the whole
    test split.
+The optional graphs are checked on their own: ``decoder_kv.onnx`` (rows of mixed ages over
+in-place caches, then greedy tokens) and ``encoder_packed.onnx`` (sentences of mixed lengths
+packed into one row, each against itself encoded alone, then greedy tokens with every batch
+encoded packed).
 """
 
 from __future__ import annotations
@@ -165,6 +169,82 @@ class CachedOrtModel(OrtModel):
             limits,
             lambda tokens, t: self.cached_step(tokens, np.full(b, t), mask, caches, cross)[0],
         )
+
+
+def pack_rows(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A padded batch (B, S) → the packed graph's inputs (1, T): the real tokens of every row
+    end to end (a row with no token keeps its one masked position), each token's position in
+    its row, and its row's index."""
+    lengths = np.maximum(mask.sum(axis=1), 1)
+    tokens = np.concatenate([ids[i, :n] for i, n in enumerate(lengths)])
+    positions = np.concatenate([np.arange(n) for n in lengths])
+    segments = np.repeat(np.arange(len(lengths)), lengths)
+    return tokens[None], positions[None], segments[None]
+
+
+def unpack_rows(
+    packed: np.ndarray, positions: np.ndarray, segments: np.ndarray, shape: tuple[int, int]
+) -> np.ndarray:
+    """A packed output, per token on axis 1 ((1, T, D) or (1, H, T, Dh)), → the padded batch's
+    layout ((B, S, D) or (B, H, S, Dh)), zeros where a row has no token."""
+    b, s = shape
+    token_axis_last = packed.ndim == 3  # (1, T, D): tokens then features
+    per_token = packed[0] if token_axis_last else packed[0].transpose(1, 0, 2)  # (T, …)
+    out = np.zeros((b, s, *per_token.shape[1:]), packed.dtype)
+    out[segments[0], positions[0]] = per_token
+    return out if token_axis_last else out.transpose(0, 2, 1, 3)
+
+
+@dataclass
+class PackedOrtModel(OrtModel):
+    """OrtModel whose encoder is encoder_packed.onnx: every padded batch is packed, encoded and
+    scattered back, as the service does for a group of newcomers."""
+
+    packed: ort.InferenceSession | None = None
+
+    def encode(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+        assert self.packed is not None
+        tokens, positions, segments = pack_rows(ids, mask)
+        feeds = {"input_ids": tokens, "position_ids": positions, "segment_ids": segments}
+        outs = self.packed.run(None, feeds)
+        return [unpack_rows(o, positions, segments, ids.shape) for o in outs]
+
+
+@torch.no_grad()
+def compare_packed(
+    model: Transformer,
+    packed: ort.InferenceSession,
+    max_source: int,
+    seed: int = 0,
+    lengths: Sequence[int] = (5, 1, 0, 12, 3),
+) -> dict[str, Any]:
+    """Sentences of the given lengths (0: an empty sentence, its one masked position; the
+    longest source is added) packed into one row: each one's encoder states and cross K/V must
+    equal that sentence encoded alone in PyTorch."""
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [min(n, max_source) for n in (*lengths, max_source)]
+    rows = [torch.randint(4, cfg.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    ids, mask = pad_batch(rows, cfg.pad_id)
+    tokens, positions, segments = pack_rows(ids, mask)
+    outs = packed.run(
+        None, {"input_ids": tokens, "position_ids": positions, "segment_ids": segments}
+    )
+    memory_diff = kv_diff = 0.0
+    for i, row in enumerate(rows):
+        n = max(len(row), 1)
+        ref = model.encode(torch.tensor(ids[i : i + 1, :n]), torch.tensor(mask[i : i + 1, :n]))
+        at = segments[0] == i
+        memory_diff = max(memory_diff, _max_diff(outs[0][0, at], ref.memory[0]))
+        flat = [t for kv in ref.cross_kv for t in kv]
+        for o, r in zip(outs[1:], flat, strict=True):
+            kv_diff = max(kv_diff, _max_diff(o[0][:, at], r[0]))
+    return {
+        "graph": "encoder_packed",
+        "source_lengths": lengths,
+        "encoder_states": memory_diff,
+        "cross_kv": kv_diff,
+    }
 
 
 @torch.no_grad()
@@ -364,8 +444,13 @@ def ort_translate_ids(
     limits: Sequence[int],
     pad_id: int,
     batch_size: int = 64,
+    by_length: bool = True,
 ) -> list[list[int]]:
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    """Greedy tokens of every sentence, in batches of sentences of similar length (by_length)
+    or in the given order (mixed lengths in each batch)."""
+    order = list(range(len(encoded)))
+    if by_length:
+        order.sort(key=lambda i: len(encoded[i]))
     out: list[list[int]] = [[] for _ in encoded]
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]

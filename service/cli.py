@@ -37,6 +37,8 @@ SERVE_HELP = {
     "kv_cache": "self-attention KV cache: inplace (preallocated, updated in place by the "
     "bundle's decoder_kv graph; CPU only), concat (decoder.onnx, history copied every step), or "
     "auto (inplace on CPU when the bundle has decoder_kv)",
+    "encoder_packing": "encode newcomers as their real tokens end to end (the bundle's "
+    "encoder_packed graph) rather than padded: auto (where cheaper), always, or off",
     "precision": "graphs to serve: fp32, or int8 if the bundle has them",
     "threads": "onnxruntime intra-op threads (0: the cores this process may use)",
     "max_queue": "sentences waiting at most; more get RESOURCE_EXHAUSTED at once",
@@ -96,6 +98,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
             kwargs["choices"] = ["on", "off", "auto"]
         if f.name == "kv_cache":
             kwargs["choices"] = ["inplace", "concat", "auto"]
+        if f.name == "encoder_packing":
+            kwargs["choices"] = ["auto", "always", "off"]
         if f.name == "precision":
             kwargs["choices"] = ["fp32", "int8"]
         p.add_argument(flag, type=kind, required=f.name == "bundle" and default is None, **kwargs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from service.engine import SentenceResult, StepStats
+from service.engine import EncodeStats, SentenceResult, StepStats
 from service.scheduler import Observer
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -49,6 +49,18 @@ class Metrics(Observer):
             registry=r,
         )
         self.tokens = Counter("nmtserve_tokens_generated", "Output tokens generated", registry=r)
+        self.encoder_runs = Counter(
+            "nmtserve_encoder_runs",
+            "Encoder runs by layout: packed (real tokens end to end) or padded",
+            ["layout"],
+            registry=r,
+        )
+        self.encoder_positions = Counter(
+            "nmtserve_encoder_positions",
+            "Source positions the encoder computed: real tokens, or padding",
+            ["kind"],
+            registry=r,
+        )
         self.encoder_seconds = Histogram(
             "nmtserve_encoder_seconds", "Encoder run time", buckets=_STEP, registry=r
         )
@@ -60,9 +72,12 @@ class Metrics(Observer):
     def queue_depth(self, n: int) -> None:
         self.queue.set(n)
 
-    def admitted(self, rows: int, seconds: float) -> None:
+    def admitted(self, stats: EncodeStats) -> None:
         self.batches.inc()
-        self.encoder_seconds.observe(seconds)
+        self.encoder_runs.labels("packed" if stats.packed else "padded").inc()
+        self.encoder_positions.labels("token").inc(stats.tokens)
+        self.encoder_positions.labels("padding").inc(stats.positions - stats.tokens)
+        self.encoder_seconds.observe(stats.seconds)
 
     def stepped(self, stats: StepStats) -> None:
         self.steps.inc()

@@ -21,6 +21,12 @@ input and the present output of onnxruntime's GroupQueryAttention, which writes 
 key/value in place. A step then costs the same whatever the ages of the rows it mixes, instead
 of copying every row's whole history (left-padded to the oldest row) into a new present tensor.
 CUDA keeps the ``decoder.onnx`` path: onnxruntime implements that operator for fp16 only there.
+
+Packed encoding (``--encoder-packing``, ``auto`` by default when the bundle carries
+``encoder_packed.onnx``): a group of sentences is encoded as one row of their real tokens end to
+end, each token attending within its own sentence, instead of a batch padded to the longest.
+``service.engine`` picks the cheaper layout for every encoder run (``auto``) or always packs
+(``always``); ``off`` never loads the graph.
 """
 
 from __future__ import annotations
@@ -93,8 +99,11 @@ class RuntimeConfig:
     arena: bool = False  # onnxruntime's CPU memory arena (keeps a high-water mark per shape mix)
     io_binding: str = "auto"  # on | off | auto (on where the provider is CUDA)
     kv_cache: str = "auto"  # inplace | concat | auto (inplace on CPU with decoder_kv.onnx)
+    packing: str = "auto"  # auto | always | off: encoder_packed.onnx (see the module docstring)
 
     def __post_init__(self) -> None:
+        if self.packing not in ("auto", "always", "off"):
+            raise ValueError(f"packing must be auto, always or off, not {self.packing!r}")
         if self.kv_cache not in ("inplace", "concat", "auto"):
             raise ValueError(f"kv_cache must be inplace, concat or auto, not {self.kv_cache!r}")
         if self.provider not in ("cpu", "cuda", "auto"):
@@ -129,6 +138,7 @@ class Runtime:
         model = bundle.model
         self.n_layers = int(model["n_decoder_layers"])
         self.n_heads = int(model["n_heads"])
+        self.d_model = int(model["d_model"])
         self.head_dim = int(model["d_model"]) // self.n_heads
         self.vocab_size = int(model["vocab_size"])
         self.bos_id = int(model["bos_id"])
@@ -152,6 +162,21 @@ class Runtime:
             str(bundle.graph(cfg.precision, "encoder")), opts, providers=providers
         )
         self.provider = self.encoder.get_providers()[0]
+        has_packed = bundle.has_graph(cfg.precision, "encoder_packed")
+        if cfg.packing == "always" and not has_packed:
+            raise RuntimeError(
+                f"--encoder-packing always: the bundle has no {cfg.precision} encoder_packed "
+                "graph (re-export it with this version of `python -m export export`)"
+            )
+        # "off" where the bundle has no packed encoder: every encoder run is padded
+        self.packing = cfg.packing if has_packed else "off"
+        self.packed_encoder = (
+            ort.InferenceSession(
+                str(bundle.graph(cfg.precision, "encoder_packed")), opts, providers=providers
+            )
+            if self.packing != "off"
+            else None
+        )
         has_kv = bundle.has_graph(cfg.precision, "decoder_kv")
         if cfg.kv_cache == "inplace" and not has_kv:
             raise RuntimeError(
@@ -190,18 +215,47 @@ class Runtime:
             cache = f"concatenated, kept in {self.device} memory (IO binding)"
         else:
             cache = "concatenated"
+        packing = {
+            "auto": "packed where cheaper than padded",
+            "always": "packed",
+            "off": "padded",
+        }[self.packing]
         log.info(
-            "execution provider %s, %s graphs, %d intra-op threads, KV cache %s",
+            "execution provider %s, %s graphs, %d intra-op threads, KV cache %s, encoder %s",
             self.provider,
             cfg.precision,
             self.threads,
             cache,
+            packing,
         )
 
     def encode(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
         """ids, mask (B, S) int64 → cross K/V of every decoder layer, 2L arrays (B, H, S, Dh)."""
         outs = self.encoder.run(None, {"input_ids": ids, "attention_mask": mask})
         return list(outs[1:])
+
+    def warm_up(self) -> None:
+        """Runs each encoder graph once (the decoder runs in the first real decode)."""
+        ids = np.array([[self.bos_id, self.eos_id]], np.int64)
+        self.encode(ids, np.ones_like(ids))
+        if self.packed_encoder is not None:
+            self.encode_packed(ids[0], np.array([0, 0]), np.array([0, 1]))
+
+    def encode_packed(
+        self, tokens: np.ndarray, positions: np.ndarray, segments: np.ndarray
+    ) -> list[np.ndarray]:
+        """Sentences end to end: tokens, positions (in each sentence), segments (sentence
+        index), each (T,) int64 → cross K/V of every decoder layer, 2L arrays (H, T, Dh)."""
+        assert self.packed_encoder is not None
+        outs = self.packed_encoder.run(
+            None,
+            {
+                "input_ids": tokens[None],
+                "position_ids": positions[None],
+                "segment_ids": segments[None],
+            },
+        )
+        return [o[0] for o in outs[1:]]
 
     def step(
         self,

@@ -23,7 +23,14 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from service.engine import DecodeBatch, Engine, SentenceJob, SentenceResult, StepStats
+from service.engine import (
+    DecodeBatch,
+    EncodeStats,
+    Engine,
+    SentenceJob,
+    SentenceResult,
+    StepStats,
+)
 
 log = logging.getLogger("nmtserve.scheduler")
 
@@ -68,7 +75,7 @@ class Observer:
     """Hooks for metrics; the default does nothing."""
 
     def queue_depth(self, n: int) -> None: ...
-    def admitted(self, rows: int, seconds: float) -> None: ...
+    def admitted(self, stats: EncodeStats) -> None: ...
     def stepped(self, stats: StepStats) -> None: ...
     def finished(self, result: SentenceResult) -> None: ...
     def dropped(self, reason: str) -> None: ...
@@ -142,11 +149,11 @@ class Scheduler:
                 return
             try:
                 if admit:
-                    t = time.perf_counter()
                     batch = self.engine.admit(batch, [p.job for p in admit])
                     for p in admit:
                         self._running[id(p.job)] = p
-                    self.obs.admitted(len(admit), time.perf_counter() - t)
+                    assert self.engine.last_encode is not None
+                    self.obs.admitted(self.engine.last_encode)
                 if batch is None:
                     continue
                 if self.fault is not None:

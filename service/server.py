@@ -60,6 +60,7 @@ class ServerConfig:
     provider: str = "auto"
     io_binding: str = "auto"
     kv_cache: str = "auto"
+    encoder_packing: str = "auto"
     precision: str = "fp32"
     threads: int = 0
     max_queue: int = 1024
@@ -394,6 +395,7 @@ class Server:
                 cfg.threads,
                 io_binding=cfg.io_binding,
                 kv_cache=cfg.kv_cache,
+                packing=cfg.encoder_packing,
             ),
             SchedulerConfig(
                 cfg.max_queue, cfg.max_batch_rows, cfg.max_batch_tokens, cfg.max_wait_ms

@@ -71,7 +71,9 @@ class Translator:
         self.scheduler.start()
 
     def warm_up(self) -> None:
-        """One real decode through the scheduler, so the first caller pays no start-up cost."""
+        """Each graph once, then one real decode through the scheduler, so the first caller
+        pays no start-up cost."""
+        self.runtime.warm_up()
         _, futures = self.submit(["warm up"], RequestOptions(max_output_tokens=4), None)
         for f in futures:
             f.result(timeout=60)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.bundle import load_bundle
+from service.bundle import Bundle, load_bundle
 from service.engine import (
     AttentionMode,
     DecodeBatch,
@@ -216,12 +216,72 @@ def test_inplace_cache_is_shared_compacted_and_grown(engine: Engine, inplace: En
 def test_kv_cache_setting_is_checked(tiny_bundle: Path) -> None:
     with pytest.raises(ValueError, match="kv_cache"):
         RuntimeConfig(kv_cache="sometimes")
-    b = load_bundle(tiny_bundle)
-    manifest = {**b.manifest, "onnx": {**b.manifest["onnx"], "graphs": {
-        p: {k: v for k, v in g.items() if k != "decoder_kv"}
-        for p, g in b.manifest["onnx"]["graphs"].items()
-    }}}  # fmt: skip
-    old = type(b)(b.directory, manifest)  # a bundle exported before decoder_kv existed
+    old = _without(load_bundle(tiny_bundle), "decoder_kv")
     assert not Runtime(old, RuntimeConfig("cpu", "fp32", 1)).inplace
     with pytest.raises(RuntimeError, match="no fp32 decoder_kv graph"):
         Runtime(old, RuntimeConfig("cpu", "fp32", 1, kv_cache="inplace"))
+
+
+def _without(b: Bundle, part: str) -> Bundle:
+    """The bundle as exported before `part` existed."""
+    manifest = {**b.manifest, "onnx": {**b.manifest["onnx"], "graphs": {
+        p: {k: v for k, v in g.items() if k != part}
+        for p, g in b.manifest["onnx"]["graphs"].items()
+    }}}  # fmt: skip
+    return type(b)(b.directory, manifest)
+
+
+def test_packed_encoder_equals_padded_and_decodes_the_same(tiny_bundle: Path) -> None:
+    """encoder_packed.onnx: a group of mixed lengths encoded as one row of real tokens gives
+    every sentence the cross K/V of the padded encoder at its real positions (zeros at the
+    padding), and the same decoding; `auto` packs only where that is cheaper."""
+    b = load_bundle(tiny_bundle)
+    packed, padded = (
+        Engine(Runtime(b, RuntimeConfig("cpu", "fp32", 1, packing=p)), b.limits)
+        for p in ("always", "off")
+    )
+    srcs = sources(packed, 12, seed=8)
+    group = [job(s, 9) for s in srcs[:7]]
+    a, z = packed.start(group), padded.start(group)
+    assert packed.last_encode is not None and packed.last_encode.packed
+    assert padded.last_encode is not None and not padded.last_encode.packed
+    tokens = sum(len(s) for s in srcs[:7])
+    assert packed.last_encode.tokens == padded.last_encode.tokens == tokens
+    assert packed.last_encode.positions == tokens
+    assert padded.last_encode.positions == 7 * max(len(s) for s in srcs[:7])
+    np.testing.assert_array_equal(a.src_mask, z.src_mask)
+    real = z.src_mask.astype(bool)
+    for x, y in zip(a.cross, z.cross, strict=True):
+        assert x.shape == y.shape and x.flags.c_contiguous
+        np.testing.assert_allclose(x.transpose(0, 2, 1, 3)[real], y.transpose(0, 2, 1, 3)[real],
+                                   atol=1e-5)  # fmt: skip
+        assert not x.transpose(0, 2, 1, 3)[~real].any()
+    finished = {}
+    batch: DecodeBatch | None = a
+    while batch is not None:
+        done, batch, _ = packed.step(batch)
+        finished.update({id(j): r for j, r in done})
+    for j, s in zip(group, srcs, strict=False):
+        same(finished[id(j)], solo(padded, s, 9))
+    # Offline batches and a running batch admitting groups, packed throughout
+    jobs = [job(s, 3 + i % 6) for i, s in enumerate(srcs)]
+    for x, y in zip(packed.decode_all(jobs, 5), padded.decode_all([replace(j) for j in jobs], 5),
+                    strict=True):  # fmt: skip
+        same(x, y)
+
+
+def test_encoder_packing_choice_and_setting(tiny_bundle: Path, inplace: Engine) -> None:
+    assert inplace.rt.packing == "auto"  # the default with a bundle that has the graph
+    assert inplace.packs(6, 14, 40)  # a group of mixed lengths: 40 tokens, not 84 positions
+    assert not inplace.packs(6, 7, 40)  # lengths alike: little padding to save
+    assert not inplace.packs(1, 14, 14)  # one sentence: nothing to pack
+    big = 6 * inplace.rt.d_model  # attention over one long packed row costs more than padding
+    assert not inplace.packs(64, big // 32, big * 3 // 2)
+    with pytest.raises(ValueError, match="packing"):
+        RuntimeConfig(packing="sometimes")
+    old = _without(load_bundle(tiny_bundle), "encoder_packed")
+    rt = Runtime(old, RuntimeConfig("cpu", "fp32", 1))
+    assert rt.packing == "off" and rt.packed_encoder is None
+    assert not Engine(rt, old.limits).packs(6, 14, 40)
+    with pytest.raises(RuntimeError, match="no fp32 encoder_packed graph"):
+        Runtime(old, RuntimeConfig("cpu", "fp32", 1, packing="always"))

@@ -56,6 +56,8 @@ def test_bundle_contents_and_verification(tiny_bundle: Path) -> None:
         "decoder.int8.onnx",
         "decoder_kv.onnx",
         "decoder_kv.int8.onnx",
+        "encoder_packed.onnx",
+        "encoder_packed.int8.onnx",
     }
     ver = manifest["verification"]
     assert ver["passed"] is True
@@ -65,6 +67,15 @@ def test_bundle_contents_and_verification(tiny_bundle: Path) -> None:
     kv_graph = onnx.load(str(tiny_bundle / "decoder_kv.onnx"))
     assert [o.name for o in kv_graph.graph.output] == manifest["onnx"]["decoder_outputs"]
     assert sum(n.op_type == "GroupQueryAttention" for n in kv_graph.graph.node) == 2
+    packed = ver["encoder_packed"]  # sentences packed end to end, each against itself alone
+    assert packed["passed"] and packed["greedy_identical_share"] == 1.0
+    assert max(packed["encoder_states"], packed["cross_kv"]) <= 1e-4
+    assert 0 in packed["source_lengths"] and len(set(packed["source_lengths"])) >= 5
+    packed_graph = onnx.load(str(tiny_bundle / "encoder_packed.onnx"))
+    assert [i.name for i in packed_graph.graph.input] == ["input_ids", "position_ids",
+                                                          "segment_ids"]  # fmt: skip
+    assert [o.name for o in packed_graph.graph.output] == manifest["onnx"]["encoder_outputs"]
+    onnx.checker.check_model(str(tiny_bundle / "encoder_packed.onnx"), full_check=True)
     assert ver["max_abs_logit_diff"] <= 1e-4
     assert ver["greedy_identical_share"] == 1.0
     shapes = {(c["batch"], c.get("source_length")) for c in ver["grid"]}

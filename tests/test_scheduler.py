@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from service.bundle import load_bundle
-from service.engine import DecodeOptions, Engine, SentenceJob, StepStats
+from service.engine import DecodeOptions, EncodeStats, Engine, SentenceJob, StepStats
 from service.runtime import Runtime, RuntimeConfig
 from service.scheduler import Observer, Scheduler, SchedulerConfig
 
@@ -18,8 +18,8 @@ class Counting(Observer):
         self.admissions: list[int] = []
         self.rows: list[int] = []
 
-    def admitted(self, rows: int, seconds: float) -> None:
-        self.admissions.append(rows)
+    def admitted(self, stats: EncodeStats) -> None:
+        self.admissions.append(stats.rows)
 
     def stepped(self, stats: StepStats) -> None:
         self.rows.append(stats.rows)

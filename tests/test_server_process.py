@@ -68,6 +68,7 @@ def test_sigterm_under_load_completes_every_accepted_request(tiny_bundle: Path) 
         wait_serving(port, proc)
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
         assert "nmtserve_queue_depth" in body and "nmtserve_decode_steps_total" in body
+        assert 'nmtserve_encoder_positions_total{kind="token"}' in body  # the warm-up's
 
         results: list[str] = []
         lock = threading.Lock()

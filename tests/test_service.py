@@ -279,6 +279,13 @@ def test_64_concurrent_calls_share_batches(stub, server, tiny_run) -> None:
     solo = [stub.Translate(pb.TranslateRequest(sentences=[s]), timeout=30).results[0] for s in src]
     metrics = server.server.metrics
     batches_before = metrics.batches._value.get()
+
+    def encoder_figures() -> tuple[float, float, float]:
+        runs = sum(metrics.encoder_runs.labels(k)._value.get() for k in ("packed", "padded"))
+        pos = metrics.encoder_positions
+        return runs, pos.labels("token")._value.get(), pos.labels("padding")._value.get()
+
+    runs_before, tokens_before, _ = encoder_figures()
     barrier = threading.Barrier(64)
 
     def call(s: str) -> pb.TranslationResult:
@@ -289,6 +296,10 @@ def test_64_concurrent_calls_share_batches(stub, server, tiny_run) -> None:
         together = list(pool.map(call, src))
     batches = metrics.batches._value.get() - batches_before
     assert batches <= 16, f"64 concurrent calls took {batches} batches"
+    runs, tokens, _ = encoder_figures()
+    assert runs - runs_before == batches  # every admission one encoder run, packed or padded
+    encode = server.server.translator.encode
+    assert tokens - tokens_before == sum(len(encode(s)) for s in src)  # real tokens, counted
     assert [list(r.token_ids) for r in together] == [list(r.token_ids) for r in solo]
 
 
