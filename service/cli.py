@@ -21,6 +21,7 @@ from dataclasses import fields
 from typing import Any
 
 from service.bundle import BundleError, load_bundle
+from service.logs import setup_logging
 from service.server import Server, ServerConfig
 
 log = logging.getLogger("nmtserve")
@@ -39,6 +40,8 @@ SERVE_HELP = {
     "auto (inplace on CPU when the bundle has decoder_kv)",
     "encoder_packing": "encode newcomers as their real tokens end to end (the bundle's "
     "encoder_packed graph) rather than padded: auto (where cheaper), always, or off",
+    "decode_in": "where decoding runs: process (a child process, apart from the gRPC event "
+    "loop) or thread (a thread of the server process)",
     "precision": "graphs to serve: fp32, or int8 if the bundle has them",
     "threads": "onnxruntime intra-op threads (0: the cores this process may use)",
     "max_queue": "sentences waiting at most; more get RESOURCE_EXHAUSTED at once",
@@ -56,35 +59,6 @@ SERVE_HELP = {
 }
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, request_id when there is one."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        rid = getattr(record, "request_id", None)
-        if rid:
-            out["request_id"] = rid
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
-
-
-def setup_logging(fmt: str, level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     for f in fields(ServerConfig):
         env = f"NMTSERVE_{f.name.upper()}"
@@ -98,6 +72,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
             kwargs["choices"] = ["on", "off", "auto"]
         if f.name == "kv_cache":
             kwargs["choices"] = ["inplace", "concat", "auto"]
+        if f.name == "decode_in":
+            kwargs["choices"] = ["process", "thread"]
         if f.name == "encoder_packing":
             kwargs["choices"] = ["auto", "always", "off"]
         if f.name == "precision":

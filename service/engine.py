@@ -510,21 +510,7 @@ class Engine:
         return res
 
     def empty_result(self, job: SentenceJob) -> SentenceResult:
-        """An empty source translates to an empty output without running the model."""
-        opts = job.options
-        res = SentenceResult([], "empty")
-        if opts.scores:
-            res.token_log_probs, res.sequence_log_prob = [], 0.0
-        if opts.attention != AttentionMode.NONE:
-            shapes = {
-                AttentionMode.LAYER_AVERAGE: (0, 0),
-                AttentionMode.LAYER_HEADS: (self.rt.n_heads, 0, 0),
-                AttentionMode.ALL_LAYERS: (self.rt.n_layers, self.rt.n_heads, 0, 0),
-            }
-            res.attention = np.zeros(shapes[opts.attention], np.float32)
-        if opts.alignment:
-            res.alignment = []
-        return res
+        return empty_result(job, self.rt.n_layers, self.rt.n_heads)
 
     def decode_all(self, jobs: list[SentenceJob], max_rows: int = 64) -> list[SentenceResult]:
         """Offline batched decoding (no scheduler): groups of similar source length, each run
@@ -547,6 +533,24 @@ class Engine:
                 for job, res in done:
                     results[by_id[id(job)]] = res
         return [results[i] for i in range(len(jobs))]
+
+
+def empty_result(job: SentenceJob, n_layers: int, n_heads: int) -> SentenceResult:
+    """An empty source translates to an empty output without running the model."""
+    opts = job.options
+    res = SentenceResult([], "empty")
+    if opts.scores:
+        res.token_log_probs, res.sequence_log_prob = [], 0.0
+    if opts.attention != AttentionMode.NONE:
+        shapes = {
+            AttentionMode.LAYER_AVERAGE: (0, 0),
+            AttentionMode.LAYER_HEADS: (n_heads, 0, 0),
+            AttentionMode.ALL_LAYERS: (n_layers, n_heads, 0, 0),
+        }
+        res.attention = np.zeros(shapes[opts.attention], np.float32)
+    if opts.alignment:
+        res.alignment = []
+    return res
 
 
 def _log_prob(logits: np.ndarray, token: int) -> float:

@@ -35,6 +35,7 @@ from service.runtime import RuntimeConfig
 from service.scheduler import Cancelled, DeadlineExceeded, QueueFull, SchedulerConfig, ShuttingDown
 from service.security import TokenAuth, load_tokens, server_credentials
 from service.translator import InvalidRequest, RequestOptions, Translation, Translator
+from service.worker import DecodeProcessDied
 
 log = logging.getLogger("nmtserve.server")
 
@@ -60,6 +61,7 @@ class ServerConfig:
     provider: str = "auto"
     io_binding: str = "auto"
     kv_cache: str = "auto"
+    decode_in: str = "process"
     encoder_packing: str = "auto"
     precision: str = "fp32"
     threads: int = 0
@@ -108,6 +110,8 @@ def to_rpc_error(e: BaseException) -> RpcError:
         return RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
     if isinstance(e, Cancelled):
         return RpcError(grpc.StatusCode.CANCELLED, str(e))
+    if isinstance(e, DecodeProcessDied):
+        return RpcError(grpc.StatusCode.UNAVAILABLE, f"{e}; retry shortly")
     if isinstance(e, ShuttingDown):
         return RpcError(grpc.StatusCode.UNAVAILABLE, "the server is draining; retry elsewhere")
     if isinstance(e, NotReady):
@@ -291,7 +295,7 @@ def model_info(tr: Translator, cfg: ServerConfig) -> pb.ModelInfo:
     model = m["model"]
     lim = tr.limits
     corpus = m.get("corpus", {})
-    part = "decoder_kv" if tr.runtime.inplace else "decoder"  # the decoder graph in use
+    part = "decoder_kv" if tr.info.inplace else "decoder"  # the decoder graph in use
     decoder_file = m["onnx"]["graphs"][cfg.precision][part]
     return pb.ModelInfo(
         format_version=m["format_version"],
@@ -305,7 +309,7 @@ def model_info(tr: Translator, cfg: ServerConfig) -> pb.ModelInfo:
         target_tokens_a=lim.a,
         target_tokens_b=lim.b,
         max_sentences_per_request=tr.max_sentences,
-        execution_provider=tr.runtime.provider,
+        execution_provider=tr.info.provider,
         precision=cfg.precision,
         corpus_json=json.dumps(corpus),
         metrics_json=json.dumps(m.get("metrics", {})),
@@ -402,6 +406,7 @@ class Server:
             ),
             cfg.max_sentences,
             self.metrics,
+            cfg.decode_in,
         )
         tr.start()
         log.info("bundle loaded and verified in %.2fs", time.perf_counter() - t)

@@ -16,6 +16,7 @@ from service.bundle import Bundle
 from service.engine import AttentionMode, DecodeOptions, Engine, SentenceJob, SentenceResult
 from service.runtime import Runtime, RuntimeConfig
 from service.scheduler import Observer, Scheduler, SchedulerConfig
+from service.worker import DecodeProcess, RuntimeInfo
 
 _ATTENTION_MODES = frozenset(m.value for m in AttentionMode)
 
@@ -47,7 +48,9 @@ class Translation:
 
 
 class Translator:
-    """Owns the runtime, engine and scheduler for one bundle."""
+    """Owns the tokenizer and the decoding for one bundle: a scheduler thread beside the
+    sessions in this process (decode_in="thread"), or the same in a child process
+    (decode_in="process", see ``service.worker``)."""
 
     def __init__(
         self,
@@ -56,24 +59,44 @@ class Translator:
         scheduler_cfg: SchedulerConfig | None = None,
         max_sentences: int = 256,
         observer: Observer | None = None,
+        decode_in: str = "thread",
     ) -> None:
+        if decode_in not in ("thread", "process"):
+            raise ValueError(f"decode_in must be thread or process, not {decode_in!r}")
         self.bundle = bundle
         self.limits = bundle.limits
         self.max_sentences = max_sentences
         self.sp = spm.SentencePieceProcessor(model_file=str(bundle.tokenizer_path))
-        self.runtime = Runtime(bundle, runtime_cfg)
-        rows = (scheduler_cfg or SchedulerConfig()).max_batch_rows
-        self.engine = Engine(self.runtime, self.limits, capacity=rows)
-        self.scheduler = Scheduler(self.engine, scheduler_cfg, observer)
-        self.n_layers = self.runtime.n_layers
+        self.n_layers = int(bundle.model["n_decoder_layers"])
+        self.decode_in = decode_in
+        runtime_cfg = runtime_cfg or RuntimeConfig()
+        scheduler_cfg = scheduler_cfg or SchedulerConfig()
+        self.runtime: Runtime | None = None
+        self.scheduler: Scheduler | DecodeProcess
+        if decode_in == "process":
+            self.scheduler = DecodeProcess(bundle.directory, runtime_cfg, scheduler_cfg, observer)
+        else:
+            self.runtime = Runtime(bundle, runtime_cfg)
+            engine = Engine(self.runtime, self.limits, capacity=scheduler_cfg.max_batch_rows)
+            self.scheduler = Scheduler(engine, scheduler_cfg, observer)
+
+    @property
+    def info(self) -> RuntimeInfo:
+        """Execution provider, decoder and encoder settings actually in use."""
+        if self.runtime is not None:
+            return RuntimeInfo.of(self.runtime)
+        assert isinstance(self.scheduler, DecodeProcess) and self.scheduler.info is not None
+        return self.scheduler.info
 
     def start(self) -> None:
+        """Starts decoding (with a child process: once its sessions are loaded and warm)."""
         self.scheduler.start()
 
     def warm_up(self) -> None:
         """Each graph once, then one real decode through the scheduler, so the first caller
         pays no start-up cost."""
-        self.runtime.warm_up()
+        if self.runtime is not None:
+            self.runtime.warm_up()  # a decode process warms its own sessions up
         _, futures = self.submit(["warm up"], RequestOptions(max_output_tokens=4), None)
         for f in futures:
             f.result(timeout=60)

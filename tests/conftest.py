@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from service.scheduler import Scheduler
 
 TINY_TRAIN = [
     "--train-size", "3000", "--dev-per-digits", "5", "--test-per-digits", "12",
@@ -62,6 +66,15 @@ class ServerThread:
         self.thread.start()
 
     @property
+    def scheduler(self) -> Scheduler:
+        """The in-process scheduler (decode_in="thread"), for tests that stall or fail steps."""
+        from service.scheduler import Scheduler
+
+        tr = self.server.translator
+        assert tr is not None and isinstance(tr.scheduler, Scheduler), "needs decode_in=thread"
+        return tr.scheduler
+
+    @property
     def target(self) -> str:
         return f"127.0.0.1:{self.server.port}"
 
@@ -85,9 +98,19 @@ class ServerThread:
 
 
 @pytest.fixture(scope="session")
+def process_server(tiny_bundle: Path) -> object:
+    """The same server with decoding in a child process (the serve default)."""
+    srv = ServerThread(tiny_bundle, max_sentences=40, metrics_port=0, decode_in="process")
+    srv.wait_serving()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
 def server(tiny_bundle: Path) -> object:
-    """One server for the end-to-end tests; small limits so the limit errors are cheap."""
-    srv = ServerThread(tiny_bundle, max_sentences=40, metrics_port=0)
+    """One server for the end-to-end tests; small limits so the limit errors are cheap. Decoding
+    in a thread of the server, so tests can stall or fail decoder steps (Scheduler.fault)."""
+    srv = ServerThread(tiny_bundle, max_sentences=40, metrics_port=0, decode_in="thread")
     srv.wait_serving()
     yield srv
     srv.stop()

@@ -57,7 +57,7 @@ def test_closed_loop(server: ServerThread, tmp_path: Path, capsys: pytest.Captur
 
 
 def test_open_loop_counts_queueing_from_the_scheduled_time(server: ServerThread) -> None:
-    sched = server.server.translator.scheduler  # type: ignore[union-attr]
+    sched = server.scheduler
     sched.fault = lambda _b: time.sleep(0.05)  # each decoder step ≥ 50 ms
     try:
         s = Settings(server.target, rate=40, requests=40, progress=False, timeout=30)
@@ -73,7 +73,7 @@ def test_open_loop_counts_queueing_from_the_scheduled_time(server: ServerThread)
 def test_errors_are_counted_by_code(server: ServerThread) -> None:
     too_long = " ".join(["seven hundred"] * 20)  # over the tiny bundle's 24-token limit
     corpus = Corpus(["twelve", too_long, "three"], None)
-    sched = server.server.translator.scheduler  # type: ignore[union-attr]
+    sched = server.scheduler
 
     def boom(_b: object) -> None:
         sched.fault = None

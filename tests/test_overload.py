@@ -17,9 +17,11 @@ from tests.conftest import ServerThread
 
 
 def test_ten_times_capacity(tiny_bundle: Path) -> None:
-    srv = ServerThread(tiny_bundle, max_queue=16, max_batch_rows=8, max_wait_ms=1.0)
+    srv = ServerThread(
+        tiny_bundle, max_queue=16, max_batch_rows=8, max_wait_ms=1.0, decode_in="thread"
+    )
     srv.wait_serving()
-    sched = srv.server.translator.scheduler  # type: ignore[union-attr]
+    sched = srv.scheduler
     # A known, small capacity: every decoder step takes ≥ 100 ms, so ≤ 8 rows × 10 steps/s.
     # (Small, so that the load generator in this process is never the bottleneck.)
     sched.fault = lambda _b: time.sleep(0.1)

@@ -32,6 +32,20 @@ def stub(server: ServerThread) -> Iterator[pb_grpc.TranslatorStub]:
         yield pb_grpc.TranslatorStub(channel)
 
 
+@pytest.fixture(params=["thread", "process"])
+def either(request: pytest.FixtureRequest, server: ServerThread) -> ServerThread:
+    """Both places decoding can run: a thread of the server, or a child process."""
+    if request.param == "thread":
+        return server
+    return request.getfixturevalue("process_server")
+
+
+@pytest.fixture
+def estub(either: ServerThread) -> Iterator[pb_grpc.TranslatorStub]:
+    with grpc.insecure_channel(either.target) as channel:
+        yield pb_grpc.TranslatorStub(channel)
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_run: Path) -> tuple[torch.nn.Module, Tokenizer, LengthLimits]:
     run = json.loads((tiny_run / "run.json").read_text())
@@ -54,26 +68,26 @@ def bad_request(err: grpc.RpcError) -> list[tuple[str, str]]:
     return out
 
 
-def test_translations_equal_pytorch_greedy(stub, reference, tiny_run) -> None:
+def test_translations_equal_pytorch_greedy(estub, reference, tiny_run) -> None:
     model, tok, limits = reference
     src = sources(tiny_run)
     assert len({len(tok.encode(s)) for s in src}) >= 4  # a batch of mixed lengths
     encoded = tok.encode_batch(src)
     expected = translate_ids(model, encoded, [limits.target_limit(len(e)) for e in encoded])
-    resp = stub.Translate(pb.TranslateRequest(sentences=src), timeout=60)
+    resp = estub.Translate(pb.TranslateRequest(sentences=src), timeout=60)
     assert [list(r.token_ids) for r in resp.results] == expected
     assert [r.index for r in resp.results] == list(range(len(src)))
     assert [r.translation for r in resp.results] == [tok.decode(e) for e in expected]
     assert {r.finish_reason for r in resp.results} <= {"eos", "length"}
 
 
-def test_attention_equals_pytorch(stub, reference, tiny_run) -> None:
+def test_attention_equals_pytorch(estub, reference, tiny_run) -> None:
     model, tok, limits = reference
     src = sources(tiny_run)[:6]
     opts = pb.TranslateOptions(
         attention=pb.ATTENTION_ALL_LAYERS, return_pieces=True, return_alignment=True
     )
-    resp = stub.Translate(pb.TranslateRequest(sentences=src, options=opts), timeout=60)
+    resp = estub.Translate(pb.TranslateRequest(sentences=src, options=opts), timeout=60)
     for s, r in zip(src, resp.results, strict=True):
         ids = tok.encode(s)
         x, mask = pad([ids], 0, torch.device("cpu"))
@@ -93,16 +107,16 @@ def test_attention_equals_pytorch(stub, reference, tiny_run) -> None:
     # one layer, averaged or per head: [T, S] and [H, T, S]
     for mode, rank in ((pb.ATTENTION_LAYER_AVERAGE, 2), (pb.ATTENTION_LAYER_HEADS, 3)):
         o = pb.TranslateOptions(attention=mode, attention_layer=0)
-        r = stub.Translate(pb.TranslateRequest(sentences=src[:1], options=o)).results[0]
+        r = estub.Translate(pb.TranslateRequest(sentences=src[:1], options=o)).results[0]
         assert len(r.attention.shape) == rank
         assert r.attention.shape[-2:] == [len(r.token_ids), len(tok.encode(src[0]))]
 
 
-def test_scores_are_log_probabilities(stub, reference, tiny_run) -> None:
+def test_scores_are_log_probabilities(estub, reference, tiny_run) -> None:
     model, tok, _ = reference
     opts = pb.TranslateOptions(return_scores=True)
     for s in sources(tiny_run)[:5]:
-        r = stub.Translate(pb.TranslateRequest(sentences=[s], options=opts)).results[0]
+        r = estub.Translate(pb.TranslateRequest(sentences=[s], options=opts)).results[0]
         assert len(r.token_log_probs) == len(r.token_ids)
         # each token's log-probability, recomputed with PyTorch teacher forcing
         ids = tok.encode(s)
@@ -117,17 +131,17 @@ def test_scores_are_log_probabilities(stub, reference, tiny_run) -> None:
         assert r.sequence_log_prob == pytest.approx(sum(expected) + eos, abs=1e-3)
 
 
-def test_stream_returns_every_sentence_once(stub, tiny_run) -> None:
+def test_stream_returns_every_sentence_once(estub, tiny_run) -> None:
     src = sources(tiny_run)[:10]
-    unary = stub.Translate(pb.TranslateRequest(sentences=src), timeout=60)
-    streamed = list(stub.TranslateStream(pb.TranslateRequest(sentences=src), timeout=60))
+    unary = estub.Translate(pb.TranslateRequest(sentences=src), timeout=60)
+    streamed = list(estub.TranslateStream(pb.TranslateRequest(sentences=src), timeout=60))
     assert sorted(r.index for r in streamed) == list(range(10))
     by_index = {r.index: r.translation for r in streamed}
     assert [by_index[i] for i in range(10)] == [r.translation for r in unary.results]
 
 
-def test_model_info(stub, tiny_bundle) -> None:
-    info = stub.GetModelInfo(pb.GetModelInfoRequest())
+def test_model_info(estub, tiny_bundle) -> None:
+    info = estub.GetModelInfo(pb.GetModelInfoRequest())
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     assert info.max_source_tokens == 24
     assert info.max_sentences_per_request == 40
@@ -214,7 +228,7 @@ def test_any_unicode_is_translated_or_refused_clearly(stub, text) -> None:
 
 
 def test_deadline_exceeded(stub, server) -> None:
-    sched = server.server.translator.scheduler
+    sched = server.scheduler
     slow = threading.Event()
 
     def stall(_batch: object) -> None:
@@ -238,7 +252,7 @@ def test_deadline_exceeded(stub, server) -> None:
 
 
 def test_client_cancel_drops_the_work(stub, server) -> None:
-    sched = server.server.translator.scheduler
+    sched = server.scheduler
     sched.fault = lambda _b: time.sleep(0.3)
     try:
         before = server.server.metrics.dropped_total.labels("cancelled")._value.get()
@@ -257,7 +271,7 @@ def test_client_cancel_drops_the_work(stub, server) -> None:
 
 
 def test_a_failing_batch_fails_only_its_sentences(stub, server) -> None:
-    sched = server.server.translator.scheduler
+    sched = server.scheduler
 
     def boom(_batch: object) -> None:
         sched.fault = None  # once
@@ -274,7 +288,8 @@ def test_a_failing_batch_fails_only_its_sentences(stub, server) -> None:
 # ----------------------------------------------------------------------------- batching
 
 
-def test_64_concurrent_calls_share_batches(stub, server, tiny_run) -> None:
+def test_64_concurrent_calls_share_batches(estub, either, tiny_run) -> None:
+    stub, server = estub, either
     src = (sources(tiny_run) * 4)[:64]
     solo = [stub.Translate(pb.TranslateRequest(sentences=[s]), timeout=30).results[0] for s in src]
     metrics = server.server.metrics
