@@ -273,6 +273,12 @@ def main() -> int:
         help="each offline measurement: whole passes for at least this long",
     )
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
+    ap.add_argument(
+        "--decode-in",
+        default="process",
+        choices=["process", "thread"],
+        help="the server's --decode-in (process: faster here; thread: the default)",
+    )
     ap.add_argument("--no-echo", action="store_true", help="skip the no-op gRPC server")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)  # internal
@@ -314,6 +320,7 @@ def main() -> int:
             *(sys.executable, "-m", "service", "serve", "--bundle", bundle, "--port", str(port)),
             *("--provider", "cpu", "--threads", str(args.threads), "--max-batch-rows", "64"),
             *("--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"),
+            *("--decode-in", args.decode_in),
         ]
         base = Offline(bundle, sentences, args.threads)
         off: list[dict] = []
@@ -349,7 +356,8 @@ def main() -> int:
 
     print(f"\n{len(sentences)} number sentences, single-sentence calls, closed loop, "
           f"{args.duration:g} s per row ({args.warmup:g} s warm-up left out), onnxruntime "
-          f"threads {args.threads or 'all usable'}, {os.cpu_count()} CPUs")  # fmt: skip
+          f"threads {args.threads or 'all usable'}, {os.cpu_count()} CPUs, server "
+          f"--decode-in {args.decode_in}")  # fmt: skip
     for name, r in results.items():
         offs = r["offline"]
         print(f"\n### {name}: {r['model']}\n")

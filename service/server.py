@@ -61,7 +61,7 @@ class ServerConfig:
     provider: str = "auto"
     io_binding: str = "auto"
     kv_cache: str = "auto"
-    decode_in: str = "process"
+    decode_in: str = "thread"
     encoder_packing: str = "auto"
     precision: str = "fp32"
     threads: int = 0

@@ -34,6 +34,7 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
@@ -123,7 +124,7 @@ class DecodeProcess:
         self._stopped_ok = False
         self._queued = 0
         self._proc: Any = None
-        self._down: Connection | None = None
+        self._down: _Outbox | None = None
         self._reader: threading.Thread | None = None
         self.restarts = 0
 
@@ -154,7 +155,7 @@ class DecodeProcess:
             raise RuntimeError(f"the decode process could not start: {body}")
         self.info = body
         with self._lock:
-            self._proc, self._down, self._alive = proc, down_w, True
+            self._proc, self._down, self._alive = proc, _Outbox(down_w), True
         self._reader = threading.Thread(
             target=self._read, args=(up_r, proc), name="nmtserve-decode-reader", daemon=True
         )
@@ -165,10 +166,14 @@ class DecodeProcess:
         """Refuses new work, lets the child finish what it holds, then ends it."""
         with self._lock:
             self._stopping = True
+            if self._proc is None:  # never started: nothing to finish
+                return True
             if self._alive:
                 self._send(("stop", timeout))
         if self._reader is not None:
             self._reader.join(None if timeout is None else timeout + 10)
+        if self._down is not None:
+            self._down.close()
         if self._proc is not None:
             self._proc.join(10)
             if self._proc.is_alive():
@@ -221,11 +226,10 @@ class DecodeProcess:
                 self._send(("cancel", [key]))
 
     def _send(self, msg: tuple[Any, ...]) -> None:  # with self._lock held
+        """Queues a message for the child; a thread sends what has gathered as one batch, so
+        the sentences of concurrent calls reach the child's scheduler together."""
         assert self._down is not None
-        try:
-            self._down.send(msg)
-        except OSError:  # the child is gone; the reader sees it too and fails its work
-            self._alive = False
+        self._down.put(msg)
 
     # ------------------------------------------------------------------ results
 
@@ -324,7 +328,10 @@ class _Outbox:
                 self.items.clear()
                 closed = self.closed
             if batch:
-                self.conn.send(batch)
+                try:
+                    self.conn.send(batch)
+                except OSError:  # the other process is gone; its reader reports that
+                    return
             if closed:
                 return
 
@@ -396,26 +403,48 @@ def _child_main(
 
     while True:
         try:
-            kind, body = down.recv()
+            msgs = down.recv()
         except (EOFError, OSError):  # the server is gone
             sched.stop(0)
             return
-        if kind == "submit":
-            new = [
-                SentenceJob(ids, limit, opts, deadline, enqueued_at=enqueued)
-                for _, ids, limit, opts, deadline, enqueued in body
-            ]
-            for (key, *_), job in zip(body, new, strict=True):
-                jobs[key] = job
-            for (key, *_), fut in zip(body, sched.submit(new), strict=True):
-                fut.add_done_callback(functools.partial(finished, key))
-        elif kind == "cancel":
-            for key in body:
-                gone = jobs.get(key)
-                if gone is not None:
-                    gone.cancelled.set()
-        elif kind == "stop":
-            ok = sched.stop(body)
-            out.put(("stopped", ok))
-            out.close()
-            return
+        submits: list[Any] = []  # consecutive submits go to the scheduler as one group
+        for kind, body in [*msgs, ("flush", None)]:
+            if kind == "submit":
+                submits += body
+                continue
+            if submits:
+                _child_handle("submit", submits, sched, jobs, finished, out)
+                submits = []
+            if kind != "flush" and not _child_handle(kind, body, sched, jobs, finished, out):
+                return
+
+
+def _child_handle(
+    kind: str,
+    body: Any,
+    sched: Scheduler,
+    jobs: dict[int, SentenceJob],
+    finished: Callable[[int, Future[SentenceResult]], None],
+    out: _Outbox,
+) -> bool:
+    """One message from the server; False once the child should exit."""
+    if kind == "submit":
+        new = [
+            SentenceJob(ids, limit, opts, deadline, enqueued_at=enqueued)
+            for _, ids, limit, opts, deadline, enqueued in body
+        ]
+        for (key, *_), job in zip(body, new, strict=True):
+            jobs[key] = job
+        for (key, *_), fut in zip(body, sched.submit(new), strict=True):
+            fut.add_done_callback(functools.partial(finished, key))
+    elif kind == "cancel":
+        for key in body:
+            gone = jobs.get(key)
+            if gone is not None:
+                gone.cancelled.set()
+    elif kind == "stop":
+        ok = sched.stop(body)
+        out.put(("stopped", ok))
+        out.close()
+        return False
+    return True

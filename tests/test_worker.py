@@ -191,3 +191,6 @@ def test_a_child_that_cannot_load_says_why(tiny_bundle: Path) -> None:
     w = DecodeProcess(copy, replace(RT, packing="always"), SchedulerConfig())
     with pytest.raises(RuntimeError, match=r"could not start: .*no fp32 encoder_packed graph"):
         w.start()
+    assert w.stop(5)  # never started: nothing to finish
+    with pytest.raises(ShuttingDown):
+        w.submit([SentenceJob([5], 4, OPTS)])
