@@ -9,7 +9,7 @@ concurrency 64 beside a Python loop busy 35% of the time: -8% with the loop in a
 process, -22% with it in a thread of the same process.
 
 Between the two processes: pipes in each direction carrying pickled lists of messages.
-Down: ``("submit", [(key, source_ids, limit, options, deadline, enqueued_at), ...])``,
+Down: ``("submit", [(key, source_ids, limit, options, deadline), ...])``,
 ``("cancel", [key, ...])``, ``("stop", timeout)``. Up: ``("ready", RuntimeInfo)`` or
 ``("error", message)`` once, then ``("done", key, SentenceResult)``, ``("failed", key, (kind,
 text))``, ``("obs", hook, args)`` for the metrics, and ``("stopped", ok)`` last. The pipes
@@ -208,9 +208,7 @@ class DecodeProcess:
                 key = next(self._keys)
                 job.cancelled = _Cancel(self, key)
                 self._pending[key] = (job, fut)
-                batch.append(
-                    (key, job.source_ids, job.limit, job.options, job.deadline, job.enqueued_at)
-                )
+                batch.append((key, job.source_ids, job.limit, job.options, job.deadline))
             if batch:
                 self._send(("submit", batch))
         return futures
@@ -429,9 +427,12 @@ def _child_handle(
 ) -> bool:
     """One message from the server; False once the child should exit."""
     if kind == "submit":
+        # Queued from now: the scheduler's waits (max_wait_ms, patience) count time in its
+        # queue, as in a thread of the server; the trip through the pipe is not queueing.
+        now = time.monotonic()
         new = [
-            SentenceJob(ids, limit, opts, deadline, enqueued_at=enqueued)
-            for _, ids, limit, opts, deadline, enqueued in body
+            SentenceJob(ids, limit, opts, deadline, enqueued_at=now)
+            for _, ids, limit, opts, deadline in body
         ]
         for (key, *_), job in zip(body, new, strict=True):
             jobs[key] = job
