@@ -195,17 +195,8 @@ def export_graphs(model: Transformer, out_dir: Path, opset: int = OPSET) -> tupl
     }
     for name in io.encoder_outputs[1:]:
         enc_axes[name] = {0: batch, 2: src}
-    dec_axes: dict[str, dict[int, str]] = {
-        "input_ids": {0: batch},
-        "position_ids": {0: batch},
-        "decoder_attention_mask": {0: batch, 1: total},
-        "encoder_attention_mask": {0: batch, 1: src},
-        "logits": {0: batch},
-    }
-    for name in io.decoder_inputs[4:]:
-        dec_axes[name] = {0: batch, 2: past if ".decoder." in name else src}
-    for name in io.decoder_outputs[1:]:
-        dec_axes[name] = {0: batch, 2: total} if name.startswith("present.") else {0: batch, 2: src}
+    dec_axes = _step_axes(io.decoder_inputs[4:], io.decoder_outputs, past, total)
+    dec_axes["decoder_attention_mask"] = {0: batch, 1: total}
     enc_path, dec_path = out_dir / "encoder.onnx", out_dir / "decoder.onnx"
     _export(EncoderGraph(model), enc_args, enc_path, io.encoder_inputs, io.encoder_outputs,
             enc_axes, opset)  # fmt: skip
@@ -228,21 +219,32 @@ def export_cached_decoder(model: Transformer, out_dir: Path, opset: int = OPSET)
         *[torch.randn(b, h, m, dh) for _ in range(2 * n)],
         *[torch.randn(b, h, s, dh) for _ in range(2 * n)],
     )
-    batch, src, cap = "batch", "source_length", "cache_length"
+    axes = _step_axes(io.cached_decoder_inputs[3:], io.decoder_outputs, "cache_length",
+                      "cache_length")  # fmt: skip
+    path = out_dir / "decoder_kv.onnx"
+    _export(CachedDecoderGraph(model), args, path, io.cached_decoder_inputs, io.decoder_outputs,
+            axes, opset, custom_opsets={"com.microsoft": 1})  # fmt: skip
+    return path
+
+
+def _step_axes(
+    caches: list[str], outputs: list[str], past: str, present: str
+) -> dict[str, dict[int, str]]:
+    """Dynamic axes of a one-step decoder graph: batch everywhere, the source length on the
+    source mask, cross K/V and attention, `past` on the self-attention caches fed in (axis 2)
+    and `present` on those returned."""
+    batch, src = "batch", "source_length"
     axes: dict[str, dict[int, str]] = {
         "input_ids": {0: batch},
         "position_ids": {0: batch},
         "encoder_attention_mask": {0: batch, 1: src},
         "logits": {0: batch},
     }
-    for name in io.cached_decoder_inputs[3:]:
-        axes[name] = {0: batch, 2: cap if ".decoder." in name else src}
-    for name in io.decoder_outputs[1:]:
-        axes[name] = {0: batch, 2: cap} if name.startswith("present.") else {0: batch, 2: src}
-    path = out_dir / "decoder_kv.onnx"
-    _export(CachedDecoderGraph(model), args, path, io.cached_decoder_inputs, io.decoder_outputs,
-            axes, opset, custom_opsets={"com.microsoft": 1})  # fmt: skip
-    return path
+    for name in caches:
+        axes[name] = {0: batch, 2: past if ".decoder." in name else src}
+    for name in outputs[1:]:
+        axes[name] = {0: batch, 2: present if name.startswith("present.") else src}
+    return axes
 
 
 def export_packed_encoder(model: Transformer, out_dir: Path, opset: int = OPSET) -> Path:
