@@ -4,8 +4,9 @@
     python benchmarks/service_throughput.py --models default,small,base  # bigger models too
 
 For each model:
-1. Offline: the bundle's graphs through ``service.engine.Engine.decode_all`` (no scheduler, no
-   gRPC), batches of up to 64 sentences grouped by length — the best case for the hardware.
+1. Offline: the bundle's graphs through ``service.engine.decode_all_lanes`` (no scheduler, no
+   gRPC), batches of up to 64 sentences grouped by length, decoded in as many parallel lanes
+   (each with its own 64 rows) as the server runs — the best case for the hardware.
    Measured again before every concurrency and once after the last (passes over the sentence
    set for at least --offline-seconds each): each concurrency's ratios are against the mean of
    the offline figures taken just before and just after it, because these shared machines
@@ -53,11 +54,11 @@ import sentencepiece as spm  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from service.bundle import load_bundle  # noqa: E402
-from service.engine import Engine, SentenceJob, SentenceResult  # noqa: E402
+from service.engine import Engine, SentenceJob, SentenceResult, decode_all_lanes  # noqa: E402
 from service.loadtest import Corpus, Settings, run_load  # noqa: E402
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb  # noqa: E402
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc  # noqa: E402
-from service.runtime import Runtime, RuntimeConfig  # noqa: E402
+from service.runtime import Runtime, RuntimeConfig, plan_lanes  # noqa: E402
 from service.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
 
@@ -75,13 +76,15 @@ def number_sentences(n: int, seed: int) -> list[str]:
 class Offline:
     """Offline batched decoding of the sentence set with one engine, measurable many times."""
 
-    def __init__(self, bundle_dir: str, sentences: list[str], threads: int) -> None:
+    def __init__(self, bundle_dir: str, sentences: list[str], threads: int, lanes: int) -> None:
         bundle = load_bundle(bundle_dir)
         sp = spm.SentencePieceProcessor(model_file=str(bundle.tokenizer_path))
-        self.engine = Engine(Runtime(bundle, RuntimeConfig("cpu", "fp32", threads)), bundle.limits)
+        lanes, cfg = plan_lanes(lanes, RuntimeConfig("cpu", "fp32", threads))
+        rt = Runtime(bundle, cfg)
+        self.engines = [Engine(rt, bundle.limits) for _ in range(lanes)]
         self.ids = [list(sp.encode(s)) for s in sentences]
         self.limits = bundle.limits
-        self.engine.decode_all(self.jobs()[:64])  # warm-up
+        decode_all_lanes(self.engines, self.jobs()[: 64 * lanes])  # warm-up
 
     def jobs(self) -> list[SentenceJob]:
         return [SentenceJob(ids, self.limits.target_limit(len(ids))) for ids in self.ids]
@@ -92,7 +95,7 @@ class Offline:
         sentences = tokens = 0
         while seconds < min_seconds or not sentences:
             t = time.perf_counter()
-            results = self.engine.decode_all(self.jobs(), max_rows=64)
+            results = decode_all_lanes(self.engines, self.jobs(), max_rows=64)
             seconds += time.perf_counter() - t
             sentences += len(results)
             tokens += sum(len(r.token_ids) for r in results)
@@ -109,14 +112,15 @@ def around(runs: list[dict], i: int) -> dict:
 
 def scheduler_closed_loop(
     bundle_dir: str, sentences: list[str], threads: int, concurrency: int, duration: float,
-    warmup: float, max_wait_ms: float,
+    warmup: float, max_wait_ms: float, lanes: int = 0,
 ) -> dict:  # fmt: skip
     """`concurrency` callers in this process, each submitting one sentence to the scheduler as
     soon as its previous one finished; no gRPC. Steady-state figures as in closed_loop."""
     bundle = load_bundle(bundle_dir)
     sp = spm.SentencePieceProcessor(model_file=str(bundle.tokenizer_path))
-    engine = Engine(Runtime(bundle, RuntimeConfig("cpu", "fp32", threads)), bundle.limits)
-    sched = Scheduler(engine, SchedulerConfig(max_batch_rows=64, max_wait_ms=max_wait_ms))
+    lanes, cfg = plan_lanes(lanes, RuntimeConfig("cpu", "fp32", threads))
+    sched_cfg = SchedulerConfig(max_batch_rows=64, max_wait_ms=max_wait_ms, lanes=lanes)
+    sched = Scheduler.over(Runtime(bundle, cfg), sched_cfg)
     sched.start()
     ids = [list(sp.encode(x)) for x in sentences]
     rng = random.Random(1)
@@ -265,7 +269,12 @@ def main() -> int:
     ap.add_argument("--concurrency", default="1,8,32,64")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per concurrency")
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds left out of each")
-    ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all usable)")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="onnxruntime threads per lane (0: as serve's)"
+    )
+    ap.add_argument(
+        "--lanes", type=int, default=0, help="decode lanes, offline and served (0: as serve's)"
+    )
     ap.add_argument(
         "--offline-seconds",
         type=float,
@@ -275,9 +284,9 @@ def main() -> int:
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
     ap.add_argument(
         "--decode-in",
-        default="process",
+        default="thread",
         choices=["process", "thread"],
-        help="the server's --decode-in (process: faster here; thread: the default)",
+        help="the server's --decode-in (thread, the default, is as fast here with lanes)",
     )
     ap.add_argument("--no-echo", action="store_true", help="skip the no-op gRPC server")
     ap.add_argument("--json", help="also write the figures to this file")
@@ -320,9 +329,9 @@ def main() -> int:
             *(sys.executable, "-m", "service", "serve", "--bundle", bundle, "--port", str(port)),
             *("--provider", "cpu", "--threads", str(args.threads), "--max-batch-rows", "64"),
             *("--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"),
-            *("--decode-in", args.decode_in),
+            *("--decode-in", args.decode_in, "--lanes", str(args.lanes)),
         ]
-        base = Offline(bundle, sentences, args.threads)
+        base = Offline(bundle, sentences, args.threads, args.lanes)
         off: list[dict] = []
         sched: list[dict] = []
         service: list[dict] = []
@@ -332,7 +341,7 @@ def main() -> int:
                 off.append(base.measure(args.offline_seconds))
                 sched.append({"concurrency": c, **scheduler_closed_loop(
                     bundle, sentences, args.threads, c, args.duration, args.warmup,
-                    args.max_wait_ms,
+                    args.max_wait_ms, args.lanes,
                 )})  # fmt: skip
                 service.append(load(port, c))
             off.append(base.measure(args.offline_seconds))
@@ -354,10 +363,11 @@ def main() -> int:
         finally:
             stop(proc)
 
+    lanes, cfg = plan_lanes(args.lanes, RuntimeConfig("cpu", "fp32", args.threads))
     print(f"\n{len(sentences)} number sentences, single-sentence calls, closed loop, "
-          f"{args.duration:g} s per row ({args.warmup:g} s warm-up left out), onnxruntime "
-          f"threads {args.threads or 'all usable'}, {os.cpu_count()} CPUs, server "
-          f"--decode-in {args.decode_in}")  # fmt: skip
+          f"{args.duration:g} s per row ({args.warmup:g} s warm-up left out), {lanes} decode "
+          f"lane(s) of {cfg.threads} onnxruntime thread(s) offline and served, "
+          f"{os.cpu_count()} CPUs, server --decode-in {args.decode_in}")  # fmt: skip
     for name, r in results.items():
         offs = r["offline"]
         print(f"\n### {name}: {r['model']}\n")

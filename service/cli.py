@@ -43,7 +43,10 @@ SERVE_HELP = {
     "decode_in": "where decoding runs: process (a child process, apart from the gRPC event "
     "loop) or thread (a thread of the server process)",
     "precision": "graphs to serve: fp32, or int8 if the bundle has them",
-    "threads": "onnxruntime intra-op threads (0: the cores this process may use)",
+    "threads": "onnxruntime intra-op threads of each decode lane (0: the cores this process "
+    "may use, shared out among the lanes)",
+    "lanes": "batches decoded in parallel, each by its own thread (0: auto, one per usable "
+    "core up to 4 on CPU, one on CUDA)",
     "max_queue": "sentences waiting at most; more get RESOURCE_EXHAUSTED at once",
     "max_batch_rows": "rows decoded together at most",
     "max_batch_tokens": "source tokens in the decoding batch at most",

@@ -535,6 +535,45 @@ class Engine:
         return [results[i] for i in range(len(jobs))]
 
 
+def decode_all_lanes(
+    engines: list[Engine], jobs: list[SentenceJob], max_rows: int = 64
+) -> list[SentenceResult]:
+    """Offline batched decoding in parallel lanes: the groups decode_all would make, each
+    decoded by whichever engine (one thread each; they may share a Runtime) is free next."""
+    if len(engines) == 1:
+        return engines[0].decode_all(jobs, max_rows)
+    order = sorted(range(len(jobs)), key=lambda i: len(jobs[i].source_ids))
+    groups = [order[s : s + max_rows] for s in range(0, len(order), max_rows)]
+    results: list[SentenceResult | None] = [None] * len(jobs)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def lane(engine: Engine) -> None:
+        while True:
+            with lock:
+                if not groups or errors:
+                    return
+                group = groups.pop(0)
+            try:
+                decoded = engine.decode_all([jobs[i] for i in group], max_rows)
+                for i, res in zip(group, decoded, strict=True):
+                    results[i] = res
+            except BaseException as e:  # re-raised in the caller
+                with lock:
+                    errors.append(e)
+
+    threads = [threading.Thread(target=lane, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    done = [r for r in results if r is not None]
+    assert len(done) == len(jobs), "a group was never decoded"
+    return done
+
+
 def empty_result(job: SentenceJob, n_layers: int, n_heads: int) -> SentenceResult:
     """An empty source translates to an empty output without running the model."""
     opts = job.options

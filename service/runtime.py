@@ -3,7 +3,8 @@
 Numpy in, numpy out — except the caches with IO binding (below); the decoding logic lives in
 ``service.engine``. The execution provider is chosen here (``cpu | cuda | auto``) and logged,
 and intra-op threads default to the cores this process may really use (CPU affinity and the
-cgroup quota, not the host's count).
+cgroup quota, not the host's count), shared out among the scheduler's decode lanes
+(``plan_lanes``), which run the same sessions concurrently.
 
 IO binding (on by default with CUDA, ``--io-binding``): the decoder's present key/value outputs
 are bound to device memory and fed back as the next step's past inputs without a trip through
@@ -34,7 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeAlias
 
@@ -112,6 +113,27 @@ class RuntimeConfig:
             raise ValueError(f"io_binding must be on, off or auto, not {self.io_binding!r}")
         if self.threads < 0:
             raise ValueError("threads must be ≥ 0")
+
+
+MAX_AUTO_LANES = 4
+
+
+def plan_lanes(lanes: int, cfg: RuntimeConfig) -> tuple[int, RuntimeConfig]:
+    """Decode lanes (batches decoded in parallel, see ``service.scheduler``) and the runtime
+    config with intra-op threads per lane resolved. lanes 0 (auto): one per usable core up to
+    MAX_AUTO_LANES on CPU, one on CUDA; threads 0: the usable cores shared out among the lanes.
+
+    Why lanes by default on CPU: at these models' sizes a second intra-op thread adds little
+    (measured on 2 cores, batches of up to 64: d128 3716 → 3693 sentences/s with 1 thread
+    instead of 2, d256 358 → 330, d512 87 → 60), while two batches decoded side by side with
+    one thread each reach 1.8x, 1.9x and 1.3x one batch with two threads."""
+    if lanes < 0:
+        raise ValueError("lanes must be ≥ 0")
+    cores = usable_cores()
+    if lanes == 0:
+        lanes = 1 if providers_for(cfg.provider)[0] == CUDA else min(cores, MAX_AUTO_LANES)
+    threads = cfg.threads or max(1, cores // lanes)
+    return lanes, replace(cfg, threads=threads)
 
 
 def providers_for(choice: str) -> list[str]:

@@ -65,6 +65,7 @@ class ServerConfig:
     encoder_packing: str = "auto"
     precision: str = "fp32"
     threads: int = 0
+    lanes: int = 0
     max_queue: int = 1024
     max_batch_rows: int = 64
     max_batch_tokens: int = 8192
@@ -316,6 +317,8 @@ def model_info(tr: Translator, cfg: ServerConfig) -> pb.ModelInfo:
         model_sha256=b.sha256(decoder_file),
         source_language=str(corpus.get("source_lang", "")),
         target_language=str(corpus.get("lang", "")),
+        decode_lanes=tr.info.lanes,
+        threads_per_lane=tr.info.threads,
     )
 
 
@@ -402,7 +405,11 @@ class Server:
                 packing=cfg.encoder_packing,
             ),
             SchedulerConfig(
-                cfg.max_queue, cfg.max_batch_rows, cfg.max_batch_tokens, cfg.max_wait_ms
+                cfg.max_queue,
+                cfg.max_batch_rows,
+                cfg.max_batch_tokens,
+                cfg.max_wait_ms,
+                cfg.lanes,
             ),
             cfg.max_sentences,
             self.metrics,

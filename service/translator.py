@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sentencepiece as spm
 
 from service.bundle import Bundle
-from service.engine import AttentionMode, DecodeOptions, Engine, SentenceJob, SentenceResult
-from service.runtime import Runtime, RuntimeConfig
+from service.engine import AttentionMode, DecodeOptions, SentenceJob, SentenceResult
+from service.runtime import Runtime, RuntimeConfig, plan_lanes
 from service.scheduler import Observer, Scheduler, SchedulerConfig
 from service.worker import DecodeProcess, RuntimeInfo
 
@@ -69,22 +69,22 @@ class Translator:
         self.sp = spm.SentencePieceProcessor(model_file=str(bundle.tokenizer_path))
         self.n_layers = int(bundle.model["n_decoder_layers"])
         self.decode_in = decode_in
-        runtime_cfg = runtime_cfg or RuntimeConfig()
         scheduler_cfg = scheduler_cfg or SchedulerConfig()
+        lanes, runtime_cfg = plan_lanes(scheduler_cfg.lanes, runtime_cfg or RuntimeConfig())
+        scheduler_cfg = replace(scheduler_cfg, lanes=lanes)
         self.runtime: Runtime | None = None
         self.scheduler: Scheduler | DecodeProcess
         if decode_in == "process":
             self.scheduler = DecodeProcess(bundle.directory, runtime_cfg, scheduler_cfg, observer)
         else:
             self.runtime = Runtime(bundle, runtime_cfg)
-            engine = Engine(self.runtime, self.limits, capacity=scheduler_cfg.max_batch_rows)
-            self.scheduler = Scheduler(engine, scheduler_cfg, observer)
+            self.scheduler = Scheduler.over(self.runtime, scheduler_cfg, observer)
 
     @property
     def info(self) -> RuntimeInfo:
         """Execution provider, decoder and encoder settings actually in use."""
         if self.runtime is not None:
-            return RuntimeInfo.of(self.runtime)
+            return RuntimeInfo.of(self.runtime, self.scheduler.lanes)
         assert isinstance(self.scheduler, DecodeProcess) and self.scheduler.info is not None
         return self.scheduler.info
 

@@ -44,7 +44,6 @@ from typing import Any
 from service.bundle import load_bundle
 from service.engine import (
     EncodeStats,
-    Engine,
     SentenceJob,
     SentenceResult,
     StepStats,
@@ -73,12 +72,13 @@ class RuntimeInfo:
     inplace: bool
     n_layers: int
     n_heads: int
-    threads: int
+    threads: int  # intra-op threads of each lane
     packing: str
+    lanes: int
 
     @classmethod
-    def of(cls, rt: Runtime) -> RuntimeInfo:
-        return cls(rt.provider, rt.inplace, rt.n_layers, rt.n_heads, rt.threads, rt.packing)
+    def of(cls, rt: Runtime, lanes: int) -> RuntimeInfo:
+        return cls(rt.provider, rt.inplace, rt.n_layers, rt.n_heads, rt.threads, rt.packing, lanes)
 
 
 class DecodeProcessDied(ShuttingDown):
@@ -217,6 +217,10 @@ class DecodeProcess:
     def queued(self) -> int:
         """Sentences waiting in the child's queue, as it last reported."""
         return self._queued
+
+    @property
+    def lanes(self) -> int:
+        return self.cfg.lanes
 
     def _cancel(self, key: int) -> None:
         with self._lock:
@@ -381,13 +385,12 @@ def _child_main(
         bundle = load_bundle(bundle_dir)
         rt = Runtime(bundle, runtime_cfg)
         rt.warm_up()
-        engine = Engine(rt, bundle.limits, capacity=cfg.max_batch_rows)
+        out = _Outbox(up)
+        sched = Scheduler.over(rt, cfg, _Forward(out))
     except Exception as e:
         up.send([("error", f"{type(e).__name__}: {e}")])
         return
-    up.send([("ready", RuntimeInfo.of(rt))])
-    out = _Outbox(up)
-    sched = Scheduler(engine, cfg, _Forward(out))
+    up.send([("ready", RuntimeInfo.of(rt, sched.lanes))])
     sched.start()
     jobs: dict[int, SentenceJob] = {}
 

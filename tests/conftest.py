@@ -99,8 +99,8 @@ class ServerThread:
 
 @pytest.fixture(scope="session")
 def process_server(tiny_bundle: Path) -> object:
-    """The same server with decoding in a child process (the serve default)."""
-    srv = ServerThread(tiny_bundle, max_sentences=40, metrics_port=0, decode_in="process")
+    """The same server with decoding in a child process (--decode-in process)."""
+    srv = ServerThread(tiny_bundle, max_sentences=40, metrics_port=0, decode_in="process", lanes=2)
     srv.wait_serving()
     yield srv
     srv.stop()
@@ -109,8 +109,9 @@ def process_server(tiny_bundle: Path) -> object:
 @pytest.fixture(scope="session")
 def server(tiny_bundle: Path) -> object:
     """One server for the end-to-end tests; small limits so the limit errors are cheap. Decoding
-    in a thread of the server, so tests can stall or fail decoder steps (Scheduler.fault)."""
-    srv = ServerThread(tiny_bundle, max_sentences=40, metrics_port=0, decode_in="thread")
+    in a thread of the server, so tests can stall or fail decoder steps (Scheduler.fault). Two
+    decode lanes (the default on two cores), whatever this machine's core count."""
+    srv = ServerThread(tiny_bundle, max_sentences=40, metrics_port=0, decode_in="thread", lanes=2)
     srv.wait_serving()
     yield srv
     srv.stop()

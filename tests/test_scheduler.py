@@ -3,9 +3,12 @@ bundle: how newcomers join a running batch, and that they still get their solo r
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from service.bundle import load_bundle
 from service.engine import DecodeOptions, EncodeStats, Engine, SentenceJob, StepStats
@@ -61,3 +64,88 @@ def test_newcomers_join_a_running_batch_in_groups(tiny_bundle: Path) -> None:
     assert len(results[0].token_ids) == n
     for src, res in zip(sources, results[1:], strict=True):
         assert res.token_ids == engine.decode_all([SentenceJob(src, 8)])[0].token_ids
+
+
+class PerLane(Observer):
+    """Rows of every step, by the decode thread that ran it."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[int]] = {}
+
+    def stepped(self, stats: StepStats) -> None:
+        self.rows.setdefault(threading.current_thread().name, []).append(stats.rows)
+
+
+def test_lanes_share_the_work_and_give_solo_results(tiny_bundle: Path) -> None:
+    """Two lanes over one set of sessions: 64 sentences submitted at once are split between
+    them (neither holds more than its fair share of 32 rows), and every result equals the
+    sentence decoded alone."""
+    b = load_bundle(tiny_bundle)
+    rt = Runtime(b, RuntimeConfig("cpu", "fp32", 1))
+    obs = PerLane()
+    sched = Scheduler.over(rt, SchedulerConfig(max_batch_rows=64, max_wait_ms=5.0, lanes=2), obs)
+    assert sched.lanes == 2
+    sources = [[5 + i % 50, 6 + (i * 7) % 40, 9][: 1 + i % 3] for i in range(64)]
+    sched.start()
+    try:
+        futures = sched.submit([SentenceJob(src, 10) for src in sources])
+        results = [f.result(timeout=60) for f in futures]
+    finally:
+        assert sched.stop(10)
+    assert sorted(obs.rows) == ["nmtserve-decode-0", "nmtserve-decode-1"], obs.rows
+    assert max(max(r) for r in obs.rows.values()) <= 32
+    alone = Engine(rt, b.limits)
+    for src, res in zip(sources, results, strict=True):
+        assert res.token_ids == alone.decode_all([SentenceJob(src, 10)])[0].token_ids
+
+
+def test_one_sentence_is_decoded_by_one_lane(tiny_bundle: Path) -> None:
+    b = load_bundle(tiny_bundle)
+    obs = PerLane()
+    rt = Runtime(b, RuntimeConfig("cpu", "fp32", 1))
+    sched = Scheduler.over(rt, SchedulerConfig(max_wait_ms=1.0, lanes=2), obs)
+    sched.start()
+    try:
+        job = SentenceJob([7, 8, 9], 12, DecodeOptions(min_output_tokens=12))
+        sched.submit([job])[0].result(30)
+    finally:
+        assert sched.stop(10)
+    assert len(obs.rows) == 1 and sum(len(r) for r in obs.rows.values()) == 12, obs.rows
+
+
+def test_scheduler_lanes_must_match_its_engines(tiny_bundle: Path) -> None:
+    b = load_bundle(tiny_bundle)
+    engine = Engine(Runtime(b, RuntimeConfig("cpu", "fp32", 1)), b.limits)
+    with pytest.raises(ValueError, match="2 lanes configured, 1 engines given"):
+        Scheduler(engine, SchedulerConfig(lanes=2))
+    with pytest.raises(ValueError, match="lanes"):
+        SchedulerConfig(lanes=-1)
+
+
+def test_plan_lanes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service import runtime
+
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
+    assert runtime.plan_lanes(0, RuntimeConfig("cpu")) == (2, RuntimeConfig("cpu", threads=1))
+    assert runtime.plan_lanes(1, RuntimeConfig("cpu")) == (1, RuntimeConfig("cpu", threads=2))
+    assert runtime.plan_lanes(3, RuntimeConfig("cpu")) == (3, RuntimeConfig("cpu", threads=1))
+    explicit = RuntimeConfig("cpu", threads=4)
+    assert runtime.plan_lanes(2, explicit) == (2, explicit)
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 16)
+    assert runtime.plan_lanes(0, RuntimeConfig("cpu")) == (4, RuntimeConfig("cpu", threads=4))
+    monkeypatch.setattr(runtime, "providers_for", lambda choice: [runtime.CUDA, runtime.CPU])
+    assert runtime.plan_lanes(0, RuntimeConfig("auto")) == (1, RuntimeConfig("auto", threads=16))
+    with pytest.raises(ValueError, match="lanes"):
+        runtime.plan_lanes(-1, RuntimeConfig("cpu"))
+
+
+def test_offline_decoding_in_lanes_equals_one_engine(tiny_bundle: Path) -> None:
+    from service.engine import decode_all_lanes
+
+    b = load_bundle(tiny_bundle)
+    rt = Runtime(b, RuntimeConfig("cpu", "fp32", 1))
+    jobs = [SentenceJob([5 + i % 50, 6 + (i * 7) % 40, 9][: i % 4], 10) for i in range(50)]
+    alone = Engine(rt, b.limits).decode_all(jobs, max_rows=8)
+    lanes = decode_all_lanes([Engine(rt, b.limits) for _ in range(3)], jobs, max_rows=8)
+    assert [r.token_ids for r in lanes] == [r.token_ids for r in alone]
+    assert [r.finish_reason for r in lanes] == [r.finish_reason for r in alone]

@@ -91,7 +91,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("format_version", "vocab_size", "d_model", "heads", "encoder_layers", "decoder_layers", "max_source_tokens", "max_target_tokens", "target_tokens_a", "target_tokens_b", "max_sentences_per_request", "execution_provider", "precision", "corpus_json", "metrics_json", "model_sha256", "source_language", "target_language")
+    __slots__ = ("format_version", "vocab_size", "d_model", "heads", "encoder_layers", "decoder_layers", "max_source_tokens", "max_target_tokens", "target_tokens_a", "target_tokens_b", "max_sentences_per_request", "execution_provider", "precision", "corpus_json", "metrics_json", "model_sha256", "source_language", "target_language", "decode_lanes", "threads_per_lane")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     D_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,8 @@ class ModelInfo(_message.Message):
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     SOURCE_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     TARGET_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    DECODE_LANES_FIELD_NUMBER: _ClassVar[int]
+    THREADS_PER_LANE_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     vocab_size: int
     d_model: int
@@ -128,4 +130,6 @@ class ModelInfo(_message.Message):
     model_sha256: str
     source_language: str
     target_language: str
-    def __init__(self, format_version: _Optional[int] = ..., vocab_size: _Optional[int] = ..., d_model: _Optional[int] = ..., heads: _Optional[int] = ..., encoder_layers: _Optional[int] = ..., decoder_layers: _Optional[int] = ..., max_source_tokens: _Optional[int] = ..., max_target_tokens: _Optional[int] = ..., target_tokens_a: _Optional[float] = ..., target_tokens_b: _Optional[float] = ..., max_sentences_per_request: _Optional[int] = ..., execution_provider: _Optional[str] = ..., precision: _Optional[str] = ..., corpus_json: _Optional[str] = ..., metrics_json: _Optional[str] = ..., model_sha256: _Optional[str] = ..., source_language: _Optional[str] = ..., target_language: _Optional[str] = ...) -> None: ...
+    decode_lanes: int
+    threads_per_lane: int
+    def __init__(self, format_version: _Optional[int] = ..., vocab_size: _Optional[int] = ..., d_model: _Optional[int] = ..., heads: _Optional[int] = ..., encoder_layers: _Optional[int] = ..., decoder_layers: _Optional[int] = ..., max_source_tokens: _Optional[int] = ..., max_target_tokens: _Optional[int] = ..., target_tokens_a: _Optional[float] = ..., target_tokens_b: _Optional[float] = ..., max_sentences_per_request: _Optional[int] = ..., execution_provider: _Optional[str] = ..., precision: _Optional[str] = ..., corpus_json: _Optional[str] = ..., metrics_json: _Optional[str] = ..., model_sha256: _Optional[str] = ..., source_language: _Optional[str] = ..., target_language: _Optional[str] = ..., decode_lanes: _Optional[int] = ..., threads_per_lane: _Optional[int] = ...) -> None: ...
