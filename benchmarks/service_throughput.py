@@ -74,7 +74,8 @@ def number_sentences(n: int, seed: int) -> list[str]:
 
 
 class Offline:
-    """Offline batched decoding of the sentence set with one engine, measurable many times."""
+    """Offline batched decoding of the sentence set in decode lanes (one engine each, one set of
+    sessions), measurable many times."""
 
     def __init__(self, bundle_dir: str, sentences: list[str], threads: int, lanes: int) -> None:
         bundle = load_bundle(bundle_dir)

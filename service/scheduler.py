@@ -132,7 +132,8 @@ class Scheduler:
         cls, runtime: Runtime, cfg: SchedulerConfig, observer: Observer | None = None
     ) -> Scheduler:
         """cfg.lanes engines over one runtime (onnxruntime sessions take concurrent runs), each
-        first allocating its cache for its share of the rows."""
+        first allocating its cache for its share of the rows. lanes 0 counts as 1 here: resolve
+        "auto" with ``service.runtime.plan_lanes`` first, as the translator does."""
         lanes = max(1, cfg.lanes)
         capacity = -(-cfg.max_batch_rows // lanes)
         limits = runtime.bundle.limits
