@@ -432,10 +432,6 @@ class Engine:
                 batch.tokens, batch.positions, self_mask, batch.src_mask, batch.past, batch.cross
             )
         rows = batch.rows
-        early = [i for i in live if len(rows[i].tokens) < rows[i].job.options.min_output_tokens]  # type: ignore[union-attr]
-        if early:  # rows that may not end yet: the best token other than EOS
-            logits = logits.copy()
-            logits[early, self.rt.eos_id] = -np.inf
         nxt = logits.argmax(axis=-1)  # (B,)
         finished: list[tuple[SentenceJob, SentenceResult]] = []
         done: list[int] = []
@@ -445,9 +441,14 @@ class Engine:
             row = rows[i]
             assert row is not None
             source_cells += row.source_len
-            tok = int(nxt[i])
             opts = row.job.options
-            lp = _log_prob(logits[i], tok) if opts.scores else 0.0
+            scores = logits[i]
+            if len(row.tokens) < opts.min_output_tokens:  # may not end yet: the best but EOS
+                scores = scores.copy()
+                scores[eos] = -np.inf
+                nxt[i] = scores.argmax()
+            tok = int(nxt[i])
+            lp = _log_prob(scores, tok) if opts.scores else 0.0
             if tok == eos:
                 row.eos_log_prob = lp
                 finished.append((row.job, self._result(row, "eos")))

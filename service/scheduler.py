@@ -171,7 +171,8 @@ class Scheduler:
                 else:
                     fut.set_result(self.engine.empty_result(job))
             self.obs.queue_depth(len(self._queue))
-            self._cond.notify()
+            if to_queue:  # wake an idle lane only when there is work for it
+                self._cond.notify()
         return futures
 
     def stop(self, timeout: float | None = None) -> bool:
