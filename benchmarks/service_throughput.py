@@ -166,7 +166,7 @@ def scheduler_closed_loop(
             src = ids[rng.randrange(len(ids))]
         sent = time.monotonic() - t0
         job = SentenceJob(src, bundle.limits.target_limit(len(src)))
-        fut = sched.submit([job])[0]
+        fut = sched.submit([job]).futures[0]
         fut.add_done_callback(lambda f: done(f, sent))
 
     def done(fut: Future[SentenceResult], sent: float) -> None:

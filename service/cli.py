@@ -47,13 +47,19 @@ SERVE_HELP = {
     "may use, shared out among the lanes)",
     "lanes": "batches decoded in parallel, each by its own thread (0: auto, one per usable "
     "core up to 4 on CPU, one on CUDA)",
-    "max_queue": "sentences waiting at most; more get RESOURCE_EXHAUSTED at once",
+    "max_queue_tokens": "source tokens of the sentences waiting, at most; a call that does not "
+    "fit gets RESOURCE_EXHAUSTED at once",
+    "max_call_tokens": "source tokens of one call, at most (INVALID_ARGUMENT above), so that no "
+    "single call can fill the queue",
     "max_batch_rows": "rows decoded together at most",
     "max_batch_tokens": "source tokens in the decoding batch at most",
     "max_wait_ms": "how long an idle server waits for more sentences to fill a batch",
     "max_sentences": "sentences per request at most",
     "max_message_bytes": "largest gRPC message received or sent",
-    "grace_s": "seconds in-flight requests get to finish after SIGTERM",
+    "drain_delay_s": "after SIGTERM: seconds of NOT_SERVING while still serving, so that load "
+    "balancers and health-checking clients move away before new calls are refused",
+    "grace_s": "seconds accepted calls get to finish once new calls are refused (after the drain "
+    "delay)",
     "tls_cert": "server certificate (PEM); with --tls-key enables TLS",
     "tls_key": "server private key (PEM)",
     "tls_client_ca": "CA certificate (PEM) that client certificates must chain to: mutual TLS",
@@ -62,11 +68,18 @@ SERVE_HELP = {
 }
 
 
+# Settings whose values are secrets: their environment value is read after parsing, so that it
+# never shows in --help as a default.
+SECRET = frozenset({"auth_tokens"})
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     for f in fields(ServerConfig):
         env = f"NMTSERVE_{f.name.upper()}"
         flag = "--" + f.name.replace("_", "-")
         default = os.environ.get(env, None if f.name == "bundle" else f.default)
+        if f.name in SECRET:
+            default = None
         kind = type(f.default) if f.name != "bundle" else str
         kwargs: dict[str, Any] = {"default": default, "help": f"{SERVE_HELP[f.name]} [{env}]"}
         if f.name == "provider":
@@ -101,7 +114,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # holds it for gRPC work; the default 5 ms hand-over interval stalled decoder steps
     # (measured: +17% calls/s at concurrency 64 with 1 ms, benchmarks/service_throughput.py).
     sys.setswitchinterval(0.001)
-    cfg = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
+    values = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}
+    for name in SECRET:
+        if values[name] is None:
+            values[name] = os.environ.get(f"NMTSERVE_{name.upper()}", "")
+    cfg = ServerConfig(**values)
     server = Server(cfg)
     try:
         asyncio.run(server.run())
@@ -111,7 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (RuntimeError, ValueError, OSError) as e:
         log.error("cannot start: %s", e)
         return 2
-    return 0
+    return server.exit_code
 
 
 def cmd_health(args: argparse.Namespace) -> int:

@@ -71,7 +71,30 @@ ATTENTION_MODES: dict[str, pb.AttentionMode] = {
 # ask for it, so the client accepts it; 512 MiB still stops a runaway response.
 _MAX_RECEIVE_BYTES = 512 * 1024 * 1024
 
-_ROUND_ROBIN = ("grpc.lb_policy_name", "round_robin")
+# Every channel of the client: round_robin over all the addresses the target resolves to, each
+# address watched through grpc.health.v1 (a replica that says NOT_SERVING, loading or draining,
+# gets no new calls), and calls that end UNAVAILABLE retried with backoff (on another replica
+# where there is one; translating is idempotent). A server without the health service counts as
+# healthy.
+TRANSLATOR_SERVICE = pb.DESCRIPTOR.services_by_name["Translator"].full_name
+SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": TRANSLATOR_SERVICE},
+        "methodConfig": [
+            {
+                "name": [{"service": TRANSLATOR_SERVICE}],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+)
 # Targets that already name a gRPC resolver scheme are passed through untouched.
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
 
@@ -157,29 +180,27 @@ class TranslatorClient:
         timeout: float | None = 30.0,
         tls_ca: str | None = None,
         token: str | None = None,
-        round_robin: bool = False,
         tls_cert: str | None = None,
         tls_key: str | None = None,
     ) -> None:
         """Opens the channel.
 
         target: `host:port`, a gRPC target with a scheme (`dns:///svc:50051`), or a
-            comma-separated `host:p1,host:p2` list, which implies round-robin balancing.
+            comma-separated `host:p1,host:p2` list of replicas. Calls are balanced round-robin
+            over every address, skip replicas whose health service says NOT_SERVING, and are
+            retried on UNAVAILABLE (SERVICE_CONFIG).
         timeout: per-call deadline in seconds; None waits forever.
         tls_ca: PEM file of the CA that signed the server's certificate; switches to TLS.
         token: sent as `authorization: Bearer <token>` metadata on every call.
         tls_cert, tls_key: the client's own certificate and key (PEM), for mutual TLS.
-        round_robin: balance over every address the target resolves to (a DNS name with several
-            records) rather than gRPC's default pick_first.
         """
         self.target = target
         self.channel_target = resolve_target(target)
         self.timeout = timeout
         self.options: list[tuple[str, Any]] = [
-            ("grpc.max_receive_message_length", _MAX_RECEIVE_BYTES)
+            ("grpc.max_receive_message_length", _MAX_RECEIVE_BYTES),
+            ("grpc.service_config", SERVICE_CONFIG),
         ]
-        if round_robin or "," in target:
-            self.options.append(_ROUND_ROBIN)
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
@@ -425,11 +446,6 @@ def add_translate_args(parser: argparse.ArgumentParser) -> None:
         f"(default: ${TARGET_ENV} or {DEFAULT_TARGET})",
     )
     parser.add_argument(
-        "--round-robin",
-        action="store_true",
-        help="balance over every address the target resolves to (implied by a comma list)",
-    )
-    parser.add_argument(
         "--file",
         metavar="PATH",
         help="read sentences one per line from PATH ('-' for stdin); empty lines are kept",
@@ -625,7 +641,6 @@ def run_translate(args: argparse.Namespace) -> int:
             timeout=timeout,
             tls_ca=args.tls_ca,
             token=token,
-            round_robin=args.round_robin,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
         )

@@ -69,6 +69,7 @@ class SentenceJob:
     deadline: float | None = None  # time.monotonic() seconds
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
+    request_id: str = ""  # the call's, for log lines
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -92,13 +93,28 @@ class Row:
     source_len: int
     tokens: list[int] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)
-    attn: list[np.ndarray] = field(default_factory=list)  # per step (L', H, S_row)
+    # Per step, only what the request asked for: (S_row,) for a layer average, (H, S_row) for
+    # one layer's heads, (L, H, S_row) for all layers; and the alignment's source position.
+    attn: list[np.ndarray] = field(default_factory=list)
+    align: list[int] = field(default_factory=list)
     eos_log_prob: float = 0.0
 
     @property
     def wants_attention(self) -> bool:
         o = self.job.options
         return o.attention != AttentionMode.NONE or o.alignment
+
+    def record_attention(self, cross_attn: list[np.ndarray], i: int) -> None:
+        """Keeps this step's cross-attention (L × (B, H, S)) of row i, as far as asked."""
+        o, s = self.job.options, self.source_len
+        if o.attention == AttentionMode.ALL_LAYERS:
+            self.attn.append(np.stack([a[i, :, :s] for a in cross_attn]))  # (L, H, S)
+        elif o.attention == AttentionMode.LAYER_HEADS:
+            self.attn.append(cross_attn[o.attention_layer][i, :, :s].copy())  # (H, S)
+        elif o.attention == AttentionMode.LAYER_AVERAGE:
+            self.attn.append(cross_attn[o.attention_layer][i, :, :s].mean(axis=0))  # (S,)
+        if o.alignment:  # the last layer's head average, its most attended source position
+            self.align.append(int(cross_attn[-1][i, :, :s].mean(axis=0).argmax()))
 
 
 @dataclass
@@ -458,9 +474,7 @@ class Engine:
             if opts.scores:
                 row.log_probs.append(lp)
             if row.wants_attention:
-                row.attn.append(
-                    np.stack([a[i, :, : row.source_len] for a in cross_attn])  # (L, H, S_row)
-                )
+                row.record_attention(cross_attn, i)
             if len(row.tokens) >= row.job.limit:
                 finished.append((row.job, self._result(row, "length")))
                 done.append(i)
@@ -491,23 +505,21 @@ class Engine:
         if opts.scores:
             res.token_log_probs = list(row.log_probs)
             res.sequence_log_prob = float(sum(row.log_probs) + row.eos_log_prob)
-        if row.wants_attention:
-            s = row.source_len
-            n_layers, h = self.rt.n_layers, self.rt.n_heads
-            full = (
-                np.stack(row.attn, axis=2)  # (L, H, T, S)
+        if opts.attention != AttentionMode.NONE:
+            s, n_layers, h = row.source_len, self.rt.n_layers, self.rt.n_heads
+            step_shape = {
+                AttentionMode.LAYER_AVERAGE: (s,),
+                AttentionMode.LAYER_HEADS: (h, s),
+                AttentionMode.ALL_LAYERS: (n_layers, h, s),
+            }[opts.attention]
+            # Steps stacked on the target axis, second to last: (T, S), (H, T, S), (L, H, T, S).
+            res.attention = (
+                np.stack(row.attn, axis=-2)
                 if row.attn
-                else np.zeros((n_layers, h, 0, s), np.float32)
+                else np.zeros((*step_shape[:-1], 0, s), np.float32)
             )
-            layer = opts.attention_layer
-            if opts.attention == AttentionMode.LAYER_AVERAGE:
-                res.attention = full[layer].mean(axis=0)  # (T, S)
-            elif opts.attention == AttentionMode.LAYER_HEADS:
-                res.attention = full[layer]  # (H, T, S)
-            elif opts.attention == AttentionMode.ALL_LAYERS:
-                res.attention = full  # (L, H, T, S)
-            if opts.alignment:
-                res.alignment = [int(j) for j in full[-1].mean(axis=0).argmax(axis=-1)]
+        if opts.alignment:
+            res.alignment = list(row.align)
         return res
 
     def empty_result(self, job: SentenceJob) -> SentenceResult:

@@ -29,6 +29,11 @@ class Metrics(Observer):
             ["reason"],
             registry=r,
         )
+        self.failed_total = Counter(
+            "nmtserve_sentences_failed",
+            "Sentences failed by an error in decoding (their batch, or a dead decode lane)",
+            registry=r,
+        )
         self.queue = Gauge("nmtserve_queue_depth", "Sentences waiting in the queue", registry=r)
         self.batches = Counter(
             "nmtserve_batches",
@@ -91,6 +96,9 @@ class Metrics(Observer):
 
     def dropped(self, reason: str) -> None:
         self.dropped_total.labels(reason).inc()
+
+    def failed(self, sentences: int) -> None:
+        self.failed_total.inc(sentences)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         """Starts the /metrics HTTP endpoint in a background thread."""

@@ -2,21 +2,30 @@
 
 A lane is a decode thread that owns one running ``DecodeBatch`` (and its own ``Engine``; the
 lanes share the onnxruntime sessions). Between two decoder steps a lane admits waiting
-sentences into its batch (up to its share of the rows and ``max_batch_tokens`` source tokens,
-oldest first, then the closest in length, to cut padding), and finished rows leave the batch at
-once (their slots are reused, see ``service.engine``). Newcomers join a running batch in groups:
-once half the lane's free rows can be filled, or the oldest has waited ``max_wait_ms`` or two
-decoder steps. When a lane is empty it waits up to ``max_wait_ms`` for more sentences to
-arrive before starting, so concurrent single-sentence calls share a batch.
+sentences into its batch, and finished rows leave the batch at once (their slots are reused,
+see ``service.engine``). Newcomers join a running batch in groups: once half the lane's free
+rows can be filled, or the oldest has waited ``max_wait_ms`` or two decoder steps. When a lane
+is empty it waits up to ``max_wait_ms`` for more sentences to arrive before starting, so
+concurrent single-sentence calls share a batch.
+
+Fairness: the queue holds calls, each with its waiting sentences. Admission takes sentences
+from the calls in turn, one each per round (``choose``), and a call that was served moves to
+the back of the turn order, so a single-sentence call is never queued behind all 256 sentences
+of another. The queue's limit counts work, in source tokens (``max_queue_tokens``), and one call
+may hold at most ``max_call_tokens`` of it.
 
 With several lanes (``SchedulerConfig.lanes``), all take from the one queue and each admits up
 to its fair share of the work in flight: ceil((queued + rows in every lane) / lanes) rows, at
-most ``max_batch_rows``. So one call is decoded by one lane, and 64 concurrent ones by two
-lanes of ~32 rows on a two-lane server. onnxruntime releases the GIL while it runs, so lanes
-decode in parallel, and the asyncio server stays responsive beside them.
+most ``max_batch_rows``. onnxruntime releases the GIL while it runs, so lanes decode in
+parallel, and the asyncio server stays responsive beside them.
 
-Expired and cancelled sentences never start, and are dropped from a running batch. A full
-queue refuses new work at once (``QueueFull``).
+Every sentence ends through one path (``settle``): a result, an error, its deadline, or its
+cancellation. Futures may be cancelled by their owner at any moment; completing one that is
+already done is not an error. A sentence whose call is cancelled (``Ticket.cancel``) leaves the
+queue at once; an expired or cancelled one never starts and is dropped from a running batch. A
+failing batch fails only its own sentences. A lane that dies anyway (a bug in the scheduler
+itself) fails what it held, and ``on_fatal`` tells the server, which stops serving and exits
+non-zero so that its supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -25,9 +34,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
 
 from service.engine import (
     DecodeBatch,
@@ -58,27 +67,82 @@ class ShuttingDown(Exception):
     """The scheduler is stopping and takes no new work."""
 
 
+class DecoderFailed(ShuttingDown):
+    """A decode lane died; the server is restarting."""
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_queue: int = 1024  # sentences waiting, at most
+    max_queue_tokens: int = 16384  # source tokens of the sentences waiting, at most
+    max_call_tokens: int = 4096  # source tokens of one call, at most
     max_batch_rows: int = 64  # rows decoded together, at most
     max_batch_tokens: int = 8192  # source tokens in the running batch, at most
     max_wait_ms: float = 5.0  # how long an idle scheduler waits to fill a first batch
     lanes: int = 1  # batches decoded in parallel, each in its own thread (0: see plan_lanes)
 
     def __post_init__(self) -> None:
-        if self.max_queue < 1 or self.max_batch_rows < 1 or self.max_batch_tokens < 1:
-            raise ValueError("queue and batch limits must be positive")
+        if min(self.max_queue_tokens, self.max_call_tokens) < 1:
+            raise ValueError("queue limits must be positive")
+        if self.max_batch_rows < 1 or self.max_batch_tokens < 1:
+            raise ValueError("batch limits must be positive")
+        if self.max_call_tokens > self.max_queue_tokens:
+            raise ValueError("max_call_tokens must not exceed max_queue_tokens")
         if self.lanes < 0:
             raise ValueError("lanes must be ≥ 0")
         if self.max_wait_ms < 0:
             raise ValueError("max_wait_ms must be ≥ 0")
 
 
-@dataclass
+def settle(
+    fut: Future[SentenceResult],
+    result: SentenceResult | None = None,
+    error: BaseException | None = None,
+) -> bool:
+    """Completes fut, unless it is done already (its owner may cancel it at any moment, from
+    any thread: checking first and setting after would race). Whether it was completed now."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)  # type: ignore[arg-type]
+        return True
+    except InvalidStateError:
+        return False
+
+
+@dataclass(eq=False)
 class _Pending:
     job: SentenceJob
     future: Future[SentenceResult]
+    call: _Call
+
+
+@dataclass(eq=False)
+class _Call:
+    """The waiting sentences of one submitted call, in order."""
+
+    waiting: deque[_Pending] = field(default_factory=deque)
+    tokens: int = 0
+
+    @property
+    def oldest(self) -> float:
+        return self.waiting[0].job.enqueued_at
+
+
+class Ticket:
+    """What submitting a call returns: a future per sentence, and ``cancel()``, which drops the
+    sentences that have not finished (queued ones leave the queue at once)."""
+
+    def __init__(
+        self,
+        jobs: list[SentenceJob],
+        futures: list[Future[SentenceResult]],
+        canceller: Callable[[list[SentenceJob]], None],
+    ) -> None:
+        self.jobs, self.futures, self._canceller = jobs, futures, canceller
+
+    def cancel(self) -> None:
+        self._canceller(self.jobs)
 
 
 class _Lane:
@@ -90,7 +154,9 @@ class _Lane:
         self.running: dict[int, _Pending] = {}  # id(job) → pending, for rows in its batch
         self.rows = 0  # live rows in its batch, as of its last admission check
         self.step_s = 0.0  # moving average of a decoder step's time
+        self.admitting: list[_Pending] = []  # taken from the queue, not yet in its batch
         self.thread: threading.Thread | None = None
+        self.alive = True
 
 
 class Observer:
@@ -101,6 +167,43 @@ class Observer:
     def stepped(self, stats: StepStats) -> None: ...
     def finished(self, result: SentenceResult) -> None: ...
     def dropped(self, reason: str) -> None: ...
+    def failed(self, sentences: int) -> None: ...
+
+
+def choose(
+    calls: Sequence[Sequence[int]],
+    free_rows: int,
+    running_tokens: int,
+    max_tokens: int,
+    running: bool,
+) -> list[int]:
+    """Which waiting sentences join a batch: for each call (its waiting sentences' source
+    lengths, in turn order), how many of its first sentences are taken.
+
+    Round by round, each call in turn gives its next sentence while rows are free. A sentence
+    that would take the batch past ``max_tokens`` source tokens ends its call's turns for this
+    admission; if the very first one does not fit beside a running batch, nothing is taken (the
+    batch must shrink first, so a long sentence is not passed over for ever). An empty batch
+    always takes the first one."""
+    taken = [0] * len(calls)
+    blocked = [False] * len(calls)
+    tokens, rows = running_tokens, 0
+    for depth in range(max((len(c) for c in calls), default=0)):
+        for i, lengths in enumerate(calls):
+            if rows >= free_rows:
+                return taken
+            if blocked[i] or depth >= len(lengths):
+                continue
+            n = lengths[depth]
+            if tokens + n > max_tokens and (rows or running):
+                if not rows:  # the first candidate does not fit beside the running batch
+                    return taken
+                blocked[i] = True
+                continue
+            taken[i] += 1
+            tokens += n
+            rows += 1
+    return taken
 
 
 class Scheduler:
@@ -112,6 +215,7 @@ class Scheduler:
         engine: Engine | list[Engine],
         cfg: SchedulerConfig | None = None,
         observer: Observer | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
         engines = engine if isinstance(engine, list) else [engine]
         self.cfg = cfg or SchedulerConfig()
@@ -119,17 +223,25 @@ class Scheduler:
             raise ValueError(f"{self.cfg.lanes} lanes configured, {len(engines)} engines given")
         self.engine = engines[0]
         self.obs = observer or Observer()
+        self.on_fatal = on_fatal
         self._lanes = [_Lane(i, e) for i, e in enumerate(engines)]
         # A lane's rows when the work is spread evenly: the group sizes it waits for
         self._lane_rows = -(-self.cfg.max_batch_rows // len(self._lanes))
-        self._queue: deque[_Pending] = deque()
+        self._calls: deque[_Call] = deque()  # calls with waiting sentences, in turn order
+        self._queued = 0  # sentences waiting
+        self._queued_tokens = 0
         self._cond = threading.Condition()
         self._stopping = False
+        self._failure: BaseException | None = None  # set when a lane died
         self.fault: Callable[[DecodeBatch], None] | None = None  # test hook: raise in a step
 
     @classmethod
     def over(
-        cls, runtime: Runtime, cfg: SchedulerConfig, observer: Observer | None = None
+        cls,
+        runtime: Runtime,
+        cfg: SchedulerConfig,
+        observer: Observer | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
     ) -> Scheduler:
         """cfg.lanes engines over one runtime (onnxruntime sessions take concurrent runs), each
         first allocating its cache for its share of the rows. lanes 0 counts as 1 here: resolve
@@ -138,7 +250,8 @@ class Scheduler:
         capacity = -(-cfg.max_batch_rows // lanes)
         limits = runtime.bundle.limits
         log.info("%d decode lane(s), %d intra-op thread(s) each", lanes, runtime.threads)
-        return cls([Engine(runtime, limits, capacity) for _ in range(lanes)], cfg, observer)
+        engines = [Engine(runtime, limits, capacity) for _ in range(lanes)]
+        return cls(engines, cfg, observer, on_fatal)
 
     @property
     def lanes(self) -> int:
@@ -149,34 +262,64 @@ class Scheduler:
     def start(self) -> None:
         for lane in self._lanes:
             name = "nmtserve-decode" + (f"-{lane.index}" if len(self._lanes) > 1 else "")
-            lane.thread = threading.Thread(target=self._loop, args=(lane,), name=name, daemon=True)
+            lane.thread = threading.Thread(target=self._run, args=(lane,), name=name, daemon=True)
             lane.thread.start()
 
-    def submit(self, jobs: list[SentenceJob]) -> list[Future[SentenceResult]]:
+    def submit(self, jobs: list[SentenceJob]) -> Ticket:
         """Queues all the jobs or none: QueueFull when they do not fit."""
-        futures: list[Future[SentenceResult]] = []
+        futures: list[Future[SentenceResult]] = [Future() for _ in jobs]
+        call = _Call()
+        for job, fut in zip(jobs, futures, strict=True):
+            if job.source_ids and job.limit > 0:
+                call.waiting.append(_Pending(job, fut, call))
+                call.tokens += len(job.source_ids)
+        if call.tokens > self.cfg.max_call_tokens:  # the translator refuses such calls first
+            raise ValueError(
+                f"{call.tokens} source tokens in one call, over the per-call limit of "
+                f"{self.cfg.max_call_tokens}"
+            )
         with self._cond:
+            if self._failure is not None:
+                raise DecoderFailed(f"the decoder failed ({self._failure}); restarting")
             if self._stopping:
                 raise ShuttingDown("the server is draining")
-            to_queue = [j for j in jobs if j.source_ids and j.limit > 0]
-            if len(self._queue) + len(to_queue) > self.cfg.max_queue:
+            if self._queued_tokens + call.tokens > self.cfg.max_queue_tokens:
                 raise QueueFull(
-                    f"queue full: {len(self._queue)} of {self.cfg.max_queue} sentences waiting"
+                    f"queue full: {self._queued_tokens} of {self.cfg.max_queue_tokens} source "
+                    "tokens waiting"
                 )
-            for job in jobs:
-                fut: Future[SentenceResult] = Future()
-                futures.append(fut)
-                if job.source_ids and job.limit > 0:
-                    self._queue.append(_Pending(job, fut))
-                else:
-                    fut.set_result(self.engine.empty_result(job))
-            self.obs.queue_depth(len(self._queue))
-            if to_queue:  # wake an idle lane only when there is work for it
-                self._cond.notify()
-        return futures
+            if call.waiting:
+                self._calls.append(call)
+                self._queued += len(call.waiting)
+                self._queued_tokens += call.tokens
+                self.obs.queue_depth(self._queued)
+                self._cond.notify()  # wake an idle lane only when there is work for it
+        for job, fut in zip(jobs, futures, strict=True):
+            if not (job.source_ids and job.limit > 0):
+                settle(fut, self.engine.empty_result(job))
+        return Ticket(jobs, futures, self.cancel)
+
+    def cancel(self, jobs: list[SentenceJob]) -> None:
+        """Drops these sentences: waiting ones leave the queue now (their futures fail), rows
+        being decoded leave the batch at the lane's next step."""
+        for job in jobs:
+            job.cancelled.set()
+        now = time.monotonic()
+        gone: list[_Pending] = []
+        with self._cond:
+            ids = {id(j) for j in jobs}
+            for call in list(self._calls):
+                dead = [p for p in call.waiting if id(p.job) in ids]
+                if dead:
+                    self._remove(call, dead)
+                    gone += dead
+            if gone:
+                self.obs.queue_depth(self._queued)
+        for p in gone:
+            self._drop(p, now, "before it started")
 
     def stop(self, timeout: float | None = None) -> bool:
-        """Refuses new work, finishes what was accepted, then ends the thread. Returns whether
+        """Refuses new work, finishes what was accepted, then ends the threads. Returns whether
         everything finished within timeout."""
         with self._cond:
             self._stopping = True
@@ -189,9 +332,63 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        """Sentences waiting."""
+        return self._queued
 
-    # ------------------------------------------------------------------ the decode thread
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    # ------------------------------------------------------------------ completion
+
+    def _finish(self, lane: _Lane, job: SentenceJob, result: SentenceResult) -> None:
+        p = lane.running.pop(id(job))
+        settle(p.future, result)
+        self.obs.finished(result)
+
+    def _drop(self, p: _Pending, now: float, where: str) -> None:
+        """Ends a sentence whose deadline passed or whose caller went away."""
+        expired = p.job.expired(now)
+        error: Exception = (
+            DeadlineExceeded(f"deadline passed {where}")
+            if expired
+            else Cancelled(f"cancelled {where}")
+        )
+        settle(p.future, error=error)
+        self.obs.dropped("deadline" if expired else "cancelled")
+
+    def _fail(self, pending: list[_Pending], error: BaseException) -> None:
+        for p in pending:
+            settle(p.future, error=error)
+
+    # ------------------------------------------------------------------ the decode threads
+
+    def _run(self, lane: _Lane) -> None:
+        """A lane's thread: the loop, and what happens if the loop itself dies."""
+        try:
+            self._loop(lane)
+        except BaseException as e:  # a bug in the scheduler: nothing here may vanish silently
+            log.critical("decode lane %d died", lane.index, exc_info=True)
+            self._lane_died(lane, e)
+
+    def _lane_died(self, lane: _Lane, error: BaseException) -> None:
+        failure = DecoderFailed(f"decode lane {lane.index} died: {type(error).__name__}: {error}")
+        if self.on_fatal is not None:  # first: health says NOT_SERVING before callers hear
+            self.on_fatal(failure)
+        with self._cond:
+            lane.alive = False
+            self._failure = failure
+            lost = list(lane.running.values()) + lane.admitting
+            lane.running.clear()
+            lane.admitting = []
+            if not any(x.alive for x in self._lanes):  # nobody is left to decode the queue
+                for call in self._calls:
+                    lost += call.waiting
+                self._calls.clear()
+                self._queued = self._queued_tokens = 0
+            self._cond.notify_all()
+        self._fail(lost, failure)
+        self.obs.failed(len(lost))
 
     def _loop(self, lane: _Lane) -> None:
         engine = lane.engine
@@ -205,6 +402,7 @@ class Scheduler:
                     batch = engine.admit(batch, [p.job for p in admit])
                     for p in admit:
                         lane.running[id(p.job)] = p
+                    lane.admitting = admit = []
                     assert engine.last_encode is not None
                     self.obs.admitted(engine.last_encode)
                 if batch is None:
@@ -215,100 +413,122 @@ class Scheduler:
                 lane.step_s = 0.9 * lane.step_s + 0.1 * stats.seconds
                 self.obs.stepped(stats)
                 for job, res in done:
-                    p = lane.running.pop(id(job))
-                    if not p.future.done():
-                        p.future.set_result(res)
-                    self.obs.finished(res)
+                    self._finish(lane, job, res)
                 batch = self._drop_dead(lane, batch)
             except Exception as e:  # one failing batch fails only its own sentences
-                log.exception("decode batch failed")
-                failed = list(lane.running.values()) + (admit or [])
-                for p in failed:
-                    if not p.future.done():
-                        p.future.set_exception(e)
+                failed = list(lane.running.values()) + admit
+                ids = sorted({p.job.request_id for p in failed})
+                log.exception(
+                    "decode batch failed: %d sentence(s) of request(s) %s",
+                    len(failed),
+                    ", ".join(ids) or "-",
+                )
                 lane.running.clear()
+                lane.admitting = []
                 batch = None
+                self._fail(failed, e)
+                self.obs.failed(len(failed))
 
     def _share(self, lane: _Lane) -> int:
         """The most rows this lane should hold now: its fair share of the work in flight."""
         if len(self._lanes) == 1:
             return self.cfg.max_batch_rows
-        total = len(self._queue) + sum(x.rows for x in self._lanes)
-        return max(1, min(self.cfg.max_batch_rows, -(-total // len(self._lanes))))
+        total = self._queued + sum(x.rows for x in self._lanes if x.alive)
+        alive = sum(1 for x in self._lanes if x.alive)
+        return max(1, min(self.cfg.max_batch_rows, -(-total // max(1, alive))))
+
+    def _remove(self, call: _Call, gone: list[_Pending]) -> None:
+        """Takes sentences out of a call's waiting list (with the lock held)."""
+        ids = {id(p) for p in gone}
+        call.waiting = deque(p for p in call.waiting if id(p) not in ids)
+        n = sum(len(p.job.source_ids) for p in gone)
+        call.tokens -= n
+        self._queued -= len(gone)
+        self._queued_tokens -= n
+        if not call.waiting:
+            self._calls.remove(call)
 
     def _take(self, lane: _Lane, batch: DecodeBatch | None) -> list[_Pending] | None:
         """Waits when idle, then picks sentences to admit: [] for none, None to exit."""
+        dead: list[_Pending] = []
         with self._cond:
             lane.rows = len(batch.live) if batch is not None else 0
-            if batch is None:
-                while not self._queue:
-                    if self._stopping:
-                        return None
-                    self._cond.wait(0.5)
-                # Idle: give concurrent callers max_wait_ms to arrive and share this batch.
-                oldest = self._queue[0].job.enqueued_at
-                wait_until = oldest + self.cfg.max_wait_ms / 1000.0
-                while len(self._queue) < self._lane_rows and not self._stopping:
-                    left = wait_until - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-            running = batch.live_rows() if batch is not None else []
-            rows = len(running)
-            tokens = sum(r.source_len for r in running)
-            share = self._share(lane)
-            if not self._queue or rows >= share:
-                return []
-            if rows and not self._stopping:
-                # A running batch takes newcomers in groups: each admission is an encoder run,
-                # and small encoder batches cost up to 2.5x more per sentence. So wait until
-                # half the lane's free rows (of its even share of max_batch_rows) can be
-                # filled, or the oldest sentence has waited
-                # max_wait_ms or two decoder steps, whichever is longer (measured: +25%
-                # throughput on a d256 3+3 model at concurrency 64; a newcomer's latency grows
-                # by at most two steps).
-                free = self._lane_rows - rows
-                waited = time.monotonic() - self._queue[0].job.enqueued_at
-                patience = max(self.cfg.max_wait_ms / 1e3, 2 * lane.step_s)
-                if len(self._queue) < max(1, free // 2) and waited < patience:
-                    return []
-            now = time.monotonic()
-            live: list[_Pending] = []
-            for p in self._queue:
-                # Expiry first: a passed deadline also cancels the call on the gRPC side.
-                if p.job.expired(now):
-                    p.future.set_exception(DeadlineExceeded("deadline passed while queued"))
-                    self.obs.dropped("deadline")
-                elif p.job.cancelled.is_set():
-                    p.future.set_exception(Cancelled("cancelled before it started"))
-                    self.obs.dropped("cancelled")
-                else:
-                    live.append(p)
-            if not live:
-                self._queue.clear()
-                self.obs.queue_depth(0)
-                return []
-            # Oldest first (fairness), then the closest source lengths (less padding).
-            ref = len(live[0].job.source_ids)
-            order = [live[0], *sorted(live[1:], key=lambda p: abs(len(p.job.source_ids) - ref))]
-            chosen: list[_Pending] = []
-            for p in order:
-                n = len(p.job.source_ids)
-                if rows + len(chosen) >= share:
-                    break
-                if chosen and tokens + n > self.cfg.max_batch_tokens:
-                    continue
-                if not chosen and rows and tokens + n > self.cfg.max_batch_tokens:
-                    break  # the running batch must shrink first
-                chosen.append(p)
-                tokens += n
-            taken = {id(p) for p in chosen}
-            self._queue = deque(p for p in live if id(p) not in taken)
-            lane.rows = rows + len(chosen)
-            self.obs.queue_depth(len(self._queue))
-            if self._queue and len(self._lanes) > 1:
-                self._cond.notify()  # another lane may take what this one left
-            return chosen
+            if batch is None and not self._idle_wait():
+                return None
+            chosen = self._pick(lane, batch, dead) if self._calls else []
+        now = time.monotonic()
+        for p in dead:
+            self._drop(p, now, "while queued")
+        return chosen
+
+    def _idle_wait(self) -> bool:
+        """An idle lane waits for work, then max_wait_ms for more callers to share its first
+        batch. False once stopping with nothing queued (with the lock held)."""
+        while not self._calls:
+            if self._stopping:
+                return False
+            self._cond.wait(0.5)
+        wait_until = min(c.oldest for c in self._calls) + self.cfg.max_wait_ms / 1000.0
+        while self._queued < self._lane_rows and not self._stopping and self._calls:
+            left = wait_until - time.monotonic()
+            if left <= 0:
+                break
+            self._cond.wait(left)
+        return True
+
+    def _pick(self, lane: _Lane, batch: DecodeBatch | None, dead: list[_Pending]) -> list[_Pending]:
+        """Sentences for this lane now, taken out of the queue (with the lock held). Expired
+        and cancelled ones found on the way are moved to `dead`."""
+        running = batch.live_rows() if batch is not None else []
+        rows = len(running)
+        share = self._share(lane)
+        if rows >= share or (rows and not self._stopping and not self._group_ready(lane, rows)):
+            return []
+        now = time.monotonic()
+        for call in list(self._calls):
+            gone = [p for p in call.waiting if p.job.expired(now) or p.job.cancelled.is_set()]
+            if gone:
+                self._remove(call, gone)
+                dead += gone
+        calls = list(self._calls)
+        taken = choose(
+            [[len(p.job.source_ids) for p in c.waiting] for c in calls],
+            share - rows,
+            sum(r.source_len for r in running),
+            self.cfg.max_batch_tokens,
+            running=bool(rows),
+        )
+        chosen: list[_Pending] = []
+        for call, n in zip(calls, taken, strict=True):
+            if not n:
+                continue
+            got = [call.waiting.popleft() for _ in range(n)]
+            k = sum(len(p.job.source_ids) for p in got)
+            call.tokens -= k
+            self._queued -= n
+            self._queued_tokens -= k
+            chosen += got
+            self._calls.remove(call)
+            if call.waiting:  # a served call goes to the back of the turn order
+                self._calls.append(call)
+        lane.rows = rows + len(chosen)
+        lane.admitting = chosen
+        self.obs.queue_depth(self._queued)
+        if self._calls and len(self._lanes) > 1:
+            self._cond.notify()  # another lane may take what this one left
+        return chosen
+
+    def _group_ready(self, lane: _Lane, rows: int) -> bool:
+        """A running batch takes newcomers in groups: each admission is an encoder run, and
+        small encoder batches cost up to 2.5x more per sentence. So it waits until half the
+        lane's free rows (of its even share of max_batch_rows) can be filled, or the oldest
+        sentence has waited max_wait_ms or two decoder steps, whichever is longer (measured:
+        +25% throughput on a d256 3+3 model at concurrency 64; a newcomer's latency grows by at
+        most two steps)."""
+        free = self._lane_rows - rows
+        waited = time.monotonic() - min(c.oldest for c in self._calls)
+        patience = max(self.cfg.max_wait_ms / 1e3, 2 * lane.step_s)
+        return self._queued >= max(1, free // 2) or waited >= patience
 
     def _drop_dead(self, lane: _Lane, batch: DecodeBatch | None) -> DecodeBatch | None:
         """Rows whose caller cancelled or whose deadline passed leave the batch now."""
@@ -318,15 +538,6 @@ class Scheduler:
         for i in batch.live:
             job = batch.rows[i].job  # type: ignore[union-attr]
             if job.cancelled.is_set() or job.expired(now):
-                p = lane.running.pop(id(job))
-                reason = "deadline" if job.expired(now) else "cancelled"
-                exc: Exception = (
-                    Cancelled("cancelled while decoding")
-                    if reason == "cancelled"
-                    else DeadlineExceeded("deadline passed while decoding")
-                )
-                if not p.future.done():
-                    p.future.set_exception(exc)
-                self.obs.dropped(reason)
+                self._drop(lane.running.pop(id(job)), now, "while decoding")
                 batch.release(i)
         return batch if batch.live else None

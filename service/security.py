@@ -19,13 +19,30 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
 def load_tokens(file: str = "", inline: str = "") -> list[bytes]:
+    """The bearer tokens of a file and/or a comma-separated list; [] when neither is given.
+    Authentication asked for but no usable token found is an error (it must never be turned off
+    silently); messages never quote a token."""
     tokens: list[str] = []
     if file:
-        for line in Path(file).read_text(encoding="utf-8").splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                tokens.append(line)
-    tokens += [t.strip() for t in inline.split(",") if t.strip()]
+        from_file = [
+            line.strip()
+            for line in Path(file).read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.strip().startswith("#")
+        ]
+        if not from_file:
+            raise ValueError(
+                f"auth tokens file {file} has no tokens (only blank lines or comments): "
+                "refusing to start without authentication"
+            )
+        tokens += from_file
+    if inline:
+        listed = [t.strip() for t in inline.split(",") if t.strip()]
+        if not listed:
+            raise ValueError(
+                "--auth-tokens / NMTSERVE_AUTH_TOKENS is set but lists no token: refusing to "
+                "start without authentication"
+            )
+        tokens += listed
     if any(len(t) < 16 for t in tokens):
         raise ValueError("every auth token must be at least 16 characters long")
     return [t.encode("utf-8") for t in tokens]

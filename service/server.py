@@ -9,13 +9,17 @@ calls → finish in-flight work within the grace period → exit 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import itertools
 import json
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -27,12 +31,20 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from service.bundle import Bundle, load_bundle
-from service.engine import SentenceJob, SentenceResult
+from service.engine import SentenceResult
 from service.metrics import Metrics
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
 from service.runtime import RuntimeConfig
-from service.scheduler import Cancelled, DeadlineExceeded, QueueFull, SchedulerConfig, ShuttingDown
+from service.scheduler import (
+    Cancelled,
+    DeadlineExceeded,
+    DecoderFailed,
+    QueueFull,
+    SchedulerConfig,
+    ShuttingDown,
+    Ticket,
+)
 from service.security import TokenAuth, load_tokens, server_credentials
 from service.translator import InvalidRequest, RequestOptions, Translation, Translator
 from service.worker import DecodeProcessDied
@@ -40,6 +52,8 @@ from service.worker import DecodeProcessDied
 log = logging.getLogger("nmtserve.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name
+_DEADLINE_MARGIN_S = 0.01
+_QUIET_S = 0.25  # a draining server stops once no call has arrived for this long
 
 # Request ids for calls that bring none: a random per-process prefix and a counter (unique per
 # server process, and cheaper per call than uuid4's system call for random bytes).
@@ -66,12 +80,14 @@ class ServerConfig:
     precision: str = "fp32"
     threads: int = 0
     lanes: int = 0
-    max_queue: int = 1024
+    max_queue_tokens: int = SchedulerConfig.max_queue_tokens
+    max_call_tokens: int = SchedulerConfig.max_call_tokens
     max_batch_rows: int = 64
     max_batch_tokens: int = 8192
     max_wait_ms: float = 5.0
     max_sentences: int = 256
     max_message_bytes: int = 4 * 1024 * 1024
+    drain_delay_s: float = 5.0  # after SIGTERM: NOT_SERVING but still serving, this long
     grace_s: float = 20.0
     tls_cert: str = ""  # PEM certificate (chain) of the server: enables TLS
     tls_key: str = ""  # its private key
@@ -85,6 +101,10 @@ class ServerConfig:
 
 class NotReady(Exception):
     """The bundle is still loading."""
+
+
+class ResponseTooLarge(Exception):
+    """A built response is over the send limit (validation should have refused the call)."""
 
 
 class RpcError(Exception):
@@ -107,10 +127,14 @@ def to_rpc_error(e: BaseException) -> RpcError:
         return RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(e), [br])
     if isinstance(e, QueueFull):
         return RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later")
+    if isinstance(e, ResponseTooLarge):
+        return RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
     if isinstance(e, DeadlineExceeded):
         return RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
     if isinstance(e, Cancelled):
         return RpcError(grpc.StatusCode.CANCELLED, str(e))
+    if isinstance(e, DecoderFailed):
+        return RpcError(grpc.StatusCode.UNAVAILABLE, f"{e}; retry elsewhere")
     if isinstance(e, DecodeProcessDied):
         return RpcError(grpc.StatusCode.UNAVAILABLE, f"{e}; retry shortly")
     if isinstance(e, ShuttingDown):
@@ -173,12 +197,59 @@ def result_message(index: int, t: Translation) -> pb.TranslationResult:
 # ----------------------------------------------------------------------------- servicer
 
 
+def _all_done(
+    loop: asyncio.AbstractEventLoop, futures: list[Future[SentenceResult]], timeout: float | None
+) -> asyncio.Future[None]:
+    """Resolves on the event loop once every future is done, or at the first failure: one
+    wake-up per call, not per sentence; fails with DeadlineExceeded after `timeout` seconds.
+    The decode threads' futures are never cancelled from here (the call cancels its Ticket)."""
+    done: asyncio.Future[None] = loop.create_future()
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def wake() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def one(f: Future[SentenceResult]) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last or f.cancelled() or f.exception() is not None:
+            _on_loop(loop, wake)
+
+    if timeout is not None:
+        timer = loop.call_later(timeout, _expire, done)
+        done.add_done_callback(lambda _: timer.cancel())
+    for f in futures:
+        f.add_done_callback(one)
+    return done
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(DeadlineExceeded("deadline passed before the translation finished"))
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: object) -> None:
+    """Runs fn on the event loop, from a decode thread; a loop that has closed (the server
+    stopped) has nobody left to tell."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)
+
+
+def _arrived(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[int], i: int, _: object) -> None:
+    _on_loop(loop, queue.put_nowait, i)
+
+
 class TranslatorServicer(pb_grpc.TranslatorServicer):
     def __init__(self, translator: Translator | None, metrics: Metrics, cfg: ServerConfig) -> None:
         self._tr = translator
         self.metrics = metrics
         self.cfg = cfg
         self.draining = False
+        self.active = 0  # calls inside a handler now
+        self.last_call = 0.0  # time.monotonic() of the latest call's arrival
 
     @property
     def tr(self) -> Translator:
@@ -199,6 +270,8 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         """Every RPC runs through here: errors → status, metrics, a log line with the id."""
         start = time.perf_counter()
         code = grpc.StatusCode.OK
+        self.active += 1
+        self.last_call = time.monotonic()
         try:
             if self.draining:
                 raise ShuttingDown()
@@ -208,6 +281,10 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             log.info("request cancelled by the client", extra={"request_id": request_id})
             raise
         except Exception as e:
+            if context.cancelled():  # gRPC ended the call meanwhile (its deadline): no answer
+                code = grpc.StatusCode.CANCELLED
+                log.info("request gone before its answer (%s)", e, extra={"request_id": request_id})
+                raise asyncio.CancelledError() from e
             err = to_rpc_error(e)
             code = err.code
             if code == grpc.StatusCode.INTERNAL:
@@ -219,9 +296,16 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                     err.message,
                     extra={"request_id": request_id},
                 )
-            await abort(context, err)
+            try:
+                await abort(context, err)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as gone:  # gRPC ended the call between the check and the answer
+                code = grpc.StatusCode.CANCELLED
+                raise asyncio.CancelledError() from gone
             raise AssertionError("abort returned") from e  # pragma: no cover
         finally:
+            self.active -= 1
             self.metrics.requests.labels(method, code.name).inc()
             self.metrics.latency.labels(method).observe(time.perf_counter() - start)
 
@@ -229,12 +313,26 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
 
-    async def _submit(
-        self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext
-    ) -> tuple[RequestOptions, list[SentenceJob], list[asyncio.Future[SentenceResult]]]:
+    @staticmethod
+    def _patience(context: grpc.aio.ServicerContext) -> float | None:
+        """Seconds to wait for results: the call's deadline less a margin, so that the caller
+        is answered DEADLINE_EXCEEDED before gRPC itself cancels the call (which a client whose
+        own timer runs late would see as CANCELLED)."""
+        remaining = context.time_remaining()
+        return None if remaining is None else max(0.0, remaining - _DEADLINE_MARGIN_S)
+
+    def _submit(
+        self,
+        request: pb.TranslateRequest,
+        context: grpc.aio.ServicerContext,
+        rid: str,
+        streaming: bool,
+    ) -> tuple[RequestOptions, Ticket]:
         opts = request_options(request.options)
-        jobs, futures = self.tr.submit(list(request.sentences), opts, self._deadline(context))
-        return opts, jobs, [asyncio.wrap_future(f) for f in futures]
+        ticket = self.tr.submit(
+            list(request.sentences), opts, self._deadline(context), rid, streaming
+        )
+        return opts, ticket
 
     async def Translate(
         self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext
@@ -242,20 +340,28 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         rid = request.request_id or new_request_id()
 
         async def body() -> pb.TranslateResponse:
-            opts, jobs, futures = await self._submit(request, context)
+            opts, ticket = self._submit(request, context, rid, streaming=False)
             try:
-                results = await asyncio.gather(*futures)
+                loop = asyncio.get_running_loop()
+                await _all_done(loop, ticket.futures, self._patience(context))
+                results = [f.result() for f in ticket.futures]  # raises the first failure
             except BaseException:
-                for j in jobs:  # the call failed or went away: drop its other sentences
-                    j.cancelled.set()
+                ticket.cancel()  # the call failed or went away: drop its other sentences
                 raise
-            return pb.TranslateResponse(
+            response = pb.TranslateResponse(
                 request_id=rid,
                 results=[
-                    result_message(i, self.tr.finish(jobs[i], r, opts))
+                    result_message(i, self.tr.finish(ticket.jobs[i], r, opts))
                     for i, r in enumerate(results)
                 ],
             )
+            size = response.ByteSize()
+            if size > self.cfg.max_message_bytes:
+                raise ResponseTooLarge(
+                    f"the response is {size:,} bytes, over the server's message limit of "
+                    f"{self.cfg.max_message_bytes:,}: ask for fewer sentences or less attention"
+                )
+            return response
 
         return await self._call("Translate", context, rid, body)
 
@@ -264,20 +370,29 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
     ) -> Any:
         rid = request.request_id or new_request_id()
 
-        async def indexed(i: int, fut: Awaitable[SentenceResult]) -> tuple[int, SentenceResult]:
-            return i, await fut
-
         async def body() -> int:
-            opts, jobs, futures = await self._submit(request, context)
+            opts, ticket = self._submit(request, context, rid, streaming=True)
+            loop = asyncio.get_running_loop()
+            arrived: asyncio.Queue[int] = asyncio.Queue()
+            for i, f in enumerate(ticket.futures):
+                f.add_done_callback(functools.partial(_arrived, loop, arrived, i))
+            patience = self._patience(context)
+            timer = None if patience is None else loop.call_later(patience, arrived.put_nowait, -1)
             try:
-                for nxt in asyncio.as_completed([indexed(i, f) for i, f in enumerate(futures)]):
-                    i, res = await nxt
-                    await context.write(result_message(i, self.tr.finish(jobs[i], res, opts)))
+                for _ in ticket.futures:
+                    i = await arrived.get()
+                    if i < 0:
+                        raise DeadlineExceeded("deadline passed before the translation finished")
+                    res = ticket.futures[i].result()  # raises its failure
+                    translation = self.tr.finish(ticket.jobs[i], res, opts)
+                    await context.write(result_message(i, translation))
             except BaseException:
-                for j in jobs:  # the call failed or went away: drop its other sentences
-                    j.cancelled.set()
+                ticket.cancel()  # the call failed or went away: drop its other sentences
                 raise
-            return len(futures)
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            return len(ticket.futures)
 
         await self._call("TranslateStream", context, rid, body)
 
@@ -337,6 +452,8 @@ class Server:
         self.servicer: TranslatorServicer | None = None
         self.port = cfg.port
         self._stop = asyncio.Event()
+        self.exit_code = 0  # 1 after a fatal error: the supervisor should restart the process
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -349,6 +466,8 @@ class Server:
         tokens = load_tokens(cfg.auth_tokens_file, cfg.auth_tokens)
         if tokens:
             interceptors.append(TokenAuth(tokens))
+        auth = f"on, {len(tokens)} bearer token(s) accepted" if tokens else "off (no tokens)"
+        log.info("authentication: %s", auth)
         if bool(cfg.tls_cert) != bool(cfg.tls_key):
             raise RuntimeError("--tls-cert and --tls-key go together")
         if cfg.tls_client_ca and not cfg.tls_cert:
@@ -373,11 +492,10 @@ class Server:
         # Listen first (health answers NOT_SERVING), then load and warm up.
         await self.grpc.start()
         log.info(
-            "listening on %s:%d (%s%s; NOT_SERVING while loading)",
+            "listening on %s:%d (%s; NOT_SERVING while loading)",
             cfg.host,
             self.port,
             "mutual TLS" if cfg.tls_client_ca else "TLS" if cfg.tls_cert else "plaintext",
-            f", {len(tokens)} bearer token(s) required" if tokens else "",
         )
         if cfg.metrics_port:
             self.metrics.serve(cfg.metrics_port, cfg.metrics_host)
@@ -405,15 +523,18 @@ class Server:
                 packing=cfg.encoder_packing,
             ),
             SchedulerConfig(
-                cfg.max_queue,
-                cfg.max_batch_rows,
-                cfg.max_batch_tokens,
-                cfg.max_wait_ms,
-                cfg.lanes,
+                max_queue_tokens=cfg.max_queue_tokens,
+                max_call_tokens=cfg.max_call_tokens,
+                max_batch_rows=cfg.max_batch_rows,
+                max_batch_tokens=cfg.max_batch_tokens,
+                max_wait_ms=cfg.max_wait_ms,
+                lanes=cfg.lanes,
             ),
             cfg.max_sentences,
             self.metrics,
             cfg.decode_in,
+            cfg.max_message_bytes,
+            self._fatal_from_thread,
         )
         tr.start()
         log.info("bundle loaded and verified in %.2fs", time.perf_counter() - t)
@@ -422,26 +543,53 @@ class Server:
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def drain(self) -> None:
-        """NOT_SERVING → refuse new calls → finish in-flight ones within the grace period."""
-        log.info("draining: grace %.1fs", self.cfg.grace_s)
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    def _fatal_from_thread(self, error: BaseException) -> None:
+        """A decode lane died (called from its thread): stop serving and exit non-zero."""
+        if self._loop is not None:
+            _on_loop(self._loop, self.fatal, error)
+
+    def fatal(self, error: BaseException) -> None:
+        log.critical("cannot go on serving (%s): draining, then exiting with code 1", error)
+        self.exit_code = 1
         if self.servicer is not None:
             self.servicer.draining = True
+        self._stop.set()  # drain() turns health NOT_SERVING first
+
+    async def drain(self) -> None:
+        """NOT_SERVING, still serving for drain_delay_s (load balancers and health-checking
+        clients move away), then new calls get UNAVAILABLE while every accepted and every
+        already-received call finishes (within grace_s), then stop."""
+        cfg = self.cfg
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        sv = self.servicer
+        delay = 0.0 if self.exit_code or sv is None or sv.draining else cfg.drain_delay_s
+        log.info("draining: NOT_SERVING, serving %.1fs more, grace %.1fs", delay, cfg.grace_s)
+        await asyncio.sleep(delay)
+        end = time.monotonic() + cfg.grace_s
+        if sv is not None:
+            sv.draining = True
+            # Calls that reached the server before it stops must get an answer: the handlers
+            # refuse new ones, and gRPC would cancel any received but not yet handled. So stop
+            # only once no call is in a handler and none has arrived for a moment.
+            while time.monotonic() < end and (
+                sv.active or time.monotonic() - sv.last_call < _QUIET_S
+            ):
+                await asyncio.sleep(0.02)
         if self.grpc is not None:
-            await self.grpc.stop(self.cfg.grace_s)
+            await self.grpc.stop(max(1.0, end - time.monotonic()))
         if self.translator is not None:
             loop = asyncio.get_running_loop()
-            done = await loop.run_in_executor(None, self.translator.stop, self.cfg.grace_s)
+            left = max(1.0, end - time.monotonic())
+            done = await loop.run_in_executor(None, self.translator.stop, left)
             if not done:
-                log.warning("decode thread still busy after the grace period")
+                log.warning("decode lanes still busy after the grace period")
         log.info("drained, exiting")
 
     async def run(self, handle_signals: bool = True) -> None:
         """Starts, serves until SIGTERM/SIGINT (or request_stop()), then drains."""
         self._stop = asyncio.Event()  # bound to the loop that runs the server
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)

@@ -7,7 +7,7 @@ the field that is wrong (``sentences[3]``) so the servicer can report them preci
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import sentencepiece as spm
@@ -15,7 +15,7 @@ import sentencepiece as spm
 from service.bundle import Bundle
 from service.engine import AttentionMode, DecodeOptions, SentenceJob, SentenceResult
 from service.runtime import Runtime, RuntimeConfig, plan_lanes
-from service.scheduler import Observer, Scheduler, SchedulerConfig
+from service.scheduler import Observer, Scheduler, SchedulerConfig, Ticket
 from service.worker import DecodeProcess, RuntimeInfo
 
 _ATTENTION_MODES = frozenset(m.value for m in AttentionMode)
@@ -60,25 +60,34 @@ class Translator:
         max_sentences: int = 256,
         observer: Observer | None = None,
         decode_in: str = "thread",
+        max_message_bytes: int = 4 * 1024 * 1024,
+        on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
         if decode_in not in ("thread", "process"):
             raise ValueError(f"decode_in must be thread or process, not {decode_in!r}")
         self.bundle = bundle
         self.limits = bundle.limits
         self.max_sentences = max_sentences
+        self.max_message_bytes = max_message_bytes
         self.sp = spm.SentencePieceProcessor(model_file=str(bundle.tokenizer_path))
+        # The longest piece in bytes: bounds the text of a translation of T tokens.
+        self.max_piece_bytes = max(
+            len(self.sp.id_to_piece(i).encode("utf-8")) for i in range(self.sp.get_piece_size())
+        )
         self.n_layers = int(bundle.model["n_decoder_layers"])
+        self.n_heads = int(bundle.model["n_heads"])
         self.decode_in = decode_in
         scheduler_cfg = scheduler_cfg or SchedulerConfig()
         lanes, runtime_cfg = plan_lanes(scheduler_cfg.lanes, runtime_cfg or RuntimeConfig())
         scheduler_cfg = replace(scheduler_cfg, lanes=lanes)
+        self.scheduler_cfg = scheduler_cfg
         self.runtime: Runtime | None = None
         self.scheduler: Scheduler | DecodeProcess
         if decode_in == "process":
             self.scheduler = DecodeProcess(bundle.directory, runtime_cfg, scheduler_cfg, observer)
         else:
             self.runtime = Runtime(bundle, runtime_cfg)
-            self.scheduler = Scheduler.over(self.runtime, scheduler_cfg, observer)
+            self.scheduler = Scheduler.over(self.runtime, scheduler_cfg, observer, on_fatal)
 
     @property
     def info(self) -> RuntimeInfo:
@@ -97,14 +106,16 @@ class Translator:
         pays no start-up cost."""
         if self.runtime is not None:
             self.runtime.warm_up()  # a decode process warms its own sessions up
-        _, futures = self.submit(["warm up"], RequestOptions(max_output_tokens=4), None)
-        for f in futures:
+        ticket = self.submit(["warm up"], RequestOptions(max_output_tokens=4), None)
+        for f in ticket.futures:
             f.result(timeout=60)
 
     def encode(self, text: str) -> list[int]:
         return [int(i) for i in self.sp.encode(text)]
 
-    def validate(self, sentences: list[str], opts: RequestOptions) -> list[list[int]]:
+    def validate(
+        self, sentences: list[str], opts: RequestOptions, streaming: bool = False
+    ) -> list[list[int]]:
         """Tokenizes and checks a request; raises InvalidRequest naming every problem."""
         problems: list[tuple[str, str]] = []
         if not sentences:
@@ -151,15 +162,77 @@ class Translator:
                         )
                     )
                 encoded.append(ids)
+        if not problems:
+            problems += self._check_size(encoded, opts, streaming)
         if problems:
             raise InvalidRequest(problems)
         return encoded
 
+    def _check_size(
+        self, encoded: list[list[int]], opts: RequestOptions, streaming: bool
+    ) -> list[tuple[str, str]]:
+        """The work one call may queue, and the size of the answer it asks for, against the
+        per-call limit and the message limit: refused before any decoding."""
+        tokens = sum(len(ids) for ids in encoded)
+        cap = self.scheduler_cfg.max_call_tokens
+        if tokens > cap:
+            return [
+                (
+                    "sentences",
+                    f"{tokens} source tokens in one call, over the per-call limit of {cap}: "
+                    "split the request",
+                )
+            ]
+        sizes = [
+            self.response_bytes(len(ids), self._limit(ids, opts), opts) for ids in encoded if ids
+        ]
+        size = max(sizes, default=0) if streaming else sum(sizes)
+        if size <= self.max_message_bytes:
+            return []
+        what = "one result" if streaming else f"the response to {len(encoded)} sentences"
+        field = "options.attention" if opts.attention else "sentences"
+        return [
+            (
+                field,
+                f"{what} could reach {size:,} bytes, over the server's message limit of "
+                f"{self.max_message_bytes:,}: ask for less attention (one layer, averaged), "
+                "a lower max_output_tokens, fewer sentences per call, or use TranslateStream",
+            )
+        ]
+
+    def response_bytes(self, source_len: int, limit: int, opts: RequestOptions) -> int:
+        """An upper bound on one serialized TranslationResult of at most `limit` tokens."""
+        t, s = limit, source_len
+        n = 64 + t * (5 + self.max_piece_bytes)  # fields, token ids, the translation's text
+        if opts.pieces:
+            n += (s + t) * (self.max_piece_bytes + 2)
+        if opts.scores:
+            n += 16 + 5 * t
+        if opts.alignment:
+            n += 16 + t * 16  # ids, and "s-t" pairs
+        cells = {
+            AttentionMode.LAYER_AVERAGE: t * s,
+            AttentionMode.LAYER_HEADS: self.n_heads * t * s,
+            AttentionMode.ALL_LAYERS: self.n_layers * self.n_heads * t * s,
+        }.get(AttentionMode(opts.attention), 0)
+        if cells:
+            n += 32 + 4 * cells
+        return n + 8  # its tag and length inside the response
+
+    def _limit(self, ids: list[int], opts: RequestOptions) -> int:
+        return self.limits.target_limit(len(ids), opts.max_output_tokens) if ids else 0
+
     def submit(
-        self, sentences: list[str], opts: RequestOptions, deadline: float | None
-    ) -> tuple[list[SentenceJob], list[Future[SentenceResult]]]:
-        """Validates and queues a request's sentences; the jobs let the caller cancel them."""
-        encoded = self.validate(sentences, opts)
+        self,
+        sentences: list[str],
+        opts: RequestOptions,
+        deadline: float | None,
+        request_id: str = "",
+        streaming: bool = False,
+    ) -> Ticket:
+        """Validates and queues a request's sentences; the ticket has a future per sentence,
+        and cancels what has not finished."""
+        encoded = self.validate(sentences, opts, streaming)
         layer = opts.attention_layer if opts.attention_layer is not None else -1
         dopts = DecodeOptions(
             max_output_tokens=opts.max_output_tokens,
@@ -172,14 +245,15 @@ class Translator:
         jobs = [
             SentenceJob(
                 source_ids=ids,
-                limit=self.limits.target_limit(len(ids), opts.max_output_tokens) if ids else 0,
+                limit=self._limit(ids, opts),
                 options=dopts,
                 deadline=deadline,
                 enqueued_at=now,
+                request_id=request_id,
             )
             for ids in encoded
         ]
-        return jobs, self.scheduler.submit(jobs)
+        return self.scheduler.submit(jobs)
 
     def finish(self, job: SentenceJob, result: SentenceResult, opts: RequestOptions) -> Translation:
         """The decoded text and, if asked, the pieces of a finished sentence."""

@@ -18,10 +18,10 @@ is ever unpickled. Deadlines
 cross as ``time.monotonic()`` values (one clock for every process on Linux). A job's
 ``cancelled`` event, set by the server when the caller goes away, sends a cancel message.
 
-The bounded queue is enforced here, before sending: at most ``max_queue`` sentences beyond the
-``max_batch_rows`` being decoded are in the child at once. If the child dies (killed, crashed),
-every sentence in it fails, calls get an error, new calls are refused (UNAVAILABLE) while a new
-child starts, and the server keeps serving.
+The bounded queue is enforced here, before sending: at most ``max_queue_tokens`` source tokens
+beyond the ``max_batch_tokens`` being decoded are in the child at once. If the child dies
+(killed, crashed), every sentence in it fails, calls get an error, new calls are refused
+(UNAVAILABLE) while a new child starts, and the server keeps serving.
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ from service.scheduler import (
     Scheduler,
     SchedulerConfig,
     ShuttingDown,
+    Ticket,
+    settle,
 )
 
 log = logging.getLogger("nmtserve.worker")
@@ -101,6 +103,11 @@ class _Cancel(threading.Event):
             self._owner._cancel(self._key)
 
 
+def _cancel_all(jobs: list[SentenceJob]) -> None:
+    for job in jobs:
+        job.cancelled.set()  # a _Cancel: tells the child
+
+
 class DecodeProcess:
     """Stands in for ``Scheduler``; the scheduler itself runs in a child process."""
 
@@ -118,6 +125,7 @@ class DecodeProcess:
         self.info: RuntimeInfo | None = None
         self._lock = threading.Lock()  # _pending, _stopping, _alive, and sending
         self._pending: dict[int, tuple[SentenceJob, Future[SentenceResult]]] = {}
+        self._pending_tokens = 0
         self._keys = itertools.count()
         self._stopping = False
         self._alive = False
@@ -135,7 +143,9 @@ class DecodeProcess:
         ctx = mp.get_context("spawn")
         down_r, down_w = ctx.Pipe(duplex=False)
         up_r, up_w = ctx.Pipe(duplex=False)
-        child_cfg = replace(self.cfg, max_queue=self.cfg.max_queue + self.cfg.max_batch_rows)
+        # The bound is kept here; the child queues whatever it is sent (as one call per batch).
+        bound = self.cfg.max_queue_tokens + self.cfg.max_batch_tokens
+        child_cfg = replace(self.cfg, max_queue_tokens=bound, max_call_tokens=bound)
         proc = ctx.Process(
             target=_child_main,
             args=(down_r, up_w, str(self.bundle_dir), self.runtime_cfg, child_cfg, current_setup()),
@@ -182,7 +192,7 @@ class DecodeProcess:
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, jobs: list[SentenceJob]) -> list[Future[SentenceResult]]:
+    def submit(self, jobs: list[SentenceJob]) -> Ticket:
         """Sends all the jobs or none: QueueFull when they do not fit."""
         futures: list[Future[SentenceResult]] = []
         with self._lock:
@@ -190,12 +200,13 @@ class DecodeProcess:
                 raise ShuttingDown("the server is draining")
             if not self._alive:
                 raise DecodeProcessDied("the decode process is restarting")
-            to_send = [j for j in jobs if j.source_ids and j.limit > 0]
-            bound = self.cfg.max_queue + self.cfg.max_batch_rows
-            if len(self._pending) + len(to_send) > bound:
+            tokens = sum(len(j.source_ids) for j in jobs if j.limit > 0)
+            bound = self.cfg.max_queue_tokens + self.cfg.max_batch_tokens
+            if self._pending_tokens + tokens > bound:
                 raise QueueFull(
-                    f"queue full: {len(self._pending)} sentences in the decoder, at most "
-                    f"{self.cfg.max_queue} waiting beside {self.cfg.max_batch_rows} decoding"
+                    f"queue full: {self._pending_tokens} source tokens in the decoder, at most "
+                    f"{self.cfg.max_queue_tokens} waiting beside {self.cfg.max_batch_tokens} "
+                    "decoding"
                 )
             assert self.info is not None
             batch = []
@@ -203,15 +214,16 @@ class DecodeProcess:
                 fut: Future[SentenceResult] = Future()
                 futures.append(fut)
                 if not (job.source_ids and job.limit > 0):
-                    fut.set_result(empty_result(job, self.info.n_layers, self.info.n_heads))
+                    settle(fut, empty_result(job, self.info.n_layers, self.info.n_heads))
                     continue
                 key = next(self._keys)
                 job.cancelled = _Cancel(self, key)
                 self._pending[key] = (job, fut)
+                self._pending_tokens += len(job.source_ids)
                 batch.append((key, job.source_ids, job.limit, job.options, job.deadline))
             if batch:
                 self._send(("submit", batch))
-        return futures
+        return Ticket(jobs, futures, _cancel_all)
 
     @property
     def queued(self) -> int:
@@ -250,6 +262,7 @@ class DecodeProcess:
             stopping = self._stopping
             lost = list(self._pending.values())
             self._pending.clear()
+            self._pending_tokens = 0
         if lost:
             error: Exception = (
                 ShuttingDown("the server stopped before this sentence finished")
@@ -257,8 +270,7 @@ class DecodeProcess:
                 else RuntimeError(f"the decode process exited with code {proc.exitcode}")
             )
             for _, fut in lost:
-                if not fut.done():
-                    fut.set_exception(error)
+                settle(fut, error=error)
         if not stopping:
             log.error("the decode process exited with code %s; starting a new one", proc.exitcode)
             self._restart()
@@ -278,15 +290,16 @@ class DecodeProcess:
         if kind == "done" or kind == "failed":
             with self._lock:
                 entry = self._pending.pop(msg[1], None)
+                if entry is not None:
+                    self._pending_tokens -= len(entry[0].source_ids)
             if entry is None:
                 return
             fut = entry[1]
             if kind == "done":
-                if not fut.done():
-                    fut.set_result(msg[2])
+                settle(fut, msg[2])
                 self.obs.finished(msg[2])
-            elif not fut.done():
-                fut.set_exception(_failure_in(*msg[2]))
+            else:
+                settle(fut, error=_failure_in(*msg[2]))
         elif kind == "obs":
             hook, args = msg[1], msg[2]
             if hook == "queue_depth":
@@ -439,13 +452,10 @@ def _child_handle(
         ]
         for (key, *_), job in zip(body, new, strict=True):
             jobs[key] = job
-        for (key, *_), fut in zip(body, sched.submit(new), strict=True):
+        for (key, *_), fut in zip(body, sched.submit(new).futures, strict=True):
             fut.add_done_callback(functools.partial(finished, key))
     elif kind == "cancel":
-        for key in body:
-            gone = jobs.get(key)
-            if gone is not None:
-                gone.cancelled.set()
+        sched.cancel([jobs[key] for key in body if key in jobs])
     elif kind == "stop":
         ok = sched.stop(body)
         out.put(("stopped", ok))

@@ -22,6 +22,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from service.client import (
+    SERVICE_CONFIG,
     TranslatorClient,
     add_translate_args,
     attention_array,
@@ -280,7 +281,7 @@ def test_comma_target_round_robins_over_replicas() -> None:
         target = ",".join(f"127.0.0.1:{fake.port}" for _, fake in servers)
         with TranslatorClient(target, timeout=10) as client:
             assert client.channel_target.startswith("ipv4:127.0.0.1:")
-            assert ("grpc.lb_policy_name", "round_robin") in client.options
+            assert ("grpc.service_config", SERVICE_CONFIG) in client.options
             for _ in range(20):
                 assert client.translate(["x"]).results[0].translation == "X"
         assert all(fake.batch_sizes() for _, fake in servers), "a replica got no call"

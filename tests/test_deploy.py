@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 import yaml
 
 from service.client import TranslatorClient
-from tests.test_server_process import free_port, start, wait_serving
+from tests.test_server_process import free_port, served, start, wait_serving
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "deploy" / "k8s" / "base"
@@ -115,8 +114,10 @@ def test_project_consistency() -> None:
     assert ports["metrics"] == int(env["NMTSERVE_METRICS_PORT"])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"]["port"] == ports["grpc"], probe
-    # the pod outlives the server's drain
-    assert pod["terminationGracePeriodSeconds"] > float(env["NMTSERVE_GRACE_S"])
+    # the pod outlives the preStop sleep and the server's whole drain
+    pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain = float(env["NMTSERVE_DRAIN_DELAY_S"]) + float(env["NMTSERVE_GRACE_S"])
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + drain
     sc = c["securityContext"]
     assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
     assert sc["capabilities"]["drop"] == ["ALL"]
@@ -170,19 +171,6 @@ def test_compose_file_is_consistent() -> None:
     prom = yaml.safe_load((PROM / "prometheus.yml").read_text())
     static = prom["scrape_configs"][0]["static_configs"][0]["targets"]
     assert sorted(static) == sorted(f"{r}:9090" for r in replicas)
-
-
-def served(metrics_port: int) -> float:
-    """Translate calls a replica answered OK, from its Prometheus endpoint."""
-    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()
-    for line in body.decode().splitlines():
-        if (
-            line.startswith("nmtserve_requests_total")
-            and 'method="Translate"' in line
-            and ('code="OK"' in line)
-        ):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_three_replicas_round_robin_and_failover(tiny_bundle: Path) -> None:

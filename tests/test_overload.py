@@ -18,7 +18,12 @@ from tests.conftest import ServerThread
 
 def test_ten_times_capacity(tiny_bundle: Path) -> None:
     srv = ServerThread(
-        tiny_bundle, max_queue=16, max_batch_rows=8, max_wait_ms=1.0, decode_in="thread"
+        tiny_bundle,
+        max_queue_tokens=32,
+        max_call_tokens=32,
+        max_batch_rows=8,
+        max_wait_ms=1.0,
+        decode_in="thread",
     )
     srv.wait_serving()
     sched = srv.scheduler
@@ -67,7 +72,7 @@ def test_ten_times_capacity(tiny_bundle: Path) -> None:
                     if delay > 0:
                         await asyncio.sleep(delay)
                     tasks.append(asyncio.create_task(one()))
-                    assert sched.queued <= 16  # the queue never grows past its bound
+                    assert sched.queued_tokens <= 32  # the queue never grows past its bound
                 await asyncio.gather(*tasks)
             return out
 

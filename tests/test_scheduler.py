@@ -13,7 +13,7 @@ import pytest
 from service.bundle import load_bundle
 from service.engine import DecodeOptions, EncodeStats, Engine, SentenceJob, StepStats
 from service.runtime import Runtime, RuntimeConfig
-from service.scheduler import Observer, Scheduler, SchedulerConfig
+from service.scheduler import Cancelled, Observer, Scheduler, SchedulerConfig, choose
 
 
 class Counting(Observer):
@@ -48,11 +48,11 @@ def test_newcomers_join_a_running_batch_in_groups(tiny_bundle: Path) -> None:
     try:
         n = b.limits.max_target_tokens  # the longest a row may run
         long = SentenceJob([7, 8, 9], n, DecodeOptions(min_output_tokens=n))
-        futures = sched.submit([long])
+        futures = sched.submit([long]).futures
         time.sleep(0.1)  # the long row is decoding
         sources = [[5 + i % 50, 6 + (i * 7) % 40, 9] for i in range(24)]
         for src in sources:
-            futures += sched.submit([SentenceJob(src, 8)])
+            futures += sched.submit([SentenceJob(src, 8)]).futures
             time.sleep(0.002)
         results = [f.result(timeout=30) for f in futures]
     finally:
@@ -88,7 +88,7 @@ def test_lanes_share_the_work_and_give_solo_results(tiny_bundle: Path) -> None:
     sources = [[5 + i % 50, 6 + (i * 7) % 40, 9][: 1 + i % 3] for i in range(64)]
     sched.start()
     try:
-        futures = sched.submit([SentenceJob(src, 10) for src in sources])
+        futures = sched.submit([SentenceJob(src, 10) for src in sources]).futures
         results = [f.result(timeout=60) for f in futures]
     finally:
         assert sched.stop(10)
@@ -107,7 +107,7 @@ def test_one_sentence_is_decoded_by_one_lane(tiny_bundle: Path) -> None:
     sched.start()
     try:
         job = SentenceJob([7, 8, 9], 12, DecodeOptions(min_output_tokens=12))
-        sched.submit([job])[0].result(30)
+        sched.submit([job]).futures[0].result(30)
     finally:
         assert sched.stop(10)
     assert len(obs.rows) == 1 and sum(len(r) for r in obs.rows.values()) == 12, obs.rows
@@ -149,3 +149,73 @@ def test_offline_decoding_in_lanes_equals_one_engine(tiny_bundle: Path) -> None:
     lanes = decode_all_lanes([Engine(rt, b.limits) for _ in range(3)], jobs, max_rows=8)
     assert [r.token_ids for r in lanes] == [r.token_ids for r in alone]
     assert [r.finish_reason for r in lanes] == [r.finish_reason for r in alone]
+
+
+def test_choose_takes_calls_in_turn() -> None:
+    """The admission choice alone: (each call's waiting source lengths) → sentences taken."""
+    # a 256-sentence call and a single-sentence one behind it: one each per round
+    assert choose([[5] * 256, [3]], 4, 0, 8192, running=True) == [3, 1]
+    assert choose([[5] * 10, [3]], 1, 0, 8192, running=True) == [1, 0]  # one row: first in turn
+    # a sentence over the token budget ends its call's turns; the others go on
+    assert choose([[6, 6], [2, 2]], 10, 0, 10, running=True) == [1, 2]
+    # the first candidate does not fit beside the running batch: nothing (the batch shrinks first)
+    assert choose([[9], [1]], 10, 5, 10, running=True) == [0, 0]
+    # an empty batch always takes the first, even over the budget
+    assert choose([[20], [1]], 10, 0, 10, running=False) == [1, 0]
+    assert choose([], 5, 0, 10, running=False) == []
+
+
+def test_a_single_sentence_call_is_not_queued_behind_a_big_one(tiny_bundle: Path) -> None:
+    """256 sentences of one call, then one of another: served calls go to the back of the turn
+    order, so the single sentence is admitted at the next free row, not after the 256."""
+    b = load_bundle(tiny_bundle)
+    engine = Engine(Runtime(b, RuntimeConfig("cpu", "fp32", 1)), b.limits)
+    sched = Scheduler(engine, SchedulerConfig(max_batch_rows=8, max_wait_ms=1.0))
+    sched.start()
+    try:
+        n = 12
+        big = sched.submit(
+            [SentenceJob([7, 8, 9], n, DecodeOptions(min_output_tokens=n)) for _ in range(256)]
+        )
+        time.sleep(0.02)
+        before = sum(f.done() for f in big.futures)
+        single = sched.submit([SentenceJob([5, 6], 4)]).futures[0]
+        single.result(timeout=30)
+        meanwhile = sum(f.done() for f in big.futures) - before
+        assert meanwhile <= 16, meanwhile  # at most the batch running and the one beside it
+        for f in big.futures:
+            assert len(f.result(timeout=60).token_ids) == n
+    finally:
+        sched.stop(10)
+
+
+def test_cancelled_sentences_leave_the_queue_at_once(tiny_bundle: Path) -> None:
+    b = load_bundle(tiny_bundle)
+    engine = Engine(Runtime(b, RuntimeConfig("cpu", "fp32", 1)), b.limits)
+    obs = Dropped()
+    sched = Scheduler(engine, SchedulerConfig(max_batch_rows=4, max_wait_ms=1.0), obs)
+    sched.start()
+    try:
+        n = b.limits.max_target_tokens
+        slow = [SentenceJob([7, 8, 9], n, DecodeOptions(min_output_tokens=n)) for _ in range(4)]
+        running = sched.submit(slow)
+        time.sleep(0.05)
+        queued = sched.submit([SentenceJob([5, 6, 7], 8) for _ in range(10)])
+        assert sched.queued == 10 and sched.queued_tokens == 30
+        queued.cancel()
+        assert sched.queued == 0 and sched.queued_tokens == 0  # at once, not at admission
+        for f in queued.futures:
+            with pytest.raises(Cancelled, match="before it started"):
+                f.result(timeout=1)
+        assert obs.reasons == ["cancelled"] * 10
+        assert all(len(f.result(timeout=60).token_ids) == n for f in running.futures)
+    finally:
+        sched.stop(10)
+
+
+class Dropped(Observer):
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def dropped(self, reason: str) -> None:
+        self.reasons.append(reason)

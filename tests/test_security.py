@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
 from service.security import load_tokens, token_ok
 from tests.conftest import ServerThread
+from tests.test_server_process import output, start
 
 TOKEN = "s3cret-token-0123456789"
 
@@ -217,3 +222,42 @@ def test_service_loads_no_pickle_and_no_code() -> None:
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) in calls:
                 found.append(f"{path.name}: {node.func.id}()")  # type: ignore[attr-defined]
     assert found == []
+
+
+@pytest.mark.parametrize("text", ["", "# only comments\n\n   \n# and blanks\n"])
+def test_a_token_file_without_tokens_refuses_to_start(
+    tiny_bundle: Path, tmp_path: Path, text: str
+) -> None:
+    f = tmp_path / "tokens"
+    f.write_text(text)
+    with pytest.raises(ValueError, match="has no tokens"):
+        load_tokens(str(f))
+    with pytest.raises(ValueError, match="lists no token"):
+        load_tokens("", " , ")
+    proc, _ = start(tiny_bundle, "--auth-tokens-file", str(f))
+    assert proc.wait(60) == 2
+    log = output(proc)
+    assert f"auth tokens file {f} has no tokens" in log and "refusing to start" in log
+
+
+def test_no_secret_in_help_or_logs(tiny_bundle: Path, caplog: pytest.LogCaptureFixture) -> None:
+    env = {**os.environ, "NMTSERVE_AUTH_TOKENS": TOKEN}
+    res = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0 and "--auth-tokens" in res.stdout
+    assert TOKEN not in res.stdout + res.stderr
+    caplog.set_level(logging.INFO)
+    srv = ServerThread(tiny_bundle, auth_tokens=TOKEN)
+    srv.wait_serving()
+    srv.stop()
+    open_srv = ServerThread(tiny_bundle)
+    open_srv.wait_serving()
+    open_srv.stop()
+    lines = [r.getMessage() for r in caplog.records]
+    assert "authentication: on, 1 bearer token(s) accepted" in lines
+    assert "authentication: off (no tokens)" in lines
+    assert not [line for line in lines if TOKEN in line]

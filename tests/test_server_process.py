@@ -8,15 +8,18 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import IO
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.client import TranslatorClient
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
 
@@ -29,19 +32,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(bundle: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
-    port = free_port()
+_LOGS: dict[int, IO[str]] = {}
+
+
+def output(proc: subprocess.Popen[str]) -> str:
+    """Everything the server printed so far (a file, not a pipe: a busy server never blocks on
+    a full pipe nobody reads)."""
+    f = _LOGS[proc.pid]
+    f.seek(0)
+    return f.read()
+
+
+def start(bundle: Path, *args: str, port: int = 0) -> tuple[subprocess.Popen[str], int]:
+    port = port or free_port()
+    log = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 - lives with the server
     proc = subprocess.Popen(
         [
             *(sys.executable, "-m", "service", "serve", "--bundle", str(bundle)),
             *("--host", "127.0.0.1", "--port", str(port), *args),
         ],
         cwd=REPO,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+    _LOGS[proc.pid] = log
     return proc, port
 
 
@@ -50,7 +66,7 @@ def wait_serving(port: int, proc: subprocess.Popen[str], timeout: float = 60) ->
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         hs = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert proc.poll() is None, output(proc)
             try:
                 r = hs.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if r.status == health_pb2.HealthCheckResponse.SERVING:
@@ -61,62 +77,126 @@ def wait_serving(port: int, proc: subprocess.Popen[str], timeout: float = 60) ->
     raise TimeoutError("server never reported SERVING")
 
 
+class Load:
+    """Client threads calling Translate in a loop through the project's client (round_robin,
+    health-checked, UNAVAILABLE retried), each outcome read from the call's own response."""
+
+    def __init__(self, target: str, threads: int, sentences: int = 8) -> None:
+        self.outcomes: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._client = TranslatorClient(target, timeout=30)
+        self._sentences = ["four thousand and twelve"] * sentences
+        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                r = self._client.translate(self._sentences)
+                outcome = "ok" if len(r.results) == len(self._sentences) else "short"
+            except grpc.RpcError as e:
+                outcome = f"{e.code().name} ({e.details()})"
+            with self._lock:
+                self.outcomes.append(outcome)
+            if outcome != "ok":
+                time.sleep(0.05)  # a refused caller backs off a little
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.outcomes)
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+        self._client.close()
+        return self.outcomes
+
+
 def test_sigterm_under_load_completes_every_accepted_request(tiny_bundle: Path) -> None:
+    """64 concurrent clients, SIGTERM: NOT_SERVING for the drain delay while calls are still
+    served, then new calls are refused, every accepted call finishes, exit 0. Every call ends
+    OK or UNAVAILABLE, none CANCELLED."""
     metrics_port = free_port()
-    proc, port = start(tiny_bundle, "--metrics-port", str(metrics_port), "--grace-s", "20")
+    proc, port = start(
+        tiny_bundle, "--metrics-port", str(metrics_port), "--drain-delay-s", "1", "--grace-s", "20"
+    )
     try:
         wait_serving(port, proc)
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
         assert "nmtserve_queue_depth" in body and "nmtserve_decode_steps_total" in body
         assert 'nmtserve_encoder_positions_total{kind="token"}' in body  # the warm-up's
-
-        results: list[str] = []
-        lock = threading.Lock()
-        stop_sending = threading.Event()
-
-        def client() -> None:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-                stub = pb_grpc.TranslatorStub(ch)
-                while not stop_sending.is_set():
-                    try:
-                        r = stub.Translate(
-                            pb.TranslateRequest(sentences=["four thousand and twelve"] * 8),
-                            timeout=30,
-                        )
-                        outcome = "ok" if len(r.results) == 8 else "short"
-                    except grpc.RpcError as e:
-                        outcome = e.code().name
-                        if outcome != "UNAVAILABLE":
-                            outcome += f" ({e.details()})"
-                    with lock:
-                        results.append(outcome)
-
-        threads = [threading.Thread(target=client) for _ in range(8)]
-        for t in threads:
-            t.start()
-        time.sleep(1.0)
+        load = Load(f"127.0.0.1:{port}", threads=64)
+        time.sleep(2.0)
+        before = load.count()
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        stop_sending.set()
-        for t in threads:
-            t.join(60)
         code = proc.wait(60)
-        log = proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.5)  # and calls keep coming after the server is gone
+        outcomes = load.stop()
+        log = output(proc)
         assert code == 0, log
         assert "draining" in log and "drained, exiting" in log
-        ok = results.count("ok")
-        assert ok > 0
-        # Every call is either completed in full or refused at the door (never cut off).
-        # Every call the server accepted completed: none of its handlers saw a cancellation.
-        # Calls racing the shutdown are refused at the door — UNAVAILABLE, or CANCELLED when
-        # HTTP/2 resets a stream the server never started (the log proves it never started).
+        assert before > 0 and outcomes.count("ok") >= before
+        assert {o.split(" ")[0] for o in outcomes} <= {"ok", "UNAVAILABLE"}, outcomes
         assert "request cancelled" not in log, log
-        refused = {r.split(" ")[0] for r in results if r != "ok"}
-        assert refused <= {"UNAVAILABLE", "CANCELLED"}, results
+        print(f"{len(outcomes)} calls: {outcomes.count('ok')} ok, the rest UNAVAILABLE")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def served(metrics_port: int) -> float:
+    """Translate calls a replica answered OK, from its Prometheus endpoint."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
+        if line.startswith("nmtserve_requests_total") and all(
+            k in line for k in ('method="Translate"', 'code="OK"')
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_rolling_restart_of_three_replicas_under_load_fails_no_call(tiny_bundle: Path) -> None:
+    """Three replicas behind the client's round_robin; each in turn gets SIGTERM, drains,
+    exits and starts again on its port while 16 clients keep calling: not one call fails."""
+    ports = [free_port() for _ in range(3)]
+    metrics = [free_port() for _ in range(3)]
+    args = ("--drain-delay-s", "1", "--log-level", "warning")
+
+    def launch(i: int) -> subprocess.Popen[str]:
+        proc, _ = start(tiny_bundle, "--metrics-port", str(metrics[i]), *args, port=ports[i])
+        return proc
+
+    procs = [launch(i) for i in range(3)]
+    load: Load | None = None
+    try:
+        for i, proc in enumerate(procs):
+            wait_serving(ports[i], proc)
+        load = Load(",".join(f"127.0.0.1:{p}" for p in ports), threads=16, sentences=4)
+        for i in range(3):
+            procs[i].send_signal(signal.SIGTERM)
+            assert procs[i].wait(60) == 0, output(procs[i])
+            procs[i] = launch(i)
+            wait_serving(ports[i], procs[i])
+            deadline = time.monotonic() + 30
+            while served(metrics[i]) < 5:  # the clients found the new replica
+                assert time.monotonic() < deadline, "the restarted replica gets no calls"
+                time.sleep(0.1)
+        outcomes = load.stop()
+        load = None
+        failed = [o for o in outcomes if o != "ok"]
+        assert not failed, failed[:5]
+        print(f"rolling restart: {len(outcomes)} calls, none failed")
+    finally:
+        if load is not None:
+            load.stop()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
 
 
 def test_refuses_a_corrupt_bundle_naming_the_file(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -127,7 +207,7 @@ def test_refuses_a_corrupt_bundle_naming_the_file(tiny_bundle: Path, tmp_path: P
         f.write(b"\x00\x01\x02")
     proc, _ = start(bad)
     code = proc.wait(60)
-    out = proc.stdout.read() if proc.stdout else ""
+    out = output(proc)
     assert code == 2
     assert "encoder.onnx: sha256 does not match manifest.json" in out
 
@@ -135,7 +215,7 @@ def test_refuses_a_corrupt_bundle_naming_the_file(tiny_bundle: Path, tmp_path: P
 def test_refuses_a_missing_bundle(tmp_path: Path) -> None:
     proc, _ = start(tmp_path / "nowhere")
     assert proc.wait(60) == 2
-    assert "the bundle directory does not exist" in (proc.stdout.read() if proc.stdout else "")
+    assert "the bundle directory does not exist" in (output(proc))
 
 
 @pytest.mark.parametrize("precision", ["int8"])
@@ -172,7 +252,7 @@ def test_serves_with_io_binding_from_the_environment(tiny_bundle: Path) -> None:
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(60) == 0
-        log = proc.stdout.read() if proc.stdout else ""
+        log = output(proc)
         assert ("(IO binding)" in log) == (mode == "on"), log
     assert got["on"] == got["off"] and all(got["on"])
 
@@ -202,4 +282,4 @@ def test_refuses_a_missing_or_mismatched_file(
     (bad / "manifest.json").write_text(json.dumps(manifest))
     proc, _ = start(bad)
     assert proc.wait(60) == 2
-    assert message in (proc.stdout.read() if proc.stdout else "")
+    assert message in (output(proc))

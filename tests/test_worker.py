@@ -67,7 +67,14 @@ class Recording(Observer):
 @pytest.fixture(scope="module")
 def worker(tiny_bundle: Path):
     obs = Recording()
-    w = DecodeProcess(tiny_bundle, RT, SchedulerConfig(max_queue=8, max_batch_rows=4), obs)
+    w = DecodeProcess(
+        tiny_bundle,
+        RT,
+        SchedulerConfig(
+            max_queue_tokens=88, max_call_tokens=88, max_batch_rows=4, max_batch_tokens=44
+        ),
+        obs,
+    )
     w.start()
     yield w, obs
     assert w.stop(30)
@@ -90,7 +97,7 @@ def test_results_equal_decoding_in_this_process(worker, tiny_bundle: Path) -> No
     local = Engine(Runtime(b, RT), b.limits)
     srcs = sources(7, seed=1)
     jobs = [SentenceJob([int(t) for t in s], 6 + i, OPTS) for i, s in enumerate(srcs)]
-    got = wait(w.submit([replace(j) for j in jobs]))
+    got = wait(w.submit([replace(j) for j in jobs]).futures)
     for a, e in zip(got, local.decode_all(jobs), strict=True):
         assert a.token_ids == e.token_ids and a.finish_reason == e.finish_reason
         assert a.attention is not None and e.attention is not None
@@ -103,7 +110,7 @@ def test_results_equal_decoding_in_this_process(worker, tiny_bundle: Path) -> No
     assert obs.calls["finished"] >= 7 and obs.calls["admitted"] >= 2 and obs.calls["stepped"]
     assert max(obs.rows) <= 4  # the child's batch limit
     # an empty sentence is answered here without a trip to the child
-    empty = w.submit([SentenceJob([], 0, OPTS)])[0]
+    empty = w.submit([SentenceJob([], 0, OPTS)]).futures[0]
     assert empty.done() and empty.result().finish_reason == "empty"
     assert empty.result().attention is not None and empty.result().attention.shape == (2, 4, 0, 0)
 
@@ -113,12 +120,12 @@ def test_deadlines_and_cancellations_cross_the_process(worker) -> None:
     src = [int(t) for t in sources(1, seed=2)[0]]
     expired = SentenceJob(src, 8, OPTS, deadline=time.monotonic() - 1)
     with pytest.raises(DeadlineExceeded):
-        w.submit([expired])[0].result(timeout=30)
+        w.submit([expired]).futures[0].result(timeout=30)
     # 12 rows of 28 tokens (EOS not allowed before) for a batch of 4: the last waits in the
     # child's queue for three rounds, and is cancelled there
     slow = replace(OPTS, min_output_tokens=28)
     jobs = [SentenceJob(src, 28, slow) for _ in range(12)]
-    futures = w.submit(jobs)
+    futures = w.submit(jobs).futures
     jobs[-1].cancelled.set()
     with pytest.raises(Cancelled):
         futures[-1].result(timeout=30)
@@ -127,20 +134,20 @@ def test_deadlines_and_cancellations_cross_the_process(worker) -> None:
     while "dropped_cancelled" not in obs.calls and time.monotonic() < deadline:
         time.sleep(0.01)
     assert obs.calls["dropped_deadline"] >= 1 and obs.calls["dropped_cancelled"] >= 1
-    assert wait(w.submit([SentenceJob(src, 4, OPTS)]))[0].token_ids  # and it keeps going
+    assert wait(w.submit([SentenceJob(src, 4, OPTS)]).futures)[0].token_ids  # and it keeps going
 
 
 def test_queue_bound_counts_what_the_child_holds(worker) -> None:
     w, _ = worker
-    src = [int(t) for t in sources(1, seed=3)[0]]
+    src = list(range(5, 16))  # 11 tokens
     slow = replace(OPTS, min_output_tokens=28)
-    with pytest.raises(QueueFull, match="at most 8 waiting beside 4 decoding"):
-        w.submit([SentenceJob(src, 28, slow) for _ in range(13)])  # 8 + 4 at most
-    held = w.submit([SentenceJob(src, 28, slow) for _ in range(12)])
+    with pytest.raises(QueueFull, match="at most 88 waiting beside 44 decoding"):
+        w.submit([SentenceJob(src, 28, slow) for _ in range(13)])  # 8 + 4 sentences at most
+    held = w.submit([SentenceJob(src, 28, slow) for _ in range(12)]).futures
     with pytest.raises(QueueFull):
         w.submit([SentenceJob(src, 4, OPTS)])
     assert all(len(r.token_ids) == 28 for r in wait(held))
-    assert wait(w.submit([SentenceJob(src, 4, OPTS)]))
+    assert wait(w.submit([SentenceJob(src, 4, OPTS)]).futures)
 
 
 def test_a_killed_child_is_replaced(tiny_bundle: Path) -> None:
@@ -150,7 +157,7 @@ def test_a_killed_child_is_replaced(tiny_bundle: Path) -> None:
         src = [int(t) for t in sources(1, seed=4)[0]]
         first = w._proc.pid
         slow = replace(OPTS, min_output_tokens=28)
-        running = w.submit([SentenceJob(src, 28, slow) for _ in range(12)])
+        running = w.submit([SentenceJob(src, 28, slow) for _ in range(12)]).futures
         os.kill(first, signal.SIGKILL)
         outcomes = []
         for fut in running:  # each either finished before the kill or failed, none hangs
@@ -164,7 +171,7 @@ def test_a_killed_child_is_replaced(tiny_bundle: Path) -> None:
         deadline = time.monotonic() + 60
         while True:  # refused, clearly, until the new child is up
             try:
-                res = wait(w.submit([SentenceJob(src, 4, OPTS)]))
+                res = wait(w.submit([SentenceJob(src, 4, OPTS)]).futures)
                 break
             except DecodeProcessDied:
                 assert time.monotonic() < deadline
