@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.client import wait_serving
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
 
@@ -39,23 +39,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_serving(target: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as ch:
-        hs = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < end:
-            if proc.poll() is not None:
-                sys.exit(f"the server exited with code {proc.returncode}")
-            try:
-                r = hs.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    sys.exit("the server did not become ready")
 
 
 async def one_round(
@@ -100,7 +83,7 @@ def main() -> None:
            *args.serve_args]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO)
     try:
-        wait_serving(target, proc)
+        wait_serving(target, proc)  # raises if the server exits or never gets ready
         big = sentences(args.big)
         probe = "seven hundred and twelve"
         rows = []

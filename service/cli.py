@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import sys
-import time
 from dataclasses import fields
 from typing import Any
 
@@ -183,35 +182,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import signal
     import subprocess
 
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from service.client import TranslatorClient
+    from service.client import TranslatorClient, wait_serving
 
     target = f"127.0.0.1:{args.port}"
+    # No load balancer to move away from this local server: no drain delay.
     cmd = [sys.executable, "-m", "service", "serve", "--bundle", args.bundle,
-           "--host", "127.0.0.1", "--port", str(args.port)]  # fmt: skip
+           "--host", "127.0.0.1", "--port", str(args.port), "--drain-delay-s", "0"]  # fmt: skip
     if args.metrics_port:
         cmd += ["--metrics-port", str(args.metrics_port)]
     proc = subprocess.Popen(cmd)
     try:
-        deadline = time.monotonic() + 120
-        with grpc.insecure_channel(target) as ch:
-            hs = health_pb2_grpc.HealthStub(ch)
-            while True:
-                if proc.poll() is not None:
-                    print(f"error: the server exited with code {proc.returncode}", file=sys.stderr)
-                    return 1
-                try:
-                    status = hs.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    if status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    print("error: the server did not become ready in 120 s", file=sys.stderr)
-                    return 1
-                time.sleep(0.1)
+        try:
+            wait_serving(target, proc, timeout=120)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         sentences = args.sentence or DEMO_SENTENCES
         with TranslatorClient(target) as client:
             info = client.model_info()

@@ -21,7 +21,9 @@ import itertools
 import json
 import os
 import socket
+import subprocess
 import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from types import TracebackType
@@ -33,6 +35,7 @@ import numpy.typing as npt
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
@@ -51,6 +54,7 @@ __all__ = [
     "resolve_target",
     "run_translate",
     "save_attention_png",
+    "wait_serving",
 ]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -163,6 +167,28 @@ def resolve_target(target: str) -> str:
 
 # --------------------------------------------------------------------------------------------
 # The client
+
+
+def wait_serving(
+    target: str, proc: subprocess.Popen[Any] | None = None, timeout: float = 120
+) -> None:
+    """Waits until the server at `target` says SERVING on grpc.health.v1; raises RuntimeError if
+    `proc` (the server's process, when this side started it) exits first or time runs out."""
+    end = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as ch:
+        hs = health_pb2_grpc.HealthStub(ch)
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"the server exited with code {proc.returncode}")
+            try:
+                status = hs.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > end:
+                raise RuntimeError(f"the server did not become ready in {timeout:.0f} s")
+            time.sleep(0.05)
 
 
 class TranslatorClient:

@@ -17,8 +17,8 @@ from typing import IO
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service import client
 from service.client import TranslatorClient
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
@@ -62,19 +62,10 @@ def start(bundle: Path, *args: str, port: int = 0) -> tuple[subprocess.Popen[str
 
 
 def wait_serving(port: int, proc: subprocess.Popen[str], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        hs = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, output(proc)
-            try:
-                r = hs.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-    raise TimeoutError("server never reported SERVING")
+    try:
+        client.wait_serving(f"127.0.0.1:{port}", proc, timeout)
+    except RuntimeError as e:
+        raise AssertionError(f"{e}\n{output(proc)}") from e
 
 
 class Load:
