@@ -323,12 +323,6 @@ def main() -> int:
     )
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
     ap.add_argument(
-        "--decode-in",
-        default="thread",
-        choices=["process", "thread"],
-        help="the server's --decode-in (thread, the default, is as fast here with lanes)",
-    )
-    ap.add_argument(
         "--no-echo",
         action="store_true",
         help="skip the two servers that do not translate (and the bounds)",
@@ -371,7 +365,7 @@ def main() -> int:
             *(sys.executable, "-m", "service", "serve", "--bundle", bundle, "--port", str(port)),
             *("--provider", "cpu", "--threads", str(args.threads), "--max-batch-rows", "64"),
             *("--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"),
-            *("--decode-in", args.decode_in, "--lanes", str(args.lanes)),
+            *("--lanes", str(args.lanes)),
         ]
 
     results: dict[str, dict] = {}
@@ -423,7 +417,7 @@ def main() -> int:
     print(f"\n{len(sentences)} number sentences, single-sentence calls, closed loop, "
           f"{args.duration:g} s per row ({args.warmup:g} s warm-up left out), {lanes} decode "
           f"lane(s) of {cfg.threads} onnxruntime thread(s) offline and served, "
-          f"{os.cpu_count()} CPUs, server --decode-in {args.decode_in}")  # fmt: skip
+          f"{os.cpu_count()} CPUs")  # fmt: skip
     # The bounds hold only where offline decoding keeps every core busy
     saturated = lanes * cfg.threads >= usable_cores()
     echo_b, front_b = (echo, front) if saturated else ([], [])

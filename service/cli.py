@@ -39,8 +39,6 @@ SERVE_HELP = {
     "auto (inplace on CPU when the bundle has decoder_kv)",
     "encoder_packing": "encode newcomers as their real tokens end to end (the bundle's "
     "encoder_packed graph) rather than padded: auto (where cheaper), always, or off",
-    "decode_in": "where decoding runs: process (a child process, apart from the gRPC event "
-    "loop) or thread (a thread of the server process)",
     "precision": "graphs to serve: fp32, or int8 if the bundle has them",
     "threads": "onnxruntime intra-op threads of each decode lane (0: the cores this process "
     "may use, shared out among the lanes)",
@@ -87,8 +85,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
             kwargs["choices"] = ["on", "off", "auto"]
         if f.name == "kv_cache":
             kwargs["choices"] = ["inplace", "concat", "auto"]
-        if f.name == "decode_in":
-            kwargs["choices"] = ["process", "thread"]
         if f.name == "encoder_packing":
             kwargs["choices"] = ["auto", "always", "off"]
         if f.name == "precision":

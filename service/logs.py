@@ -1,5 +1,5 @@
-"""Log set-up shared by the server and its decode process: text lines or one JSON object per
-line, with the request id where there is one."""
+"""Log set-up of the server: text lines or one JSON object per line, with the request id where
+there is one."""
 
 from __future__ import annotations
 
@@ -36,10 +36,3 @@ def setup_logging(fmt: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-
-
-def current_setup() -> tuple[str, str]:
-    """(format, level) of this process's logging, to set a child process up the same way."""
-    root = logging.getLogger()
-    json_lines = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
-    return ("json" if json_lines else "text", logging.getLevelName(root.level))

@@ -47,7 +47,6 @@ from service.scheduler import (
 )
 from service.security import TokenAuth, load_tokens, server_credentials
 from service.translator import InvalidRequest, RequestOptions, Translation, Translator
-from service.worker import DecodeProcessDied
 
 log = logging.getLogger("nmtserve.server")
 
@@ -75,7 +74,6 @@ class ServerConfig:
     provider: str = "auto"
     io_binding: str = "auto"
     kv_cache: str = "auto"
-    decode_in: str = "thread"
     encoder_packing: str = "auto"
     precision: str = "fp32"
     threads: int = 0
@@ -135,8 +133,6 @@ def to_rpc_error(e: BaseException) -> RpcError:
         return RpcError(grpc.StatusCode.CANCELLED, str(e))
     if isinstance(e, DecoderFailed):
         return RpcError(grpc.StatusCode.UNAVAILABLE, f"{e}; retry elsewhere")
-    if isinstance(e, DecodeProcessDied):
-        return RpcError(grpc.StatusCode.UNAVAILABLE, f"{e}; retry shortly")
     if isinstance(e, ShuttingDown):
         return RpcError(grpc.StatusCode.UNAVAILABLE, "the server is draining; retry elsewhere")
     if isinstance(e, NotReady):
@@ -532,7 +528,6 @@ class Server:
             ),
             cfg.max_sentences,
             self.metrics,
-            cfg.decode_in,
             cfg.max_message_bytes,
             self._fatal_from_thread,
         )

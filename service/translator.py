@@ -16,7 +16,6 @@ from service.bundle import Bundle
 from service.engine import AttentionMode, DecodeOptions, SentenceJob, SentenceResult
 from service.runtime import Runtime, RuntimeConfig, plan_lanes
 from service.scheduler import Observer, Scheduler, SchedulerConfig, Ticket
-from service.worker import DecodeProcess, RuntimeInfo
 
 _ATTENTION_MODES = frozenset(m.value for m in AttentionMode)
 
@@ -47,10 +46,20 @@ class Translation:
     target_pieces: list[str] | None
 
 
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """The runtime settings actually in use, as GetModelInfo reports them."""
+
+    provider: str
+    inplace: bool
+    threads: int  # intra-op threads of each lane
+    packing: str
+    lanes: int
+
+
 class Translator:
-    """Owns the tokenizer and the decoding for one bundle: a scheduler thread beside the
-    sessions in this process (decode_in="thread"), or the same in a child process
-    (decode_in="process", see ``service.worker``)."""
+    """Owns the tokenizer and the decoding for one bundle: the onnxruntime sessions and the
+    scheduler's decode lanes, in this process."""
 
     def __init__(
         self,
@@ -59,12 +68,9 @@ class Translator:
         scheduler_cfg: SchedulerConfig | None = None,
         max_sentences: int = 256,
         observer: Observer | None = None,
-        decode_in: str = "thread",
         max_message_bytes: int = 4 * 1024 * 1024,
         on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
-        if decode_in not in ("thread", "process"):
-            raise ValueError(f"decode_in must be thread or process, not {decode_in!r}")
         self.bundle = bundle
         self.limits = bundle.limits
         self.max_sentences = max_sentences
@@ -76,36 +82,27 @@ class Translator:
         )
         self.n_layers = int(bundle.model["n_decoder_layers"])
         self.n_heads = int(bundle.model["n_heads"])
-        self.decode_in = decode_in
         scheduler_cfg = scheduler_cfg or SchedulerConfig()
         lanes, runtime_cfg = plan_lanes(scheduler_cfg.lanes, runtime_cfg or RuntimeConfig())
         scheduler_cfg = replace(scheduler_cfg, lanes=lanes)
         self.scheduler_cfg = scheduler_cfg
-        self.runtime: Runtime | None = None
-        self.scheduler: Scheduler | DecodeProcess
-        if decode_in == "process":
-            self.scheduler = DecodeProcess(bundle.directory, runtime_cfg, scheduler_cfg, observer)
-        else:
-            self.runtime = Runtime(bundle, runtime_cfg)
-            self.scheduler = Scheduler.over(self.runtime, scheduler_cfg, observer, on_fatal)
+        self.runtime = Runtime(bundle, runtime_cfg)
+        self.scheduler = Scheduler.over(self.runtime, scheduler_cfg, observer, on_fatal)
 
     @property
     def info(self) -> RuntimeInfo:
         """Execution provider, decoder and encoder settings actually in use."""
-        if self.runtime is not None:
-            return RuntimeInfo.of(self.runtime, self.scheduler.lanes)
-        assert isinstance(self.scheduler, DecodeProcess) and self.scheduler.info is not None
-        return self.scheduler.info
+        rt = self.runtime
+        return RuntimeInfo(rt.provider, rt.inplace, rt.threads, rt.packing, self.scheduler.lanes)
 
     def start(self) -> None:
-        """Starts decoding (with a child process: once its sessions are loaded and warm)."""
+        """Starts the decode lanes."""
         self.scheduler.start()
 
     def warm_up(self) -> None:
         """Each graph once, then one real decode through the scheduler, so the first caller
         pays no start-up cost."""
-        if self.runtime is not None:
-            self.runtime.warm_up()  # a decode process warms its own sessions up
+        self.runtime.warm_up()
         ticket = self.submit(["warm up"], RequestOptions(max_output_tokens=4), None)
         for f in ticket.futures:
             f.result(timeout=60)

@@ -67,11 +67,9 @@ class ServerThread:
 
     @property
     def scheduler(self) -> Scheduler:
-        """The in-process scheduler (decode_in="thread"), for tests that stall or fail steps."""
-        from service.scheduler import Scheduler
-
+        """The server's scheduler, for tests that stall or fail steps."""
         tr = self.server.translator
-        assert tr is not None and isinstance(tr.scheduler, Scheduler), "needs decode_in=thread"
+        assert tr is not None
         return tr.scheduler
 
     @property
@@ -98,20 +96,11 @@ class ServerThread:
 
 
 @pytest.fixture(scope="session")
-def process_server(tiny_bundle: Path) -> object:
-    """The same server with decoding in a child process (--decode-in process)."""
-    srv = ServerThread(tiny_bundle, max_sentences=40, metrics_port=0, decode_in="process", lanes=2)
-    srv.wait_serving()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="session")
 def server(tiny_bundle: Path) -> object:
-    """One server for the end-to-end tests; small limits so the limit errors are cheap. Decoding
-    in a thread of the server, so tests can stall or fail decoder steps (Scheduler.fault). Two
+    """One server for the end-to-end tests; small limits so the limit errors are cheap. Tests
+    can stall or fail its decoder steps (Scheduler.fault). Two
     decode lanes (the default on two cores), whatever this machine's core count."""
-    srv = ServerThread(tiny_bundle, max_sentences=40, metrics_port=0, decode_in="thread", lanes=2)
+    srv = ServerThread(tiny_bundle, max_sentences=40, metrics_port=0, lanes=2)
     srv.wait_serving()
     yield srv
     srv.stop()

@@ -23,7 +23,6 @@ def test_ten_times_capacity(tiny_bundle: Path) -> None:
         max_call_tokens=32,
         max_batch_rows=8,
         max_wait_ms=1.0,
-        decode_in="thread",
     )
     srv.wait_serving()
     sched = srv.scheduler

@@ -77,12 +77,11 @@ async def storm(target: str, seconds: float, clients: int = 16, seed: int = 0) -
     return outcomes
 
 
-@pytest.mark.parametrize("lanes", [1, 2])
-@pytest.mark.parametrize("mode", ["thread", "process"])
+@pytest.mark.parametrize("lanes", [1, 2, 3])
 def test_storm_of_deadlines_and_cancels_leaves_the_server_serving(
-    tiny_bundle: Path, lanes: int, mode: str
+    tiny_bundle: Path, lanes: int
 ) -> None:
-    srv = ServerThread(tiny_bundle, lanes=lanes, decode_in=mode, max_wait_ms=2.0)
+    srv = ServerThread(tiny_bundle, lanes=lanes, max_wait_ms=2.0)
     srv.wait_serving()
     try:
         outcomes = asyncio.run(storm(srv.target, seconds=3.0))

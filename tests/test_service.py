@@ -33,17 +33,9 @@ def stub(server: ServerThread) -> Iterator[pb_grpc.TranslatorStub]:
         yield pb_grpc.TranslatorStub(channel)
 
 
-@pytest.fixture(params=["thread", "process"])
-def either(request: pytest.FixtureRequest, server: ServerThread) -> ServerThread:
-    """Both places decoding can run: a thread of the server, or a child process."""
-    if request.param == "thread":
-        return server
-    return request.getfixturevalue("process_server")
-
-
 @pytest.fixture
-def estub(either: ServerThread) -> Iterator[pb_grpc.TranslatorStub]:
-    with grpc.insecure_channel(either.target) as channel:
+def estub(server: ServerThread) -> Iterator[pb_grpc.TranslatorStub]:
+    with grpc.insecure_channel(server.target) as channel:
         yield pb_grpc.TranslatorStub(channel)
 
 
@@ -293,24 +285,20 @@ def test_a_failing_batch_fails_only_its_sentences(stub, server) -> None:
 
 @pytest.fixture(scope="module")
 def one_lane_server(tiny_bundle: Path) -> Iterator[ServerThread]:
-    srv = ServerThread(tiny_bundle, metrics_port=0, decode_in="thread", lanes=1)
+    srv = ServerThread(tiny_bundle, metrics_port=0, lanes=1)
     srv.wait_serving()
     yield srv
     srv.stop()
 
 
-# Most admissions (encoder runs) the 64 calls may take. Each lane admits its own groups; in a
-# decode process the sentences cross a pipe to the child's scheduler and reach it more spread
-# out than in a thread of this process. Measured on this machine: one lane 16, or 16-19 in a
-# process; two lanes 22-25, or 23-27 in a process.
-BATCH_BOUNDS = {("thread", 1): 16, ("process", 1): 24, ("thread", 2): 32, ("process", 2): 32}
+# Most admissions (encoder runs) the 64 calls may take. Each lane admits its own groups.
+# Measured on this machine: one lane 16; two lanes 22-25.
+BATCH_BOUNDS = {1: 16, 2: 32}
 
 
-@pytest.mark.parametrize("kind", ["thread", "process", "one lane"])
+@pytest.mark.parametrize("kind", ["two lanes", "one lane"])
 def test_64_concurrent_calls_share_batches(request, kind, tiny_run) -> None:
-    server = request.getfixturevalue(
-        {"thread": "server", "process": "process_server", "one lane": "one_lane_server"}[kind]
-    )
+    server = request.getfixturevalue({"two lanes": "server", "one lane": "one_lane_server"}[kind])
     channel = grpc.insecure_channel(server.target)
     request.addfinalizer(channel.close)
     stub = pb_grpc.TranslatorStub(channel)
@@ -334,7 +322,7 @@ def test_64_concurrent_calls_share_batches(request, kind, tiny_run) -> None:
     with ThreadPoolExecutor(64) as pool:
         together = list(pool.map(call, src))
     batches = metrics.batches._value.get() - batches_before
-    bound = BATCH_BOUNDS[server.cfg.decode_in, server.cfg.lanes]
+    bound = BATCH_BOUNDS[server.cfg.lanes]
     assert batches <= bound, f"64 concurrent calls took {batches} batches"
     runs, tokens, _ = encoder_figures()
     assert runs - runs_before == batches  # every admission one encoder run, packed or padded
