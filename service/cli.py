@@ -32,13 +32,6 @@ SERVE_HELP = {
     "metrics_port": "Prometheus /metrics HTTP port (0: off)",
     "metrics_host": "address of the metrics endpoint",
     "provider": "execution provider: cpu, cuda, or auto (CUDA where onnxruntime-gpu sees a GPU)",
-    "io_binding": "keep the KV cache in device memory between decoder steps: on, off, or auto "
-    "(on with CUDA; the concatenating decoder only)",
-    "kv_cache": "self-attention KV cache: inplace (preallocated, updated in place by the "
-    "bundle's decoder_kv graph; CPU only), concat (decoder.onnx, history copied every step), or "
-    "auto (inplace on CPU when the bundle has decoder_kv)",
-    "encoder_packing": "encode newcomers as their real tokens end to end (the bundle's "
-    "encoder_packed graph) rather than padded: auto (where cheaper), always, or off",
     "precision": "graphs to serve: fp32, or int8 if the bundle has them",
     "threads": "onnxruntime intra-op threads of each decode lane (0: the cores this process "
     "may use, shared out among the lanes)",
@@ -81,12 +74,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"default": default, "help": f"{SERVE_HELP[f.name]} [{env}]"}
         if f.name == "provider":
             kwargs["choices"] = ["cpu", "cuda", "auto"]
-        if f.name == "io_binding":
-            kwargs["choices"] = ["on", "off", "auto"]
-        if f.name == "kv_cache":
-            kwargs["choices"] = ["inplace", "concat", "auto"]
-        if f.name == "encoder_packing":
-            kwargs["choices"] = ["auto", "always", "off"]
         if f.name == "precision":
             kwargs["choices"] = ["fp32", "int8"]
         p.add_argument(flag, type=kind, required=f.name == "bundle" and default is None, **kwargs)

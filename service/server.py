@@ -72,9 +72,6 @@ class ServerConfig:
     metrics_port: int = 0  # 0: no metrics endpoint
     metrics_host: str = "127.0.0.1"
     provider: str = "auto"
-    io_binding: str = "auto"
-    kv_cache: str = "auto"
-    encoder_packing: str = "auto"
     precision: str = "fp32"
     threads: int = 0
     lanes: int = 0
@@ -514,9 +511,6 @@ class Server:
                 cfg.provider,
                 cfg.precision,
                 cfg.threads,
-                io_binding=cfg.io_binding,
-                kv_cache=cfg.kv_cache,
-                packing=cfg.encoder_packing,
             ),
             SchedulerConfig(
                 max_queue_tokens=cfg.max_queue_tokens,

@@ -223,31 +223,6 @@ def test_serves_int8_graphs(tiny_bundle: Path, precision: str) -> None:
         assert proc.wait(60) == 0
 
 
-def test_serves_with_io_binding_from_the_environment(tiny_bundle: Path) -> None:
-    """NMTSERVE_IO_BINDING=on: the IO-binding path (what CUDA uses) serves the same tokens."""
-    sentences = ["twelve", "three hundred and four", "ninety-nine thousand"]
-    got = {}
-    for mode in ("off", "on"):
-        os.environ["NMTSERVE_IO_BINDING"] = mode
-        os.environ["NMTSERVE_KV_CACHE"] = "concat"  # IO binding is for the concat decoder
-        try:
-            proc, port = start(tiny_bundle, "--provider", "cpu")
-        finally:
-            del os.environ["NMTSERVE_IO_BINDING"], os.environ["NMTSERVE_KV_CACHE"]
-        try:
-            wait_serving(port, proc)
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-                stub = pb_grpc.TranslatorStub(ch)
-                resp = stub.Translate(pb.TranslateRequest(sentences=sentences))
-                got[mode] = [list(r.token_ids) for r in resp.results]
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(60) == 0
-        log = output(proc)
-        assert ("(IO binding)" in log) == (mode == "on"), log
-    assert got["on"] == got["off"] and all(got["on"])
-
-
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
