@@ -26,7 +26,7 @@ def load_tokens(file: str = "", inline: str = "") -> list[bytes]:
     if file:
         from_file = [
             line.strip()
-            for line in Path(file).read_text(encoding="utf-8").splitlines()
+            for line in Path(file).read_text(encoding="utf-8-sig").splitlines()
             if line.strip() and not line.strip().startswith("#")
         ]
         if not from_file:
@@ -45,6 +45,9 @@ def load_tokens(file: str = "", inline: str = "") -> list[bytes]:
         tokens += listed
     if any(len(t) < 16 for t in tokens):
         raise ValueError("every auth token must be at least 16 characters long")
+    if not all(t.isascii() and t.isprintable() and " " not in t for t in tokens):
+        # gRPC metadata carries printable ASCII only: such a token could never be presented
+        raise ValueError("auth tokens must be printable ASCII without spaces (one per line)")
     return [t.encode("utf-8") for t in tokens]
 
 

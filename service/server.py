@@ -46,7 +46,13 @@ from service.scheduler import (
     Ticket,
 )
 from service.security import TokenAuth, load_tokens, server_credentials
-from service.translator import InvalidRequest, RequestOptions, Translation, Translator
+from service.translator import (
+    MAX_REQUEST_ID,
+    InvalidRequest,
+    RequestOptions,
+    Translation,
+    Translator,
+)
 
 log = logging.getLogger("nmtserve.server")
 
@@ -62,6 +68,13 @@ _ID_COUNTER = itertools.count(1)
 
 def new_request_id() -> str:
     return f"{_ID_PREFIX}-{next(_ID_COUNTER):08x}"
+
+
+def _request_id(request: pb.TranslateRequest) -> str:
+    """The caller's id when it is fit for logs and answers (else the call is refused, under
+    an id of our own)."""
+    rid = request.request_id
+    return rid if rid and len(rid) <= MAX_REQUEST_ID and rid.isprintable() else new_request_id()
 
 
 @dataclass(frozen=True)
@@ -242,7 +255,9 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         self.cfg = cfg
         self.draining = False
         self.active = 0  # calls inside a handler now
-        self.last_call = 0.0  # time.monotonic() of the latest call's arrival
+        self.last_call = 0.0  # time.monotonic() of the latest call's arrival (not refused)
+        self.refused_draining = 0  # calls refused UNAVAILABLE while draining (one log line)
+        # (active and last_call count accepted calls only)
 
     @property
     def tr(self) -> Translator:
@@ -262,12 +277,19 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
     ) -> T:
         """Every RPC runs through here: errors → status, metrics, a log line with the id."""
         start = time.perf_counter()
+        if self.draining:  # refused: answered and counted, logged once at the end of the drain
+            self.refused_draining += 1
+            self.metrics.requests.labels(method, "UNAVAILABLE").inc()
+            try:
+                await abort(context, to_rpc_error(ShuttingDown()))
+            except grpc.aio.AbortError:
+                raise
+            except Exception as gone:  # the caller went away first
+                raise asyncio.CancelledError() from gone
         code = grpc.StatusCode.OK
         self.active += 1
         self.last_call = time.monotonic()
         try:
-            if self.draining:
-                raise ShuttingDown()
             return await body()
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
@@ -330,14 +352,20 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
     async def Translate(
         self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext
     ) -> pb.TranslateResponse:
-        rid = request.request_id or new_request_id()
+        rid = _request_id(request)
 
         async def body() -> pb.TranslateResponse:
+            self.tr.check_request_id(request.request_id)
             opts, ticket = self._submit(request, context, rid, streaming=False)
             try:
                 loop = asyncio.get_running_loop()
                 await _all_done(loop, ticket.futures, self._patience(context))
-                results = [f.result() for f in ticket.futures]  # raises the first failure
+                # Woken by the last result or by the first failure: raise that failure without
+                # waiting (on the event loop) for sentences still decoding.
+                for f in ticket.futures:
+                    if f.done() and (f.cancelled() or f.exception() is not None):
+                        f.result()
+                results = [f.result() for f in ticket.futures]  # all done
             except BaseException:
                 ticket.cancel()  # the call failed or went away: drop its other sentences
                 raise
@@ -361,9 +389,10 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
     async def TranslateStream(
         self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext
     ) -> Any:
-        rid = request.request_id or new_request_id()
+        rid = _request_id(request)
 
         async def body() -> int:
+            self.tr.check_request_id(request.request_id)
             opts, ticket = self._submit(request, context, rid, streaming=True)
             loop = asyncio.get_running_loop()
             arrived: asyncio.Queue[int] = asyncio.Queue()
@@ -446,6 +475,7 @@ class Server:
         self.port = cfg.port
         self._stop = asyncio.Event()
         self.exit_code = 0  # 1 after a fatal error: the supervisor should restart the process
+        self.serving = False  # health has said SERVING
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
@@ -497,8 +527,11 @@ class Server:
         self.translator = await loop.run_in_executor(None, self._load)
         await loop.run_in_executor(None, self.translator.warm_up)
         self.servicer.ready(self.translator)
+        if self._stop.is_set():  # SIGTERM while loading: never say SERVING
+            return
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.serving = True
         log.info("SERVING %s on %s:%d", cfg.bundle, cfg.host, self.port)
 
     def _load(self) -> Translator:
@@ -552,19 +585,24 @@ class Server:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         sv = self.servicer
-        delay = 0.0 if self.exit_code or sv is None or sv.draining else cfg.drain_delay_s
+        # No delay for a server that never served (stopped while loading, or failed to start)
+        # or that cannot go on (a dead decode lane).
+        delay = cfg.drain_delay_s if self.serving and not self.exit_code else 0.0
         log.info("draining: NOT_SERVING, serving %.1fs more, grace %.1fs", delay, cfg.grace_s)
         await asyncio.sleep(delay)
         end = time.monotonic() + cfg.grace_s
         if sv is not None:
             sv.draining = True
-            # Calls that reached the server before it stops must get an answer: the handlers
-            # refuse new ones, and gRPC would cancel any received but not yet handled. So stop
-            # only once no call is in a handler and none has arrived for a moment.
+            refusing = time.monotonic()
+            # gRPC cancels calls it has received but not yet handed to a handler when it stops:
+            # refuse for a moment first (those get UNAVAILABLE), and stop once no accepted call
+            # is left in a handler. Callers that keep coming do not hold the drain up.
             while time.monotonic() < end and (
-                sv.active or time.monotonic() - sv.last_call < _QUIET_S
+                sv.active or time.monotonic() - max(sv.last_call, refusing) < _QUIET_S
             ):
                 await asyncio.sleep(0.02)
+            if sv.refused_draining:
+                log.info("refused %d call(s) while draining", sv.refused_draining)
         if self.grpc is not None:
             await self.grpc.stop(max(1.0, end - time.monotonic()))
         if self.translator is not None:

@@ -18,6 +18,7 @@ from service.runtime import Runtime, RuntimeConfig, plan_lanes
 from service.scheduler import Observer, Scheduler, SchedulerConfig, Ticket
 
 _ATTENTION_MODES = frozenset(m.value for m in AttentionMode)
+MAX_REQUEST_ID = 128
 
 
 class InvalidRequest(ValueError):
@@ -76,10 +77,13 @@ class Translator:
         self.max_sentences = max_sentences
         self.max_message_bytes = max_message_bytes
         self.sp = spm.SentencePieceProcessor(model_file=str(bundle.tokenizer_path))
-        # The longest piece in bytes: bounds the text of a translation of T tokens.
-        self.max_piece_bytes = max(
-            len(self.sp.id_to_piece(i).encode("utf-8")) for i in range(self.sp.get_piece_size())
-        )
+        # The longest piece in bytes bounds the text of a translation of T tokens; in characters,
+        # the longest sentence that T source tokens can hold (longer ones are refused before
+        # tokenizing, which would stall the event loop on megabytes of text).
+        pieces = [self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())]
+        self.max_piece_bytes = max(len(p.encode("utf-8")) for p in pieces)
+        self.max_piece_chars = max(len(p) for p in pieces)
+        self.max_sentence_chars = self.limits.max_source_tokens * self.max_piece_chars
         self.n_layers = int(bundle.model["n_decoder_layers"])
         self.n_heads = int(bundle.model["n_heads"])
         scheduler_cfg = scheduler_cfg or SchedulerConfig()
@@ -149,6 +153,17 @@ class Translator:
         encoded: list[list[int]] = []
         if len(sentences) <= self.max_sentences:
             for i, s in enumerate(sentences):
+                if len(s) > self.max_sentence_chars:  # refused before tokenizing: no stall
+                    problems.append(
+                        (
+                            f"sentences[{i}]",
+                            f"sentence {i} has {len(s)} characters, more than "
+                            f"{lim.max_source_tokens} tokens of at most {self.max_piece_chars} "
+                            f"characters each can hold: over the source limit of "
+                            f"{lim.max_source_tokens} tokens",
+                        )
+                    )
+                    continue
                 ids = self.encode(s)
                 if len(ids) > lim.max_source_tokens:
                     problems.append(
@@ -164,6 +179,20 @@ class Translator:
         if problems:
             raise InvalidRequest(problems)
         return encoded
+
+    @staticmethod
+    def check_request_id(request_id: str) -> None:
+        """A caller's request id is echoed in the answer and in log lines: short and printable."""
+        if len(request_id) > MAX_REQUEST_ID or not request_id.isprintable():
+            raise InvalidRequest(
+                [
+                    (
+                        "request_id",
+                        f"at most {MAX_REQUEST_ID} printable characters "
+                        f"(got {len(request_id)} characters)",
+                    )
+                ]
+            )
 
     def _check_size(
         self, encoded: list[list[int]], opts: RequestOptions, streaming: bool

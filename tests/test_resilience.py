@@ -274,3 +274,24 @@ def test_a_cancelled_stream_logs_one_line(
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     finally:
         srv.stop()
+
+
+def test_megabytes_of_text_are_refused_before_tokenizing(server: ServerThread) -> None:
+    """A 4 MB sentence is refused by its length in characters, without tokenizing it on the
+    event loop (which stalled every other call for over a second); an over-long request id is
+    refused too, before any work."""
+    with grpc.insecure_channel(server.target) as ch:
+        stub = pb_grpc.TranslatorStub(ch)
+        t = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Translate(pb.TranslateRequest(sentences=["seven " * 690_000]), timeout=10)
+        assert time.monotonic() - t < 0.5
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "sentence 0 has 4140000 characters" in (e.value.details() or "")
+        for rid in ("x" * 129, "line\nbreak"):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Translate(pb.TranslateRequest(sentences=["seven"], request_id=rid))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "request_id: at most 128 printable characters" in (e.value.details() or "")
+        ok = stub.Translate(pb.TranslateRequest(sentences=["seven"], request_id="r" * 128))
+        assert ok.request_id == "r" * 128

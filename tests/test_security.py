@@ -191,6 +191,11 @@ def test_token_helpers(tmp_path: Path) -> None:
     assert not token_ok("", tokens)
     with pytest.raises(ValueError, match="at least 16"):
         load_tokens("", "short")
+    f.write_bytes("\ufefffirst-token-0123456789\n".encode())  # a byte-order mark is no token
+    assert load_tokens(str(f)) == [b"first-token-0123456789"]
+    for bad in ("token-with-umlaut-ü-0123", "token with spaces 0123456789"):
+        with pytest.raises(ValueError, match="printable ASCII without spaces"):
+            load_tokens("", bad)
 
 
 def test_message_size_limit(server) -> None:

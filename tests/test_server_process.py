@@ -249,3 +249,44 @@ def test_refuses_a_missing_or_mismatched_file(
     proc, _ = start(bad)
     assert proc.wait(60) == 2
     assert message in (output(proc))
+
+
+def test_callers_that_keep_calling_do_not_hold_up_the_drain(tiny_bundle: Path) -> None:
+    """Plain clients (no health checks, no retries) calling without pause through the whole
+    drain: refused calls neither extend it to the grace period nor write a line each."""
+    proc, port = start(tiny_bundle, "--drain-delay-s", "0", "--grace-s", "20")
+    try:
+        wait_serving(port, proc)
+        stop = threading.Event()
+        codes: list[str] = []
+
+        def hammer() -> None:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = pb_grpc.TranslatorStub(ch)
+                while not stop.is_set():
+                    try:
+                        stub.Translate(pb.TranslateRequest(sentences=["seven"]), timeout=5)
+                        codes.append("OK")
+                    except grpc.RpcError as e:
+                        codes.append(e.code().name)
+
+        threads = [threading.Thread(target=hammer) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+        took = time.monotonic() - t0
+        stop.set()
+        for t in threads:
+            t.join(30)
+        log = output(proc)
+        assert code == 0, log
+        assert took < 5, f"drained in {took:.1f}s"
+        assert log.count("request refused") == 0 and "call(s) while draining" in log, log
+        assert "OK" in codes and "UNAVAILABLE" in codes
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
