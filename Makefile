@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 RUN ?= runs/default
 BUNDLE ?= models/default
 
-.PHONY: install tools run model test lint test-slow bench bench-service bench-engines fuzz-long soak container-check compose-check clean
+.PHONY: install tools run model test lint test-slow bench bench-service bench-engines bench-fairness fuzz-long soak container-check compose-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ test-slow: install
 # Service throughput against offline decoding of the same sentences (prints a table).
 bench-service: model
 	$(PY) benchmarks/service_throughput.py --bundle $(BUNDLE) --models default,small,base
+
+# A single-sentence call's latency beside a 256-sentence call (docs/RELIABILITY.md, fairness).
+bench-fairness: model
+	$(PY) benchmarks/fairness.py --bundle $(BUNDLE) --rounds 5 --probes 1000
 
 bench: bench-engines bench-service
 
