@@ -233,7 +233,6 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._failure: BaseException | None = None  # set when a lane died
-        self.fault: Callable[[DecodeBatch], None] | None = None  # test hook: raise in a step
 
     @classmethod
     def over(
@@ -407,8 +406,6 @@ class Scheduler:
                     self.obs.admitted(engine.last_encode)
                 if batch is None:
                     continue
-                if self.fault is not None:
-                    self.fault(batch)
                 done, batch, stats = engine.step(batch)
                 lane.step_s = 0.9 * lane.step_s + 0.1 * stats.seconds
                 self.obs.stepped(stats)

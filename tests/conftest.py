@@ -98,7 +98,7 @@ class ServerThread:
 @pytest.fixture(scope="session")
 def server(tiny_bundle: Path) -> object:
     """One server for the end-to-end tests; small limits so the limit errors are cheap. Tests
-    can stall or fail its decoder steps (Scheduler.fault). Two
+    can stall or fail its decoder steps (tests.doubles.before_each_step). Two
     decode lanes (the default on two cores), whatever this machine's core count."""
     srv = ServerThread(tiny_bundle, max_sentences=40, metrics_port=0, lanes=2)
     srv.wait_serving()

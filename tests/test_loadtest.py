@@ -12,6 +12,7 @@ import pytest
 from service.cli import main as service_main
 from service.loadtest import Corpus, Settings, load_corpus, percentiles, run_load, summarize
 from tests.conftest import ServerThread
+from tests.doubles import before_each_step, fail_once
 
 
 def test_percentiles_on_a_known_set() -> None:
@@ -57,13 +58,9 @@ def test_closed_loop(server: ServerThread, tmp_path: Path, capsys: pytest.Captur
 
 
 def test_open_loop_counts_queueing_from_the_scheduled_time(server: ServerThread) -> None:
-    sched = server.scheduler
-    sched.fault = lambda _b: time.sleep(0.05)  # each decoder step ≥ 50 ms
-    try:
+    with before_each_step(server.scheduler, lambda: time.sleep(0.05)):  # steps ≥ 50 ms
         s = Settings(server.target, rate=40, requests=40, progress=False, timeout=30)
         run = asyncio.run(run_load(s, Corpus(["seven hundred"], None)))
-    finally:
-        sched.fault = None
     summary = summarize(run, s, Corpus(["seven hundred"], None))
     assert summary["calls"] == 40 and summary["errors"] == {}
     # every call needs several ≥ 50 ms steps; nothing can come back faster
@@ -73,15 +70,9 @@ def test_open_loop_counts_queueing_from_the_scheduled_time(server: ServerThread)
 def test_errors_are_counted_by_code(server: ServerThread) -> None:
     too_long = " ".join(["seven hundred"] * 20)  # over the tiny bundle's 24-token limit
     corpus = Corpus(["twelve", too_long, "three"], None)
-    sched = server.scheduler
-
-    def boom(_b: object) -> None:
-        sched.fault = None
-        raise RuntimeError("injected")
-
-    sched.fault = boom
     s = Settings(f"{server.target},{server.target}", concurrency=1, requests=30, progress=False)
-    run = asyncio.run(run_load(s, corpus))
+    with before_each_step(server.scheduler, fail_once("injected")):
+        run = asyncio.run(run_load(s, corpus))
     summary = summarize(run, s, corpus)
     bad = sum(1 in r.indices for r in run.records)
     assert bad > 0

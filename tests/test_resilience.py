@@ -137,9 +137,20 @@ def test_overload_with_deadlines_then_recovery(tiny_bundle: Path) -> None:
                     except grpc.aio.AioRpcError as e:
                         # gRPC itself resets some streams of a flood before any handler sees
                         # them (a no-op grpc.aio server does the same): CANCELLED at once.
-                        # (measured: 0-10 ms, up to 75 ms on a loaded machine; deadlines are 2 s)
-                        at_once = time.monotonic() - t < 0.5
-                        out[e.code().name + (" at once" if at_once else "")] += 1
+                        # (measured: 0-10 ms, up to 75 ms on a loaded machine). And when the
+                        # server's event loop runs late past a call's deadline, gRPC's own
+                        # deadline timer on the server side resets the stream, which the
+                        # client sees as CANCELLED at its deadline (CI: 9 of 4,500 calls).
+                        code, took = e.code().name, time.monotonic() - t
+                        if code == "CANCELLED":
+                            code += (
+                                " at once"
+                                if took < 0.5
+                                else " at the deadline"
+                                if took > 1.9
+                                else f" after {took:.2f} s"
+                            )
+                        out[code] += 1
 
                 tasks = []
                 start = time.monotonic()
@@ -153,8 +164,8 @@ def test_overload_with_deadlines_then_recovery(tiny_bundle: Path) -> None:
 
         out = asyncio.run(flood(1500, 3.0))
         print(dict(out))
-        ends = {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED at once"}
-        assert set(out) - {"RESOURCE_EXHAUSTED at once"} <= ends, out
+        ends = {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
+        assert set(out) <= ends | {"CANCELLED at once", "CANCELLED at the deadline"}, out
         t = time.monotonic()
         ordinary_calls_succeed(target)
         assert time.monotonic() - t < 10

@@ -43,12 +43,17 @@ def output(proc: subprocess.Popen[str]) -> str:
     return f.read()
 
 
-def start(bundle: Path, *args: str, port: int = 0) -> tuple[subprocess.Popen[str], int]:
+def start(
+    bundle: Path, *args: str, port: int = 0, step_s: float = 0.0
+) -> tuple[subprocess.Popen[str], int]:
+    """`python -m service serve` on 127.0.0.1; step_s > 0: every decoder step takes at least
+    that long (tests.doubles.slow_server)."""
     port = port or free_port()
+    launcher = ("-m", "tests.doubles", str(step_s)) if step_s else ("-m", "service")
     log = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 - lives with the server
     proc = subprocess.Popen(
         [
-            *(sys.executable, "-m", "service", "serve", "--bundle", str(bundle)),
+            *(sys.executable, *launcher, "serve", "--bundle", str(bundle)),
             *("--host", "127.0.0.1", "--port", str(port), *args),
         ],
         cwd=REPO,

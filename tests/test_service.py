@@ -25,6 +25,7 @@ from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
 from service.runtime import usable_cores
 from tests.conftest import ServerThread
+from tests.doubles import before_each_step, fail_once
 
 
 @pytest.fixture(scope="module")
@@ -223,14 +224,7 @@ def test_any_unicode_is_translated_or_refused_clearly(stub, text) -> None:
 
 
 def test_deadline_exceeded(stub, server) -> None:
-    sched = server.scheduler
-    slow = threading.Event()
-
-    def stall(_batch: object) -> None:
-        slow.wait(0.2)
-
-    sched.fault = stall
-    try:
+    with before_each_step(server.scheduler, lambda: time.sleep(0.2)):
         before = server.server.metrics.dropped_total.labels("deadline")._value.get()
         with pytest.raises(grpc.RpcError) as e:
             stub.Translate(pb.TranslateRequest(sentences=["nine hundred"] * 4), timeout=0.1)
@@ -241,15 +235,11 @@ def test_deadline_exceeded(stub, server) -> None:
                 break
             time.sleep(0.02)
         assert server.server.metrics.dropped_total.labels("deadline")._value.get() > before
-    finally:
-        sched.fault = None
     assert stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30).results
 
 
 def test_client_cancel_drops_the_work(stub, server) -> None:
-    sched = server.scheduler
-    sched.fault = lambda _b: time.sleep(0.3)
-    try:
+    with before_each_step(server.scheduler, lambda: time.sleep(0.3)):
         before = server.server.metrics.dropped_total.labels("cancelled")._value.get()
         fut = stub.Translate.future(pb.TranslateRequest(sentences=["eight thousand"] * 3))
         time.sleep(0.1)
@@ -260,24 +250,16 @@ def test_client_cancel_drops_the_work(stub, server) -> None:
                 break
             time.sleep(0.02)
         assert server.server.metrics.dropped_total.labels("cancelled")._value.get() > before
-    finally:
-        sched.fault = None
     assert stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30).results
 
 
 def test_a_failing_batch_fails_only_its_sentences(stub, server) -> None:
-    sched = server.scheduler
-
-    def boom(_batch: object) -> None:
-        sched.fault = None  # once
-        raise RuntimeError("injected fault")
-
-    sched.fault = boom
-    with pytest.raises(grpc.RpcError) as e:
-        stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30)
-    assert e.value.code() == grpc.StatusCode.INTERNAL
-    assert "injected fault" in e.value.details()
-    assert stub.Translate(pb.TranslateRequest(sentences=["two"]), timeout=30).results
+    with before_each_step(server.scheduler, fail_once("injected fault")):
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INTERNAL
+        assert "injected fault" in e.value.details()
+        assert stub.Translate(pb.TranslateRequest(sentences=["two"]), timeout=30).results
 
 
 # ----------------------------------------------------------------------------- batching
