@@ -165,6 +165,49 @@ async def abort(context: grpc.aio.ServicerContext, err: RpcError) -> None:
 T = TypeVar("T")
 
 
+def _parsing(servicer: TranslatorServicer, method: str, message: Any) -> Callable[..., Any]:
+    """The servicer's method, taking the request as bytes and parsing it first: bytes that are
+    not a valid message (a string field that is not UTF-8, a cut or corrupt message) get
+    INVALID_ARGUMENT naming the message. Left to gRPC, parsing failed as UNKNOWN with an ERROR
+    traceback in the log for every such call."""
+    handler = getattr(servicer, method)
+    name = message.DESCRIPTOR.full_name
+
+    async def parse(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return message.FromString(data)
+        except Exception as e:  # google.protobuf.message.DecodeError, UnicodeDecodeError
+            servicer.metrics.requests.labels(method, "INVALID_ARGUMENT").inc()
+            why = f"the request is not a valid {name} message: {e}"
+            await abort(context, RpcError(grpc.StatusCode.INVALID_ARGUMENT, why))
+
+    async def call(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+        # TranslateStream too: it writes its results with context.write
+        return await handler(await parse(data, context), context)
+
+    return call
+
+
+def add_translator(servicer: TranslatorServicer, server: grpc.aio.Server) -> None:
+    """Registers the Translator service as the generated add_TranslatorServicer_to_server
+    does, except that the servicer parses its requests itself (``_parsing``)."""
+    handlers = {
+        "Translate": grpc.unary_unary_rpc_method_handler(
+            _parsing(servicer, "Translate", pb.TranslateRequest),
+            response_serializer=pb.TranslateResponse.SerializeToString,
+        ),
+        "TranslateStream": grpc.unary_stream_rpc_method_handler(
+            _parsing(servicer, "TranslateStream", pb.TranslateRequest),
+            response_serializer=pb.TranslationResult.SerializeToString,
+        ),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            _parsing(servicer, "GetModelInfo", pb.GetModelInfoRequest),
+            response_serializer=pb.ModelInfo.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
 # ----------------------------------------------------------------------------- conversion
 
 
@@ -503,7 +546,7 @@ class Server:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
         )
         self.servicer = TranslatorServicer(None, self.metrics, cfg)
-        pb_grpc.add_TranslatorServicer_to_server(self.servicer, self.grpc)
+        add_translator(self.servicer, self.grpc)
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls_cert:
             creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)

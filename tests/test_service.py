@@ -223,6 +223,29 @@ def test_any_unicode_is_translated_or_refused_clearly(stub, text) -> None:
     assert stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30).results
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b"\x0a\x02\xff\xfe", b"\x0a\xff\xff\xff\xff\x0f", b"\xff" * 10],
+    ids=["sentence not UTF-8", "length past the end", "no message at all"],
+)
+def test_corrupt_request_bytes(server: ServerThread, stub, body: bytes) -> None:
+    """Bytes that are not a TranslateRequest, sent raw: INVALID_ARGUMENT naming the message,
+    on unary and streaming calls (gRPC's own parsing answered UNKNOWN, with a traceback)."""
+    with grpc.insecure_channel(server.target) as ch:
+        for method, call in (
+            ("Translate", ch.unary_unary),
+            ("TranslateStream", ch.unary_stream),
+        ):
+            rpc = call(f"/nmtserve.v1.Translator/{method}")
+            with pytest.raises(grpc.RpcError) as e:
+                reply = rpc(body, timeout=10)
+                if method == "TranslateStream":
+                    list(reply)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, e.value)
+            assert "not a valid nmtserve.v1.TranslateRequest" in (e.value.details() or "")
+    assert stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30).results
+
+
 def test_deadline_exceeded(stub, server) -> None:
     with before_each_step(server.scheduler, lambda: time.sleep(0.2)):
         before = server.server.metrics.dropped_total.labels("deadline")._value.get()
