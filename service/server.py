@@ -24,23 +24,18 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from grpc_status import rpc_status
 
 from service.bundle import Bundle, load_bundle
 from service.engine import SentenceResult
+from service.errors import NotReady, ResponseTooLarge, RpcError, abort, to_rpc_error
 from service.metrics import Metrics
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
 from service.runtime import RuntimeConfig
 from service.scheduler import (
-    Cancelled,
     DeadlineExceeded,
-    DecoderFailed,
-    QueueFull,
     SchedulerConfig,
     ShuttingDown,
     Ticket,
@@ -48,7 +43,6 @@ from service.scheduler import (
 from service.security import TokenAuth, load_tokens, server_credentials
 from service.translator import (
     MAX_REQUEST_ID,
-    InvalidRequest,
     RequestOptions,
     Translation,
     Translator,
@@ -102,64 +96,6 @@ class ServerConfig:
     tls_client_ca: str = ""  # CA for client certificates: enables mutual TLS
     auth_tokens_file: str = ""  # one bearer token per line
     auth_tokens: str = ""  # comma-separated bearer tokens (prefer the environment or a file)
-
-
-# ----------------------------------------------------------------------------- errors
-
-
-class NotReady(Exception):
-    """The bundle is still loading."""
-
-
-class ResponseTooLarge(Exception):
-    """A built response is over the send limit (validation should have refused the call)."""
-
-
-class RpcError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str, details: list[Any] | None = None):
-        super().__init__(message)
-        self.code, self.message, self.details = code, message, details or []
-
-
-def to_rpc_error(e: BaseException) -> RpcError:
-    """The one table from domain errors to gRPC status codes."""
-    if isinstance(e, RpcError):
-        return e
-    if isinstance(e, InvalidRequest):
-        br = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                for f, d in e.violations
-            ]
-        )
-        return RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(e), [br])
-    if isinstance(e, QueueFull):
-        return RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later")
-    if isinstance(e, ResponseTooLarge):
-        return RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-    if isinstance(e, DeadlineExceeded):
-        return RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
-    if isinstance(e, Cancelled):
-        return RpcError(grpc.StatusCode.CANCELLED, str(e))
-    if isinstance(e, DecoderFailed):
-        return RpcError(grpc.StatusCode.UNAVAILABLE, f"{e}; retry elsewhere")
-    if isinstance(e, ShuttingDown):
-        return RpcError(grpc.StatusCode.UNAVAILABLE, "the server is draining; retry elsewhere")
-    if isinstance(e, NotReady):
-        return RpcError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
-    return RpcError(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
-
-
-async def abort(context: grpc.aio.ServicerContext, err: RpcError) -> None:
-    details = []
-    for d in err.details:
-        packed = any_pb2.Any()
-        packed.Pack(d)
-        details.append(packed)
-    status = status_pb2.Status(
-        code=getattr(code_pb2, err.code.name), message=err.message, details=details
-    )
-    await context.abort_with_status(rpc_status.to_status(status))
 
 
 T = TypeVar("T")
