@@ -50,7 +50,13 @@ async def closed_loop(target: str, seconds: float) -> float:
     return done / seconds
 
 
-async def open_loop(target: str, rate: float, seconds: float) -> list[tuple[str, float]]:
+async def open_loop(
+    target: str,
+    rate: float,
+    seconds: float,
+    sentences: tuple[str, ...] = ("seven",),
+    timeout: float = 5.0,
+) -> list[tuple[str, float]]:
     """rate calls/s whatever the answers: (code, seconds) of each call."""
     out: list[tuple[str, float]] = []
     async with grpc.aio.insecure_channel(target) as ch:
@@ -59,7 +65,7 @@ async def open_loop(target: str, rate: float, seconds: float) -> list[tuple[str,
         async def one() -> None:
             t = time.monotonic()
             try:
-                await stub.Translate(pb.TranslateRequest(sentences=["seven"]), timeout=5)
+                await stub.Translate(pb.TranslateRequest(sentences=sentences), timeout=timeout)
                 out.append(("OK", time.monotonic() - t))
             except grpc.aio.AioRpcError as e:
                 out.append((e.code().name, time.monotonic() - t))

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
 from tests.conftest import ServerThread
+from tests.test_overload import open_loop
 from tests.test_server_process import REPO, free_port, start, wait_serving
 
 SENTENCES = ["four thousand and twelve", "seven", "nine hundred and one", "sixty-six"]
@@ -123,46 +124,23 @@ def test_overload_with_deadlines_then_recovery(tiny_bundle: Path) -> None:
     try:
         wait_serving(port, proc)
 
-        async def flood(rate: float, seconds: float) -> Counter[str]:
-            out: Counter[str] = Counter()
-            async with grpc.aio.insecure_channel(target) as ch:
-                stub = pb_grpc.TranslatorStub(ch)
-
-                async def one() -> None:
-                    t = time.monotonic()
-                    try:
-                        req = pb.TranslateRequest(sentences=SENTENCES * 2)
-                        await stub.Translate(req, timeout=2)
-                        out["OK"] += 1
-                    except grpc.aio.AioRpcError as e:
-                        # gRPC itself resets some streams of a flood before any handler sees
-                        # them (a no-op grpc.aio server does the same): CANCELLED at once.
-                        # (measured: 0-10 ms, up to 75 ms on a loaded machine). And when the
-                        # server's event loop runs late past a call's deadline, gRPC's own
-                        # deadline timer on the server side resets the stream, which the
-                        # client sees as CANCELLED at its deadline (CI: 9 of 4,500 calls).
-                        code, took = e.code().name, time.monotonic() - t
-                        if code == "CANCELLED":
-                            code += (
-                                " at once"
-                                if took < 0.5
-                                else " at the deadline"
-                                if took > 1.9
-                                else f" after {took:.2f} s"
-                            )
-                        out[code] += 1
-
-                tasks = []
-                start = time.monotonic()
-                for i in range(int(rate * seconds)):
-                    delay = start + i / rate - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    tasks.append(asyncio.create_task(one()))
-                await asyncio.gather(*tasks)
-            return out
-
-        out = asyncio.run(flood(1500, 3.0))
+        results = asyncio.run(open_loop(target, 1500, 3.0, tuple(SENTENCES * 2), timeout=2))
+        out: Counter[str] = Counter()
+        for code, took in results:
+            # gRPC itself resets some streams of a flood before any handler sees them (a no-op
+            # grpc.aio server does the same): CANCELLED at once (measured: 0-10 ms, up to 75 ms
+            # on a loaded machine). And when the server's event loop runs late past a call's
+            # deadline, gRPC's own deadline timer on the server side resets the stream, which
+            # the client sees as CANCELLED at its deadline (CI: 9 of 4,500 calls).
+            if code == "CANCELLED":
+                code += (
+                    " at once"
+                    if took < 0.5
+                    else " at the deadline"
+                    if took > 1.9
+                    else f" after {took:.2f} s"
+                )
+            out[code] += 1
         print(dict(out))
         ends = {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
         assert set(out) <= ends | {"CANCELLED at once", "CANCELLED at the deadline"}, out
