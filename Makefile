@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 RUN ?= runs/default
 BUNDLE ?= models/default
 
-.PHONY: install tools run model test lint test-slow bench bench-service bench-engines bench-fairness fuzz-long soak container-check compose-check clean
+.PHONY: install tools run model test lint test-slow bench bench-service bench-engines bench-fairness bench-slow-readers fuzz-long soak container-check compose-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ bench-service: model
 # A single-sentence call's latency beside a 256-sentence call (docs/RELIABILITY.md, fairness).
 bench-fairness: model
 	$(PY) benchmarks/fairness.py --bundle $(BUNDLE) --rounds 5 --probes 1000
+
+# Server memory under 100 TranslateStream clients that never read (docs/RELIABILITY.md).
+bench-slow-readers: model
+	$(PY) benchmarks/slow_readers.py --bundle $(BUNDLE) --streams 100
 
 bench: bench-engines bench-service
 

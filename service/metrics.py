@@ -35,6 +35,11 @@ class Metrics(Observer):
             registry=r,
         )
         self.queue = Gauge("nmtserve_queue_depth", "Sentences waiting in the queue", registry=r)
+        self.stream_buffer = Gauge(
+            "nmtserve_stream_buffer_bytes",
+            "Bytes reserved by streams for results their clients have not read yet",
+            registry=r,
+        )
         self.batches = Counter(
             "nmtserve_batches",
             "Encoder runs: groups of sentences admitted into the decoding batch together",

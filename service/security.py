@@ -24,9 +24,15 @@ def load_tokens(file: str = "", inline: str = "") -> list[bytes]:
     silently); messages never quote a token."""
     tokens: list[str] = []
     if file:
+        try:
+            text = Path(file).read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:  # its message would quote the token's bytes
+            raise ValueError(
+                f"auth tokens file {file} is not UTF-8 text (byte {e.start}): refusing to start"
+            ) from None
         from_file = [
             line.strip()
-            for line in Path(file).read_text(encoding="utf-8-sig").splitlines()
+            for line in text.splitlines()
             if line.strip() and not line.strip().startswith("#")
         ]
         if not from_file:

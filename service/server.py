@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import json
 import logging
@@ -28,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.bundle import Bundle, load_bundle
-from service.engine import SentenceResult
+from service.engine import SentenceJob, SentenceResult
 from service.errors import NotReady, ResponseTooLarge, RpcError, abort, to_rpc_error
 from service.metrics import Metrics
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
@@ -38,9 +37,9 @@ from service.scheduler import (
     DeadlineExceeded,
     SchedulerConfig,
     ShuttingDown,
-    Ticket,
 )
 from service.security import TokenAuth, load_tokens, server_credentials
+from service.streaming import StreamBuffer, stream
 from service.translator import (
     MAX_REQUEST_ID,
     RequestOptions,
@@ -89,6 +88,7 @@ class ServerConfig:
     max_wait_ms: float = 5.0
     max_sentences: int = 256
     max_message_bytes: int = 4 * 1024 * 1024
+    stream_buffer_bytes: int = 256 * 1024 * 1024  # stream results not yet read, server-wide
     drain_delay_s: float = 5.0  # after SIGTERM: NOT_SERVING but still serving, this long
     grace_s: float = 20.0
     tls_cert: str = ""  # PEM certificate (chain) of the server: enables TLS
@@ -96,6 +96,39 @@ class ServerConfig:
     tls_client_ca: str = ""  # CA for client certificates: enables mutual TLS
     auth_tokens_file: str = ""  # one bearer token per line
     auth_tokens: str = ""  # comma-separated bearer tokens (prefer the environment or a file)
+
+    def __post_init__(self) -> None:
+        """Refuses a setting out of its range (NaN and infinity included), naming its flag."""
+        problems = [
+            f"--{name.replace('_', '-')} {getattr(self, name)!r}: must be from {lo} to {hi}"
+            for name, (lo, hi) in _RANGES.items()
+            if not lo <= getattr(self, name) <= hi  # False for NaN
+        ]
+        if self.max_call_tokens > self.max_queue_tokens:
+            problems.append("--max-call-tokens must not exceed --max-queue-tokens")
+        if self.stream_buffer_bytes < self.max_message_bytes:
+            problems.append("--stream-buffer-bytes must be at least --max-message-bytes")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+_INT32 = 2**31 - 1
+_RANGES: dict[str, tuple[float, float]] = {  # setting: (lowest, highest)
+    "port": (0, 65535),
+    "metrics_port": (0, 65535),
+    "threads": (0, 1024),
+    "lanes": (0, 64),
+    "max_queue_tokens": (1, _INT32),
+    "max_call_tokens": (1, _INT32),
+    "max_batch_rows": (1, 65536),
+    "max_batch_tokens": (1, _INT32),
+    "max_wait_ms": (0, 10_000),
+    "max_sentences": (1, 1_000_000),
+    "max_message_bytes": (1024, _INT32),  # gRPC's limit is a 32-bit int
+    "stream_buffer_bytes": (1024, 2**48),
+    "drain_delay_s": (0, 3600),
+    "grace_s": (0, 3600),
+}
 
 
 T = TypeVar("T")
@@ -223,10 +256,6 @@ def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: ob
         loop.call_soon_threadsafe(fn, *args)
 
 
-def _arrived(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[int], i: int, _: object) -> None:
-    _on_loop(loop, queue.put_nowait, i)
-
-
 class TranslatorServicer(pb_grpc.TranslatorServicer):
     def __init__(self, translator: Translator | None, metrics: Metrics, cfg: ServerConfig) -> None:
         self._tr = translator
@@ -236,6 +265,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         self.active = 0  # calls inside a handler now
         self.last_call = 0.0  # time.monotonic() of the latest call's arrival (not refused)
         self.refused_draining = 0  # calls refused UNAVAILABLE while draining (one log line)
+        self.streams = StreamBuffer(cfg.stream_buffer_bytes, metrics.stream_buffer.set)
         # (active and last_call count accepted calls only)
 
     @property
@@ -272,7 +302,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             return await body()
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
-            log.info("request cancelled by the client", extra={"request_id": request_id})
+            log.info("request %s", self._ended_by(context), extra={"request_id": request_id})
             raise
         except Exception as e:
             if context.cancelled():  # gRPC ended the call meanwhile (its deadline): no answer
@@ -303,9 +333,19 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             self.metrics.requests.labels(method, code.name).inc()
             self.metrics.latency.labels(method).observe(time.perf_counter() - start)
 
-    def _deadline(self, context: grpc.aio.ServicerContext) -> float | None:
+    def _ended_by(self, context: grpc.aio.ServicerContext) -> str:
+        """Who ended a call that gRPC cancelled, for its log line."""
         remaining = context.time_remaining()
-        return None if remaining is None else time.monotonic() + remaining
+        if remaining is not None and remaining <= 0:
+            return "cancelled: its deadline passed"
+        if self.draining:
+            return "cancelled: the server stopped (grace period over) before it finished"
+        return "cancelled by the client"
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float | None:
+        """When the call's sentences expire: when the handler stops waiting (``_patience``)."""
+        patience = self._patience(context)
+        return None if patience is None else time.monotonic() + patience
 
     @staticmethod
     def _patience(context: grpc.aio.ServicerContext) -> float | None:
@@ -315,18 +355,18 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         remaining = context.time_remaining()
         return None if remaining is None else max(0.0, remaining - _DEADLINE_MARGIN_S)
 
-    def _submit(
+    def _prepare(
         self,
         request: pb.TranslateRequest,
         context: grpc.aio.ServicerContext,
         rid: str,
         streaming: bool,
-    ) -> tuple[RequestOptions, Ticket]:
+    ) -> tuple[RequestOptions, list[SentenceJob]]:
+        """The call's options and its validated sentences (InvalidRequest if not valid)."""
+        self.tr.check_request_id(request.request_id)
         opts = request_options(request.options)
-        ticket = self.tr.submit(
-            list(request.sentences), opts, self._deadline(context), rid, streaming
-        )
-        return opts, ticket
+        deadline = self._deadline(context)
+        return opts, self.tr.prepare(list(request.sentences), opts, deadline, rid, streaming)
 
     async def Translate(
         self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext
@@ -334,8 +374,8 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         rid = _request_id(request)
 
         async def body() -> pb.TranslateResponse:
-            self.tr.check_request_id(request.request_id)
-            opts, ticket = self._submit(request, context, rid, streaming=False)
+            opts, jobs = self._prepare(request, context, rid, streaming=False)
+            ticket = self.tr.queue(jobs)
             try:
                 loop = asyncio.get_running_loop()
                 await _all_done(loop, ticket.futures, self._patience(context))
@@ -371,29 +411,16 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         rid = _request_id(request)
 
         async def body() -> int:
-            self.tr.check_request_id(request.request_id)
-            opts, ticket = self._submit(request, context, rid, streaming=True)
-            loop = asyncio.get_running_loop()
-            arrived: asyncio.Queue[int] = asyncio.Queue()
-            for i, f in enumerate(ticket.futures):
-                f.add_done_callback(functools.partial(_arrived, loop, arrived, i))
-            patience = self._patience(context)
-            timer = None if patience is None else loop.call_later(patience, arrived.put_nowait, -1)
-            try:
-                for _ in ticket.futures:
-                    i = await arrived.get()
-                    if i < 0:
-                        raise DeadlineExceeded("deadline passed before the translation finished")
-                    res = ticket.futures[i].result()  # raises its failure
-                    translation = self.tr.finish(ticket.jobs[i], res, opts)
-                    await context.write(result_message(i, translation))
-            except BaseException:
-                ticket.cancel()  # the call failed or went away: drop its other sentences
-                raise
-            finally:
-                if timer is not None:
-                    timer.cancel()
-            return len(ticket.futures)
+            opts, jobs = self._prepare(request, context, rid, streaming=True)
+
+            async def write(i: int, result: SentenceResult) -> None:
+                message = result_message(i, self.tr.finish(jobs[i], result, opts))
+                try:
+                    await context.write(message)
+                except Exception as gone:  # the call ended under the write (cancel, deadline)
+                    raise asyncio.CancelledError() from gone
+
+            return await stream(self.tr, jobs, opts, self.streams, self._patience(context), write)
 
         await self._call("TranslateStream", context, rid, body)
 
@@ -441,13 +468,42 @@ def model_info(tr: Translator, cfg: ServerConfig) -> pb.ModelInfo:
 # ----------------------------------------------------------------------------- lifecycle
 
 
+class Health(health.aio.HealthServicer):
+    """grpc's health service, except that Watch streams end (with OK) when the server stops:
+    an open Watch otherwise held the exit for the whole grace period."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._closing: asyncio.Event | None = None  # made on the server's loop
+
+    def _closed(self) -> asyncio.Event:
+        if self._closing is None:
+            self._closing = asyncio.Event()
+        return self._closing
+
+    async def Watch(self, request: Any, context: Any) -> None:
+        watch = asyncio.ensure_future(super().Watch(request, context))
+        closing = asyncio.ensure_future(self._closed().wait())
+        try:
+            await asyncio.wait({watch, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (watch, closing):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch  # raises what ended it, if not the close
+
+    def close(self) -> None:
+        """Ends every Watch (they have been told NOT_SERVING by then)."""
+        self._closed().set()
+
+
 class Server:
     """Builds and runs the whole server; ``run()`` returns when it has drained."""
 
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
         self.metrics = Metrics()
-        self.health = health.aio.HealthServicer()
+        self.health = Health()
         self.grpc: grpc.aio.Server | None = None
         self.translator: Translator | None = None
         self.servicer: TranslatorServicer | None = None
@@ -582,6 +638,7 @@ class Server:
                 await asyncio.sleep(0.02)
             if sv.refused_draining:
                 log.info("refused %d call(s) while draining", sv.refused_draining)
+        self.health.close()
         if self.grpc is not None:
             await self.grpc.stop(max(1.0, end - time.monotonic()))
         if self.translator is not None:

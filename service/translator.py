@@ -21,12 +21,20 @@ _ATTENTION_MODES = frozenset(m.value for m in AttentionMode)
 MAX_REQUEST_ID = 128
 
 
+MAX_VIOLATIONS = 10  # listed in an error (the rest counted), so that it fits the metadata limit
+
+
 class InvalidRequest(ValueError):
-    """A request the server will not decode; violations are (field, description) pairs."""
+    """A request the server will not decode; violations are (field, description) pairs, the
+    first MAX_VIOLATIONS of them and then how many more there were (a client's default limit
+    on the size of an error's metadata is 8 KiB)."""
 
     def __init__(self, violations: list[tuple[str, str]]) -> None:
-        self.violations = violations
-        super().__init__("; ".join(f"{f}: {d}" for f, d in violations))
+        more = len(violations) - MAX_VIOLATIONS
+        self.violations = violations[:MAX_VIOLATIONS]
+        if more > 0:
+            self.violations.append(("", f"and {more} more problem(s) of the same request"))
+        super().__init__("; ".join(f"{f}: {d}" if f else d for f, d in self.violations))
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,7 @@ class Translator:
         """Each graph once, then one real decode through the scheduler, so the first caller
         pays no start-up cost."""
         self.runtime.warm_up()
-        ticket = self.submit(["warm up"], RequestOptions(max_output_tokens=4), None)
+        ticket = self.queue(self.prepare(["warm up"], RequestOptions(max_output_tokens=4), None))
         for f in ticket.futures:
             f.result(timeout=60)
 
@@ -212,7 +220,9 @@ class Translator:
         sizes = [
             self.response_bytes(len(ids), self._limit(ids, opts), opts) for ids in encoded if ids
         ]
-        size = max(sizes, default=0) if streaming else sum(sizes)
+        # A response also carries the request id: at most MAX_REQUEST_ID characters of up to
+        # 4 bytes each, with its tag and length.
+        size = max(sizes, default=0) if streaming else sum(sizes) + 4 * MAX_REQUEST_ID + 4
         if size <= self.max_message_bytes:
             return []
         what = "one result" if streaming else f"the response to {len(encoded)} sentences"
@@ -248,16 +258,20 @@ class Translator:
     def _limit(self, ids: list[int], opts: RequestOptions) -> int:
         return self.limits.target_limit(len(ids), opts.max_output_tokens) if ids else 0
 
-    def submit(
+    def queue(self, jobs: list[SentenceJob]) -> Ticket:
+        """Queues prepared sentences (all or none: QueueFull when they do not fit)."""
+        return self.scheduler.submit(jobs)
+
+    def prepare(
         self,
         sentences: list[str],
         opts: RequestOptions,
         deadline: float | None,
         request_id: str = "",
         streaming: bool = False,
-    ) -> Ticket:
-        """Validates and queues a request's sentences; the ticket has a future per sentence,
-        and cancels what has not finished."""
+    ) -> list[SentenceJob]:
+        """Validates a request: its sentences as jobs, for ``queue`` (a stream queues them a
+        window at a time)."""
         encoded = self.validate(sentences, opts, streaming)
         layer = opts.attention_layer if opts.attention_layer is not None else -1
         dopts = DecodeOptions(
@@ -279,7 +293,11 @@ class Translator:
             )
             for ids in encoded
         ]
-        return self.scheduler.submit(jobs)
+        return jobs
+
+    def result_bytes(self, job: SentenceJob, opts: RequestOptions) -> int:
+        """An upper bound on the serialized result of a prepared sentence."""
+        return self.response_bytes(len(job.source_ids), job.limit, opts)
 
     def finish(self, job: SentenceJob, result: SentenceResult, opts: RequestOptions) -> Translation:
         """The decoded text and, if asked, the pieces of a finished sentence."""

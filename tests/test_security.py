@@ -193,6 +193,10 @@ def test_token_helpers(tmp_path: Path) -> None:
         load_tokens("", "short")
     f.write_bytes("\ufefffirst-token-0123456789\n".encode())  # a byte-order mark is no token
     assert load_tokens(str(f)) == [b"first-token-0123456789"]
+    f.write_bytes(b"first-token-\xff\xfe0123456789\n")  # not UTF-8: named, never quoted
+    with pytest.raises(ValueError, match=f"auth tokens file {f} is not UTF-8") as err:
+        load_tokens(str(f))
+    assert "first-token" not in str(err.value) and "xff" not in str(err.value)
     for bad in ("token-with-umlaut-ü-0123", "token with spaces 0123456789"):
         with pytest.raises(ValueError, match="printable ASCII without spaces"):
             load_tokens("", bad)

@@ -17,6 +17,7 @@ from typing import IO
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service import client
 from service.client import TranslatorClient
@@ -208,6 +209,23 @@ def test_refuses_a_corrupt_bundle_naming_the_file(tiny_bundle: Path, tmp_path: P
     assert "encoder.onnx: sha256 does not match manifest.json" in out
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--max-wait-ms", "nan"),  # never said SERVING, and ignored SIGINT
+        ("--max-wait-ms", "inf"),  # the decode lanes died
+        ("--port", "70000"),  # served on 70000 - 65536
+        ("--drain-delay-s", "inf"),
+        ("--max-message-bytes", str(2**40)),  # a traceback
+    ],
+)
+def test_refuses_a_setting_out_of_range_naming_it(tiny_bundle: Path, flag: str, value: str) -> None:
+    proc, _ = start(tiny_bundle, flag, value)
+    assert proc.wait(60) == 2
+    assert f"cannot start: {flag} {value}: must be from" in output(proc), output(proc)
+    assert "Traceback" not in output(proc)
+
+
 def test_refuses_a_missing_bundle(tmp_path: Path) -> None:
     proc, _ = start(tmp_path / "nowhere")
     assert proc.wait(60) == 2
@@ -291,6 +309,35 @@ def test_callers_that_keep_calling_do_not_hold_up_the_drain(tiny_bundle: Path) -
         assert took < 5, f"drained in {took:.1f}s"
         assert log.count("request refused") == 0 and "call(s) while draining" in log, log
         assert "OK" in codes and "UNAVAILABLE" in codes
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_an_open_health_watch_does_not_hold_up_the_exit(tiny_bundle: Path) -> None:
+    """A client watching health (as grpc's client-side health checking does) is told
+    NOT_SERVING, then its Watch ends with OK at the stop: it used to hold the exit for the
+    whole 20 s grace period."""
+    proc, port = start(tiny_bundle, "--drain-delay-s", "0.5", "--grace-s", "20")
+    try:
+        wait_serving(port, proc)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest())
+            statuses = [next(watch).status]
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            statuses += [r.status for r in watch]  # ends when the server closes it
+            assert watch.code() == grpc.StatusCode.OK
+            code = proc.wait(30)
+            took = time.monotonic() - t0
+        serving, not_serving = (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+        assert statuses == [serving, not_serving], statuses
+        assert code == 0, output(proc)
+        assert took < 5, f"exited {took:.1f}s after SIGTERM"
     finally:
         if proc.poll() is None:
             proc.kill()

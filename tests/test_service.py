@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -24,6 +25,7 @@ from export.train import LengthLimits, model_from_checkpoint, pad, translate_ids
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
 from service.runtime import usable_cores
+from service.translator import RequestOptions
 from tests.conftest import ServerThread
 from tests.doubles import before_each_step, fail_once
 
@@ -174,6 +176,37 @@ def test_sentence_over_source_limit_names_index_and_limit(stub) -> None:
     assert "over the source limit of 24 tokens" in desc
 
 
+def test_many_bad_sentences_are_listed_within_the_metadata_limit(stub) -> None:
+    """40 sentences over the limit: the first ten named, the rest counted. Listing all of them
+    (this server takes 40 at most) grew the error with each one: 49 on the default server made
+    it larger than a client's 8 KiB metadata limit, and the client saw RESOURCE_EXHAUSTED."""
+    long = " ".join(["seven hundred"] * 20)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Translate(pb.TranslateRequest(sentences=[long] * 40))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    violations = bad_request(e.value)
+    assert [f for f, _ in violations[:10]] == [f"sentences[{i}]" for i in range(10)]
+    assert violations[10] == ("", "and 30 more problem(s) of the same request")
+    assert len(violations) == 11 and "and 30 more" in e.value.details()
+
+
+def test_the_response_bound_counts_the_request_id(stub, server, monkeypatch) -> None:
+    """A message limit just above what the results could need: a long request id tips the
+    answer over it, so the call is refused before decoding (it used to be decoded and then
+    answered RESOURCE_EXHAUSTED at a limit this small)."""
+    tr = server.server.translator
+    ids = tr.encode("one two")
+    results = tr.response_bytes(len(ids), tr.limits.target_limit(len(ids), 0), RequestOptions())
+    monkeypatch.setattr(tr, "max_message_bytes", results + 8)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Translate(pb.TranslateRequest(sentences=["one two"], request_id="r" * 128))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    [(field, desc)] = bad_request(e.value)
+    assert field == "sentences" and "over the server's message limit" in desc
+    monkeypatch.setattr(tr, "max_message_bytes", results + 4 * 128 + 4)
+    assert stub.Translate(pb.TranslateRequest(sentences=["one two"], request_id="r" * 128))
+
+
 @pytest.mark.parametrize(
     ("options", "field"),
     [
@@ -246,18 +279,25 @@ def test_corrupt_request_bytes(server: ServerThread, stub, body: bytes) -> None:
     assert stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30).results
 
 
-def test_deadline_exceeded(stub, server) -> None:
-    with before_each_step(server.scheduler, lambda: time.sleep(0.2)):
-        before = server.server.metrics.dropped_total.labels("deadline")._value.get()
+def test_deadline_exceeded(stub, server, monkeypatch) -> None:
+    """Every sentence of the call is dropped, and counted under reason="deadline" (those still
+    queued were counted as "cancelled": the handler gave up just before the deadline)."""
+    dropped = server.server.metrics.dropped_total
+    sched = server.scheduler
+    monkeypatch.setattr(sched, "cfg", dataclasses.replace(sched.cfg, max_batch_rows=4))
+    with before_each_step(sched, lambda: time.sleep(0.2)):
+        before = dropped.labels("deadline")._value.get()
+        cancelled = dropped.labels("cancelled")._value.get()
         with pytest.raises(grpc.RpcError) as e:
-            stub.Translate(pb.TranslateRequest(sentences=["nine hundred"] * 4), timeout=0.1)
+            stub.Translate(pb.TranslateRequest(sentences=["nine hundred"] * 40), timeout=0.1)
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            if server.server.metrics.dropped_total.labels("deadline")._value.get() > before:
+            if dropped.labels("deadline")._value.get() == before + 40:
                 break
             time.sleep(0.02)
-        assert server.server.metrics.dropped_total.labels("deadline")._value.get() > before
+        assert dropped.labels("deadline")._value.get() == before + 40
+        assert dropped.labels("cancelled")._value.get() == cancelled
     assert stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30).results
 
 
@@ -387,3 +427,26 @@ def test_health_not_serving_until_loaded(tiny_bundle: Path, monkeypatch) -> None
     finally:
         gate.set()
         srv.stop()
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_log_lines_carry_the_request_id(fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from service.logs import setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging(fmt, "info")
+        logging.getLogger("nmtserve.test").info("refused", extra={"request_id": "rid-42"})
+        logging.getLogger("nmtserve.test").info("no id")
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    with_id, without = capsys.readouterr().err.splitlines()
+    if fmt == "json":
+        assert json.loads(with_id)["request_id"] == "rid-42"
+        assert "request_id" not in json.loads(without)
+    else:
+        assert with_id.endswith("nmtserve.test: refused [rid-42]") and without.endswith("no id")
