@@ -3,7 +3,7 @@
 Throughput does not depend on what the weights are, only on the shapes and on how many tokens
 each sentence generates (the same for every engine decoding the same bundle), so benchmarks can
 look at realistic model sizes without hours of training. Built with the project's own exporter
-(export.onnx_export) and manifest writer (export.bundle): the service loads them like any other
+(export.onnx_export) and the bundle contract (service.bundle): the service loads them like any other
 bundle.
 """
 
@@ -54,9 +54,16 @@ def write_bundle(
     file and callers must feed token ids. limits: the manifest's length limits (default: 128
     source tokens, every sentence allowed 128 output tokens).
     """
-    from export.bundle import FORMAT, FORMAT_VERSION, GRAPH_FILES, file_entries, write_manifest
-    from export.onnx_export import OPSET, export_all, graph_io
+    from export.onnx_export import OPSET, export_all
     from export.pipeline import quantize_int8
+    from service.bundle import (
+        FORMAT,
+        FORMAT_VERSION,
+        GRAPH_FILES,
+        file_entries,
+        graph_io,
+        write_manifest,
+    )
 
     cfg = model.cfg
     out.mkdir(parents=True, exist_ok=True)
@@ -85,7 +92,7 @@ def write_bundle(
             "model": cfg.to_dict(),
             "tokenizer": {"file": "tokenizer.model", "type": "sentencepiece"},
             "limits": lim,
-            "onnx": {"opset": OPSET, "graphs": graphs, "decoder_inputs": io.decoder_inputs},
+            "onnx": {"opset": OPSET, "graphs": graphs, "io": io.manifest()},
             "files": file_entries(
                 out, [f for g in graphs.values() for f in g.values()] + ["tokenizer.model"]
             ),

@@ -359,8 +359,8 @@ def cmd_ct2(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from export.bundle import BundleError
     from export.pipeline import verify_bundle
+    from service.bundle import BundleError
 
     try:
         report = verify_bundle(

@@ -23,7 +23,6 @@ not rows × the longest.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,52 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from export.model import KV, StepOutput, Transformer
+from service.bundle import graph_io
 
 OPSET = 17
-
-
-@dataclass(frozen=True)
-class GraphIO:
-    """Names of every graph input and output, in order, for one model's layer counts."""
-
-    encoder_inputs: list[str]
-    encoder_outputs: list[str]
-    decoder_inputs: list[str]
-    decoder_outputs: list[str]
-    cached_decoder_inputs: list[str]  # decoder_kv.onnx: no self-attention mask
-    packed_encoder_inputs: list[str]  # encoder_packed.onnx; outputs as encoder_outputs
-
-
-def graph_io(n_decoder_layers: int) -> GraphIO:
-    layers = range(n_decoder_layers)
-    enc_kv = [f"present.{i}.encoder.{kv}" for i in layers for kv in ("key", "value")]
-    past = [f"past_key_values.{i}.decoder.{kv}" for i in layers for kv in ("key", "value")]
-    cross = [f"past_key_values.{i}.encoder.{kv}" for i in layers for kv in ("key", "value")]
-    return GraphIO(
-        encoder_inputs=["input_ids", "attention_mask"],
-        encoder_outputs=["last_hidden_state", *enc_kv],
-        decoder_inputs=[
-            "input_ids",
-            "position_ids",
-            "decoder_attention_mask",
-            "encoder_attention_mask",
-            *past,
-            *cross,
-        ],
-        decoder_outputs=[
-            "logits",
-            *[f"present.{i}.decoder.{kv}" for i in layers for kv in ("key", "value")],
-            *[f"cross_attentions.{i}" for i in layers],
-        ],
-        cached_decoder_inputs=[
-            "input_ids",
-            "position_ids",
-            "encoder_attention_mask",
-            *past,
-            *cross,
-        ],
-        packed_encoder_inputs=["input_ids", "position_ids", "segment_ids"],
-    )
 
 
 class EncoderGraph(nn.Module):

@@ -20,19 +20,9 @@ import onnx
 import onnxruntime
 import torch
 
-from export.bundle import (
-    FORMAT,
-    FORMAT_VERSION,
-    GRAPH_FILES,
-    TOKENIZER_FILE,
-    check_bundle,
-    file_entries,
-    sha256_file,
-    write_manifest,
-)
 from export.data import Pair
 from export.model import Transformer
-from export.onnx_export import OPSET, export_all, graph_io
+from export.onnx_export import OPSET, export_all
 from export.rundir import load_run, load_split
 from export.tokenizer import Tokenizer
 from export.train import LengthLimits, model_from_checkpoint, score, translate_ids
@@ -46,6 +36,17 @@ from export.verify import (
     compare_packed,
     ort_translate_ids,
     session,
+)
+from service.bundle import (
+    FORMAT,
+    FORMAT_VERSION,
+    GRAPH_FILES,
+    TOKENIZER_FILE,
+    file_entries,
+    graph_io,
+    load_bundle,
+    sha256_file,
+    write_manifest,
 )
 
 log = logging.getLogger("export")
@@ -279,7 +280,7 @@ def export_bundle(
 
         # 5. the manifest, then the move into place
         names = [TOKENIZER_FILE, *(f for g in graphs.values() for f in g.values())]
-        io = graph_io(model.cfg.n_decoder_layers)
+        io = graph_io(model.cfg.n_decoder_layers).manifest()
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -303,10 +304,7 @@ def export_bundle(
             "onnx": {
                 "opset": opset,
                 "graphs": graphs,
-                "encoder_inputs": io.encoder_inputs,
-                "encoder_outputs": io.encoder_outputs,
-                "decoder_inputs": io.decoder_inputs,
-                "decoder_outputs": io.decoder_outputs,
+                "io": {part: io[part] for part in graphs["fp32"]},
             },
             "files": file_entries(work, names),
             "corpus": run.get("corpus_summary", {}),
@@ -332,7 +330,7 @@ def export_bundle(
             },
         }
         write_manifest(work, manifest)
-        check_bundle(work)
+        load_bundle(work)  # what the service will check
         if out.exists():
             shutil.rmtree(out)
         work.rename(out)
@@ -344,7 +342,7 @@ def export_bundle(
 
 def verify_bundle(bundle: Path, run_dir: Path, checkpoint: Path) -> dict[str, Any]:
     """Checks a written bundle again: manifest and checksums, then ORT vs PyTorch."""
-    manifest = check_bundle(bundle)
+    manifest = load_bundle(bundle).manifest
     run = load_run(run_dir)
     model, _ = model_from_checkpoint(checkpoint)
     if manifest["model"] != model.cfg.to_dict():

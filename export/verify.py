@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 
 from export.model import Transformer
-from export.onnx_export import graph_io
+from service.bundle import graph_io
 
 LOGIT_TOLERANCE = 1e-4
 

@@ -42,7 +42,7 @@ from typing import TypeAlias
 import numpy as np
 import onnxruntime as ort
 
-from service.bundle import Bundle
+from service.bundle import Bundle, BundleError, graph_io
 
 log = logging.getLogger("nmtserve.runtime")
 
@@ -150,6 +150,31 @@ def providers_for(choice: str) -> list[str]:
     return [CUDA, CPU] if CUDA in available else [CPU]
 
 
+def check_io(bundle: Bundle, precision: str, part: str, session: ort.InferenceSession) -> None:
+    """The graph has the input and output names that manifest.json records for its part, and
+    those are the contract's (``GraphIO``, by which the runtime feeds and reads it, never by
+    position): else BundleError naming the file and the difference."""
+    recorded = bundle.io(part)
+    contract = graph_io(int(bundle.model["n_decoder_layers"])).manifest()[part]
+    actual = {
+        "inputs": [i.name for i in session.get_inputs()],
+        "outputs": [o.name for o in session.get_outputs()],
+    }
+    name = bundle.graph(precision, part).name
+    problems = []
+    for kind in ("inputs", "outputs"):
+        for have, want, what in (
+            (actual, recorded, f"{name}: its {kind} differ from manifest.json's onnx.io.{part}"),
+            (recorded, contract, f"manifest.json: onnx.io.{part}.{kind} are not the contract's"),
+        ):
+            missing = [n for n in want[kind] if n not in have[kind]]
+            extra = [n for n in have[kind] if n not in want[kind]]
+            if missing or extra:
+                problems.append(f"{what}: missing {missing}, not expected {extra}")
+    if problems:
+        raise BundleError(bundle.directory, problems)
+
+
 class Runtime:
     """The encoder and decoder sessions of one bundle, one precision."""
 
@@ -219,12 +244,17 @@ class Runtime:
         self.provider = self.decoder.get_providers()[0]
         if cfg.provider == "cuda" and self.provider != CUDA:
             raise RuntimeError("--provider cuda: onnxruntime could not start CUDA on this machine")
-        self.decoder_inputs = [i.name for i in self.decoder.get_inputs()]
-        self.decoder_outputs = [o.name for o in self.decoder.get_outputs()]
-        first = 3 if self.inplace else 4  # decoder_kv has no self-attention mask input
-        self.past_names = self.decoder_inputs[first : first + 2 * self.n_layers]
-        self.cross_names = self.decoder_inputs[first + 2 * self.n_layers :]
-        self.present_names = self.decoder_outputs[1 : 1 + 2 * self.n_layers]
+        # Every session is fed and read by name (the contract's GraphIO), after checking that
+        # its graph has exactly the names the manifest records.
+        io = graph_io(self.n_layers)
+        check_io(bundle, cfg.precision, "encoder", self.encoder)
+        if self.packed_encoder is not None:
+            check_io(bundle, cfg.precision, "encoder_packed", self.packed_encoder)
+        check_io(bundle, cfg.precision, "decoder_kv" if self.inplace else "decoder", self.decoder)
+        self.past_names, self.cross_names, self.present_names = io.past, io.cross, io.present
+        self.encoder_kv_names = io.encoder_kv
+        self.decoder_outputs = io.decoder_outputs  # logits, present K/V, cross attention
+        self.attention_names = io.cross_attentions
         self.device = "cuda" if self.provider == CUDA else "cpu"
         self.io_binding = not self.inplace and (
             cfg.io_binding == "on" or (cfg.io_binding == "auto" and self.provider == CUDA)
@@ -253,8 +283,9 @@ class Runtime:
 
     def encode(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
         """ids, mask (B, S) int64 → cross K/V of every decoder layer, 2L arrays (B, H, S, Dh)."""
-        outs = self.encoder.run(None, {"input_ids": ids, "attention_mask": mask})
-        return list(outs[1:])
+        return list(
+            self.encoder.run(self.encoder_kv_names, {"input_ids": ids, "attention_mask": mask})
+        )
 
     def warm_up(self) -> None:
         """Runs each encoder graph once (the decoder runs in the first real decode)."""
@@ -270,14 +301,14 @@ class Runtime:
         index), each (T,) int64 → cross K/V of every decoder layer, 2L arrays (H, T, Dh)."""
         assert self.packed_encoder is not None
         outs = self.packed_encoder.run(
-            None,
+            self.encoder_kv_names,
             {
                 "input_ids": tokens[None],
                 "position_ids": positions[None],
                 "segment_ids": segments[None],
             },
         )
-        return [o[0] for o in outs[1:]]
+        return [o[0] for o in outs]
 
     def step(
         self,
@@ -301,7 +332,7 @@ class Runtime:
             **dict(zip(self.past_names, to_host(past), strict=True)),
             **dict(zip(self.cross_names, to_host(cross), strict=True)),
         }
-        outs = self.decoder.run(None, feeds)
+        outs = self.decoder.run(self.decoder_outputs, feeds)
         n = 2 * self.n_layers
         return outs[0][:, 0, :], list(outs[1 : 1 + n]), list(outs[1 + n :]), cross
 
@@ -366,8 +397,8 @@ class Runtime:
             binding.bind_output(present, "cpu", 0, np.float32, shape, view.ctypes.data)
         for name, v in zip(self.cross_names, to_host(cross), strict=True):
             binding.bind_cpu_input(name, np.ascontiguousarray(v))
-        binding.bind_output(self.decoder_outputs[0], "cpu")
-        for name in self.decoder_outputs[1 + n :]:
+        binding.bind_output("logits", "cpu")
+        for name in self.attention_names:
             binding.bind_output(name, "cpu")
         self.decoder.run_with_iobinding(binding)
         outs = binding.get_outputs()[n:]  # binding order: caches, logits, attention

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import fields
 from pathlib import Path
 
-from export.bundle import GRAPH_FILES
+from service.bundle import GRAPH_FILES
 from service.server import ServerConfig
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")

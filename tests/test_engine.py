@@ -285,3 +285,60 @@ def test_encoder_packing_choice_and_setting(tiny_bundle: Path, inplace: Engine) 
     assert not Engine(rt, old.limits).packs(6, 14, 40)
     with pytest.raises(RuntimeError, match="no fp32 encoder_packed graph"):
         Runtime(old, RuntimeConfig("cpu", "fp32", 1, packing="always"))
+
+
+def _reordered(tiny_bundle: Path, out: Path) -> Path:
+    """A copy of the bundle whose fp32 graphs list their inputs and outputs in reverse order
+    (the manifest records the new order): the same model, other positions."""
+    import json
+    import shutil
+
+    import onnx
+
+    from service.bundle import file_entries
+
+    shutil.copytree(tiny_bundle, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for part, name in manifest["onnx"]["graphs"]["fp32"].items():
+        model = onnx.load(str(out / name))
+        for field in (model.graph.input, model.graph.output):
+            items = list(field)[::-1]
+            del field[:]
+            field.extend(items)
+        onnx.save(model, str(out / name))
+        manifest["onnx"]["io"][part] = {
+            "inputs": [i.name for i in model.graph.input],
+            "outputs": [o.name for o in model.graph.output],
+        }
+    manifest["files"] = file_entries(out, list(manifest["files"]))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.mark.parametrize("kv_cache", ["concat", "inplace"])
+def test_graphs_are_fed_by_name_not_position(
+    tiny_bundle: Path, tmp_path: Path, engine: Engine, kv_cache: str
+) -> None:
+    b = load_bundle(_reordered(tiny_bundle, tmp_path / "reordered"))
+    rt = Runtime(b, RuntimeConfig("cpu", "fp32", 1, kv_cache=kv_cache, packing="always"))
+    reordered = Engine(rt, b.limits)
+    for ids in sources(engine, 6, seed=5):
+        same(reordered.decode_all([job(ids, 8)])[0], solo(engine, ids, 8))
+
+
+def test_a_graph_whose_names_differ_from_the_manifest_is_refused(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from service.bundle import BundleError
+
+    out = _reordered(tiny_bundle, tmp_path / "renamed")
+    manifest = json.loads((out / "manifest.json").read_text())
+    io = manifest["onnx"]["io"]["encoder"]
+    io["outputs"] = [n.replace("present.0", "present.9") for n in io["outputs"]]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError) as err:
+        Runtime(load_bundle(out), RuntimeConfig("cpu", "fp32", 1))
+    assert "encoder.onnx: its outputs differ from manifest.json's onnx.io.encoder" in str(err.value)
+    assert "onnx.io.encoder.outputs are not the contract's" in str(err.value)

@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 import pytest
 
-from export.bundle import BundleError, check_bundle
 from export.cli import main
+from service.bundle import BundleError, load_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_resume_continues_from_last_checkpoint(tiny_run: Path, tmp_path: Path) -
 
 
 def test_bundle_contents_and_verification(tiny_bundle: Path) -> None:
-    manifest = check_bundle(tiny_bundle)
+    manifest = load_bundle(tiny_bundle).manifest
     assert manifest["format_version"] == 1
     assert manifest["onnx"]["opset"] >= 17
     assert set(manifest["files"]) == {
@@ -65,7 +65,6 @@ def test_bundle_contents_and_verification(tiny_bundle: Path) -> None:
     assert kv["passed"] and kv["greedy_identical_share"] == 1.0 and kv["logits"] <= 1e-4
     assert kv["cross_attention"] <= 1e-5 and len(set(kv["past_lengths"])) == 4
     kv_graph = onnx.load(str(tiny_bundle / "decoder_kv.onnx"))
-    assert [o.name for o in kv_graph.graph.output] == manifest["onnx"]["decoder_outputs"]
     assert sum(n.op_type == "GroupQueryAttention" for n in kv_graph.graph.node) == 2
     packed = ver["encoder_packed"]  # sentences packed end to end, each against itself alone
     assert packed["passed"] and packed["greedy_identical_share"] == 1.0
@@ -74,7 +73,6 @@ def test_bundle_contents_and_verification(tiny_bundle: Path) -> None:
     packed_graph = onnx.load(str(tiny_bundle / "encoder_packed.onnx"))
     assert [i.name for i in packed_graph.graph.input] == ["input_ids", "position_ids",
                                                           "segment_ids"]  # fmt: skip
-    assert [o.name for o in packed_graph.graph.output] == manifest["onnx"]["encoder_outputs"]
     onnx.checker.check_model(str(tiny_bundle / "encoder_packed.onnx"), full_check=True)
     assert ver["max_abs_logit_diff"] <= 1e-4
     assert ver["greedy_identical_share"] == 1.0
@@ -91,8 +89,14 @@ def test_bundle_contents_and_verification(tiny_bundle: Path) -> None:
         onnx.checker.check_model(str(tiny_bundle / name), full_check=True)
     dec = onnx.load(str(tiny_bundle / "decoder.onnx"))
     outputs = [o.name for o in dec.graph.output]
-    assert outputs == manifest["onnx"]["decoder_outputs"]
     assert "cross_attentions.0" in outputs and "cross_attentions.1" in outputs
+    # The manifest records every graph's input and output names, as the graphs have them.
+    for precision, graphs in manifest["onnx"]["graphs"].items():
+        for part, name in graphs.items():
+            g = onnx.load(str(tiny_bundle / name), load_external_data=False).graph
+            recorded = manifest["onnx"]["io"][part]
+            assert [i.name for i in g.input] == recorded["inputs"], (precision, part)
+            assert [o.name for o in g.output] == recorded["outputs"], (precision, part)
     dims = {
         i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
         for i in dec.graph.input
@@ -115,9 +119,9 @@ def test_changed_byte_is_caught(tiny_bundle: Path, tmp_path: Path) -> None:
     (copy / "decoder.onnx").write_bytes(bytes(data))
     (copy / "tokenizer.model").unlink()
     with pytest.raises(BundleError) as err:
-        check_bundle(copy)
-    assert "decoder.onnx does not match its sha256" in str(err.value)
-    assert "tokenizer.model is missing" in str(err.value)  # every problem, at once
+        load_bundle(copy)
+    assert "decoder.onnx: sha256 does not match manifest.json" in str(err.value)
+    assert "tokenizer.model: missing" in str(err.value)  # every problem, at once
 
 
 def test_export_refuses_to_overwrite(tiny_run: Path, tiny_bundle: Path) -> None:
@@ -157,7 +161,9 @@ dec = ort.InferenceSession(f"{bundle}/decoder.onnx", providers=["CPUExecutionPro
 sp = spm.SentencePieceProcessor(model_file=f"{bundle}/tokenizer.model")
 ids = np.array([sp.encode("three hundred and twenty-one")], dtype=np.int64)
 mask = np.ones_like(ids)
-out = enc.run(None, {"input_ids": ids, "attention_mask": mask})
+io = m["onnx"]["io"]
+enc_kv = io["encoder"]["outputs"][1:]  # fetched and fed by name, as the service does
+out = enc.run(enc_kv, {"input_ids": ids, "attention_mask": mask})
 L, H = m["model"]["n_decoder_layers"], m["model"]["n_heads"]
 dh = m["model"]["d_model"] // H
 feeds = {"input_ids": np.array([[m["special_ids"]["bos"]]]), "position_ids": np.array([[0]]),
@@ -165,8 +171,8 @@ feeds = {"input_ids": np.array([[m["special_ids"]["bos"]]]), "position_ids": np.
 for i in range(L):
     for kv in ("key", "value"):
         feeds[f"past_key_values.{i}.decoder.{kv}"] = np.zeros((1, H, 0, dh), np.float32)
-names = m["onnx"]["decoder_inputs"][4 + 2 * L:]
-feeds.update(zip(names, out[1:]))
+names = [n.replace("present.", "past_key_values.") for n in enc_kv]
+feeds.update(zip(names, out))
 res = dec.run(None, feeds)
 assert res[0].shape == (1, 1, m["model"]["vocab_size"]), res[0].shape
 assert "torch" not in sys.modules
