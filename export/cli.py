@@ -97,7 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from export.tokenizer import Tokenizer
-    from export.train import CHECKPOINT_LAST, LengthLimits, TrainConfig, time_to, train
+    from export.train import CHECKPOINT_LAST, TrainConfig, time_to, train
+    from service.bundle import Limits
 
     run_dir = Path(args.run)
     if args.resume:
@@ -142,7 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "max_positions": args.max_positions,
             },
             "limits": asdict(
-                LengthLimits(args.max_source_tokens, args.max_target_tokens, args.len_a, args.len_b)
+                Limits(args.max_source_tokens, args.max_target_tokens, args.len_a, args.len_b)
             ),
             "train": TrainConfig(
                 seed=args.seed,
@@ -167,7 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "error: --max-positions must exceed --max-source-tokens and --max-target-tokens"
             )
     cfg = TrainConfig.from_dict(run["train"])
-    limits = LengthLimits(**run["limits"])
+    limits = Limits(**run["limits"])
     t_start = time.monotonic()
     log.info("building the corpus (%s)", run["corpus"]["kind"])
     try:
@@ -265,7 +266,8 @@ def evaluate_run(
     limit: int = 0,
 ) -> dict[str, Any]:
     from export.tokenizer import Tokenizer
-    from export.train import LengthLimits, evaluate_pairs, model_from_checkpoint
+    from export.train import evaluate_pairs, model_from_checkpoint
+    from service.bundle import Limits
 
     run = load_run(run_dir)
     ckpt = checkpoint_path(run_dir, checkpoint)
@@ -275,9 +277,7 @@ def evaluate_run(
     if limit:
         pairs = pairs[:limit]
     t = time.monotonic()
-    metrics, hyps = evaluate_pairs(
-        model, tok, pairs, LengthLimits(**run["limits"]), run["bleu_tokenize"]
-    )
+    metrics, hyps = evaluate_pairs(model, tok, pairs, Limits(**run["limits"]), run["bleu_tokenize"])
     metrics["seconds"] = round(time.monotonic() - t, 2)
     print_metrics(f"{split} split, {ckpt.name}", metrics)
     (run_dir / f"metrics_{split}.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -383,10 +383,11 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from export.train import LengthLimits, TrainConfig
+    from export.train import TrainConfig
+    from service.bundle import Limits
 
     tc = TrainConfig()
-    ll = LengthLimits()
+    ll = Limits()
     ncc = NumberCorpusConfig()
     parser = argparse.ArgumentParser(
         prog="python -m export", description=__doc__, formatter_class=_Formatter

@@ -112,10 +112,11 @@ def greedy_agreement(ct2_dir: Path, checkpoint: Path, run_dir: Path) -> tuple[fl
     import ctranslate2
 
     from export.rundir import TOKENIZER_FILE, load_run, load_split
-    from export.train import LengthLimits, model_from_checkpoint, translate_ids
+    from export.train import model_from_checkpoint, translate_ids
+    from service.bundle import Limits
 
     tok = Tokenizer(run_dir / TOKENIZER_FILE)
-    limits = LengthLimits(**load_run(run_dir)["limits"])
+    limits = Limits(**load_run(run_dir)["limits"])
     encoded = tok.encode_batch([p.source for p in load_split(run_dir, "test")])
     model, _ = model_from_checkpoint(checkpoint)
     ref = translate_ids(model, encoded, [limits.target_limit(len(e)) for e in encoded])

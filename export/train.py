@@ -27,6 +27,7 @@ from tqdm import tqdm
 from export.data import Pair
 from export.model import ModelConfig, Transformer, greedy_decode, make_model
 from export.tokenizer import Tokenizer
+from service.bundle import Limits
 
 CHECKPOINT_LAST = "checkpoint_last.pt"
 CHECKPOINT_BEST = "checkpoint_best.pt"
@@ -155,19 +156,6 @@ def collate(
 # ----------------------------------------------------------------------------- evaluation
 
 
-@dataclass(frozen=True)
-class LengthLimits:
-    """Output limit of a row: min(max_target_tokens, ceil(a·source_tokens + b))."""
-
-    max_source_tokens: int = 128
-    max_target_tokens: int = 128
-    a: float = 2.0
-    b: float = 10.0
-
-    def target_limit(self, source_tokens: int) -> int:
-        return min(self.max_target_tokens, math.ceil(self.a * source_tokens + self.b))
-
-
 def translate_ids(
     model: Transformer,
     encoded: Sequence[Sequence[int]],
@@ -190,7 +178,7 @@ def translate_ids(
 
 
 def translate(
-    model: Transformer, tok: Tokenizer, sources: Sequence[str], limits: LengthLimits
+    model: Transformer, tok: Tokenizer, sources: Sequence[str], limits: Limits
 ) -> list[list[int]]:
     """PyTorch greedy translation of sentences → token ids (no BOS/EOS)."""
     encoded = tok.encode_batch(list(sources))
@@ -237,7 +225,7 @@ def evaluate_pairs(
     model: Transformer,
     tok: Tokenizer,
     pairs: Sequence[Pair],
-    limits: LengthLimits,
+    limits: Limits,
     bleu_tokenize: str = "13a",
 ) -> tuple[dict[str, Any], list[str]]:
     ids = translate(model, tok, [p.source for p in pairs], limits)
@@ -295,7 +283,7 @@ def train(
     tok: Tokenizer,
     train_pairs: Sequence[Pair],
     dev_pairs: Sequence[Pair],
-    limits: LengthLimits,
+    limits: Limits,
     resume: bool = False,
     extra_state: dict[str, Any] | None = None,
     progress: bool = True,

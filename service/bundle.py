@@ -130,10 +130,13 @@ class BundleError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    max_source_tokens: int
-    max_target_tokens: int
-    a: float
-    b: float
+    """The output-length rule (the trainer's, the exporter's and the service's): a sentence of
+    n source tokens may get min(max_target_tokens, ceil(a·n + b)) output tokens."""
+
+    max_source_tokens: int = 128
+    max_target_tokens: int = 128
+    a: float = 2.0
+    b: float = 10.0
 
     def target_limit(self, source_tokens: int, requested: int = 0) -> int:
         """min(requested (0: none), max_target_tokens, ceil(a·source_tokens + b))."""

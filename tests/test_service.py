@@ -21,7 +21,8 @@ from grpc_status import rpc_status
 from export.model import greedy_decode
 from export.rundir import load_split
 from export.tokenizer import Tokenizer
-from export.train import LengthLimits, model_from_checkpoint, pad, translate_ids
+from export.train import model_from_checkpoint, pad, translate_ids
+from service.bundle import Limits
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
 from service.runtime import usable_cores
@@ -43,10 +44,10 @@ def estub(server: ServerThread) -> Iterator[pb_grpc.TranslatorStub]:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_run: Path) -> tuple[torch.nn.Module, Tokenizer, LengthLimits]:
+def reference(tiny_run: Path) -> tuple[torch.nn.Module, Tokenizer, Limits]:
     run = json.loads((tiny_run / "run.json").read_text())
     model, _ = model_from_checkpoint(tiny_run / "checkpoint_best.pt")
-    return model, Tokenizer(tiny_run / "tokenizer.model"), LengthLimits(**run["limits"])
+    return model, Tokenizer(tiny_run / "tokenizer.model"), Limits(**run["limits"])
 
 
 def sources(tiny_run: Path) -> list[str]:
