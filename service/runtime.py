@@ -150,6 +150,22 @@ def providers_for(choice: str) -> list[str]:
     return [CUDA, CPU] if CUDA in available else [CPU]
 
 
+def session_options(cfg: RuntimeConfig, threads: int) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    # Batch shapes change every step; the CPU arena would keep growing to the largest mix
+    # seen (measured: +9% RSS over a 10-minute soak) for no speed gain on these graphs.
+    opts.enable_cpu_mem_arena = cfg.arena
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if not cfg.spin:
+        # Idle intra-op threads would spin for a while after every run, taking the cores
+        # the gRPC event loop needs between decoder steps.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
 def check_io(bundle: Bundle, precision: str, part: str, session: ort.InferenceSession) -> None:
     """The graph has the input and output names that manifest.json records for its part, and
     those are the contract's (``GraphIO``, by which the runtime feeds and reads it, never by
@@ -175,6 +191,30 @@ def check_io(bundle: Bundle, precision: str, part: str, session: ort.InferenceSe
         raise BundleError(bundle.directory, problems)
 
 
+def choose_graphs(bundle: Bundle, cfg: RuntimeConfig, provider: str) -> tuple[str, bool]:
+    """The encoder packing in use ("off" where the bundle has no packed encoder) and whether
+    the decoder is decoder_kv (in-place caches: on the CPU, where the bundle has it)."""
+    has_packed = bundle.has_graph(cfg.precision, "encoder_packed")
+    if cfg.packing == "always" and not has_packed:
+        raise RuntimeError(
+            f"packing 'always': the bundle has no {cfg.precision} encoder_packed graph "
+            "(re-export it with this version of `python -m export export`)"
+        )
+    has_kv = bundle.has_graph(cfg.precision, "decoder_kv")
+    if cfg.kv_cache == "inplace" and not has_kv:
+        raise RuntimeError(
+            f"kv_cache 'inplace': the bundle has no {cfg.precision} decoder_kv graph "
+            "(re-export it with this version of `python -m export export`)"
+        )
+    if cfg.kv_cache == "inplace" and provider == CUDA:
+        raise RuntimeError(
+            "kv_cache 'inplace' runs on the CPU provider only (onnxruntime's CUDA "
+            "GroupQueryAttention is fp16-only)"
+        )
+    packing = cfg.packing if has_packed else "off"
+    return packing, has_kv and provider != CUDA and cfg.kv_cache != "concat"
+
+
 class Runtime:
     """The encoder and decoder sessions of one bundle, one precision."""
 
@@ -192,65 +232,26 @@ class Runtime:
         self.eos_id = int(model["eos_id"])
         self.pad_id = int(model["pad_id"])
         self.threads = cfg.threads or usable_cores()
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        # Batch shapes change every step; the CPU arena would keep growing to the largest mix
-        # seen (measured: +9% RSS over a 10-minute soak) for no speed gain on these graphs.
-        opts.enable_cpu_mem_arena = cfg.arena
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        if not cfg.spin:
-            # Idle intra-op threads would spin for a while after every run, taking the cores
-            # the gRPC event loop needs between decoder steps.
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts = session_options(cfg, self.threads)
         providers = providers_for(cfg.provider)
-        self.encoder = ort.InferenceSession(
-            str(bundle.graph(cfg.precision, "encoder")), opts, providers=providers
-        )
+
+        def open_graph(part: str) -> ort.InferenceSession:
+            """A graph's session, its input and output names checked (they are fed and read
+            by name: the contract's GraphIO, which the manifest records)."""
+            path = bundle.graph(cfg.precision, part)
+            session = ort.InferenceSession(str(path), opts, providers=providers)
+            check_io(bundle, cfg.precision, part, session)
+            return session
+
+        self.encoder = open_graph("encoder")
         self.provider = self.encoder.get_providers()[0]
-        has_packed = bundle.has_graph(cfg.precision, "encoder_packed")
-        if cfg.packing == "always" and not has_packed:
-            raise RuntimeError(
-                f"--encoder-packing always: the bundle has no {cfg.precision} encoder_packed "
-                "graph (re-export it with this version of `python -m export export`)"
-            )
-        # "off" where the bundle has no packed encoder: every encoder run is padded
-        self.packing = cfg.packing if has_packed else "off"
-        self.packed_encoder = (
-            ort.InferenceSession(
-                str(bundle.graph(cfg.precision, "encoder_packed")), opts, providers=providers
-            )
-            if self.packing != "off"
-            else None
-        )
-        has_kv = bundle.has_graph(cfg.precision, "decoder_kv")
-        if cfg.kv_cache == "inplace" and not has_kv:
-            raise RuntimeError(
-                f"--kv-cache inplace: the bundle has no {cfg.precision} decoder_kv graph "
-                "(re-export it with this version of `python -m export export`)"
-            )
-        if cfg.kv_cache == "inplace" and self.provider == CUDA:
-            raise RuntimeError(
-                "--kv-cache inplace runs on the CPU provider only (onnxruntime's CUDA "
-                "GroupQueryAttention is fp16-only); use --kv-cache concat or auto with CUDA"
-            )
-        self.inplace = has_kv and self.provider != CUDA and cfg.kv_cache != "concat"
-        self.decoder = ort.InferenceSession(
-            str(bundle.graph(cfg.precision, "decoder_kv" if self.inplace else "decoder")),
-            opts,
-            providers=providers,
-        )
+        self.packing, self.inplace = choose_graphs(bundle, cfg, self.provider)
+        self.packed_encoder = open_graph("encoder_packed") if self.packing != "off" else None
+        self.decoder = open_graph("decoder_kv" if self.inplace else "decoder")
         self.provider = self.decoder.get_providers()[0]
         if cfg.provider == "cuda" and self.provider != CUDA:
             raise RuntimeError("--provider cuda: onnxruntime could not start CUDA on this machine")
-        # Every session is fed and read by name (the contract's GraphIO), after checking that
-        # its graph has exactly the names the manifest records.
         io = graph_io(self.n_layers)
-        check_io(bundle, cfg.precision, "encoder", self.encoder)
-        if self.packed_encoder is not None:
-            check_io(bundle, cfg.precision, "encoder_packed", self.packed_encoder)
-        check_io(bundle, cfg.precision, "decoder_kv" if self.inplace else "decoder", self.decoder)
         self.past_names, self.cross_names, self.present_names = io.past, io.cross, io.present
         self.encoder_kv_names = io.encoder_kv
         self.decoder_outputs = io.decoder_outputs  # logits, present K/V, cross attention
@@ -261,24 +262,20 @@ class Runtime:
         )
         # Cache rows hold positions 0..limit-1 (the last step writes position limit-1).
         self.cache_length = bundle.limits.max_target_tokens + 1
+        log.info("%s", self.describe())
+
+    def describe(self) -> str:
+        """The settings in use, for the start-up log line."""
         if self.inplace:
             cache = f"in place (preallocated, {self.cache_length} positions per row)"
         elif self.io_binding:
             cache = f"concatenated, kept in {self.device} memory (IO binding)"
         else:
             cache = "concatenated"
-        packing = {
-            "auto": "packed where cheaper than padded",
-            "always": "packed",
-            "off": "padded",
-        }[self.packing]
-        log.info(
-            "execution provider %s, %s graphs, %d intra-op threads, KV cache %s, encoder %s",
-            self.provider,
-            cfg.precision,
-            self.threads,
-            cache,
-            packing,
+        packing = {"auto": "packed where cheaper than padded", "always": "packed", "off": "padded"}
+        return (
+            f"execution provider {self.provider}, {self.cfg.precision} graphs, {self.threads} "
+            f"intra-op threads, KV cache {cache}, encoder {packing[self.packing]}"
         )
 
     def encode(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
