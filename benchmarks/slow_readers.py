@@ -85,7 +85,7 @@ async def run(
                     code = (await c.code()).name
                     refused[code] = refused.get(code, 0) + 1
                     calls[k] = stub.TranslateStream(request)
-        reserved = metric(metrics_port, "nmtserve_stream_buffer_bytes ") / 2**20
+        reserved = metric(metrics_port, "nmtserve_result_buffer_bytes ") / 2**20
         print(
             f"{streams} unread streams of {n} long sentences with every layer's "
             f"attention, refused ones opened again for {seconds:.0f} s: server RSS {idle:.0f} MiB "

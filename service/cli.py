@@ -46,9 +46,10 @@ SERVE_HELP = {
     "max_wait_ms": "how long an idle server waits for more sentences to fill a batch",
     "max_sentences": "sentences per request at most",
     "max_message_bytes": "largest gRPC message received or sent",
-    "stream_buffer_bytes": "bytes of TranslateStream results decoded ahead of what their clients "
-    "have read, all streams together (each stream reserves up to 16 MiB of worst-case result "
-    "sizes); a stream that does not fit gets RESOURCE_EXHAUSTED at once",
+    "result_buffer_bytes": "bytes of results not yet received by their clients, all calls "
+    "together, counted at their worst-case size from the moment a call is accepted until it ends "
+    "(a stream reserves a window of up to 16 MiB); a call that does not fit gets "
+    "RESOURCE_EXHAUSTED at once",
     "drain_delay_s": "after SIGTERM: seconds of NOT_SERVING while still serving, so that load "
     "balancers and health-checking clients move away before new calls are refused",
     "grace_s": "seconds accepted calls get to finish once new calls are refused (after the drain "

@@ -11,7 +11,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from service.scheduler import Cancelled, DeadlineExceeded, DecoderFailed, QueueFull, ShuttingDown
-from service.streaming import StreamsFull
+from service.streaming import ResultsFull
 from service.translator import InvalidRequest
 
 
@@ -43,7 +43,7 @@ def to_rpc_error(e: BaseException) -> RpcError:
         return RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(e), [br])
     if isinstance(e, QueueFull):
         return RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later")
-    if isinstance(e, StreamsFull):
+    if isinstance(e, ResultsFull):
         return RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later")
     if isinstance(e, ResponseTooLarge):
         return RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))

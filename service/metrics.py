@@ -35,9 +35,9 @@ class Metrics(Observer):
             registry=r,
         )
         self.queue = Gauge("nmtserve_queue_depth", "Sentences waiting in the queue", registry=r)
-        self.stream_buffer = Gauge(
-            "nmtserve_stream_buffer_bytes",
-            "Bytes reserved by streams for results their clients have not read yet",
+        self.result_buffer = Gauge(
+            "nmtserve_result_buffer_bytes",
+            "Bytes reserved by the calls in progress for results not yet received by their clients",
             registry=r,
         )
         self.batches = Counter(

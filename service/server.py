@@ -39,7 +39,7 @@ from service.scheduler import (
     ShuttingDown,
 )
 from service.security import TokenAuth, load_tokens, server_credentials
-from service.streaming import StreamBuffer, stream
+from service.streaming import ResultBuffer, stream, window_bytes
 from service.translator import (
     MAX_REQUEST_ID,
     RequestOptions,
@@ -88,7 +88,7 @@ class ServerConfig:
     max_wait_ms: float = 5.0
     max_sentences: int = 256
     max_message_bytes: int = 4 * 1024 * 1024
-    stream_buffer_bytes: int = 256 * 1024 * 1024  # stream results not yet read, server-wide
+    result_buffer_bytes: int = 256 * 1024 * 1024  # stream results not yet read, server-wide
     drain_delay_s: float = 5.0  # after SIGTERM: NOT_SERVING but still serving, this long
     grace_s: float = 20.0
     tls_cert: str = ""  # PEM certificate (chain) of the server: enables TLS
@@ -106,8 +106,8 @@ class ServerConfig:
         ]
         if self.max_call_tokens > self.max_queue_tokens:
             problems.append("--max-call-tokens must not exceed --max-queue-tokens")
-        if self.stream_buffer_bytes < self.max_message_bytes:
-            problems.append("--stream-buffer-bytes must be at least --max-message-bytes")
+        if self.result_buffer_bytes < 2 * self.max_message_bytes:
+            problems.append("--result-buffer-bytes must be at least twice --max-message-bytes")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -125,7 +125,7 @@ _RANGES: dict[str, tuple[float, float]] = {  # setting: (lowest, highest)
     "max_wait_ms": (0, 10_000),
     "max_sentences": (1, 1_000_000),
     "max_message_bytes": (1024, _INT32),  # gRPC's limit is a 32-bit int
-    "stream_buffer_bytes": (1024, 2**48),
+    "result_buffer_bytes": (1024, 2**48),
     "drain_delay_s": (0, 3600),
     "grace_s": (0, 3600),
 }
@@ -265,7 +265,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         self.active = 0  # calls inside a handler now
         self.last_call = 0.0  # time.monotonic() of the latest call's arrival (not refused)
         self.refused_draining = 0  # calls refused UNAVAILABLE while draining (one log line)
-        self.streams = StreamBuffer(cfg.stream_buffer_bytes, metrics.stream_buffer.set)
+        self.results = ResultBuffer(cfg.result_buffer_bytes, metrics.result_buffer.set)
         # (active and last_call count accepted calls only)
 
     @property
@@ -375,6 +375,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
 
         async def body() -> pb.TranslateResponse:
             opts, jobs = self._prepare(request, context, rid, streaming=False)
+            self.results.hold(self.tr.response_bound(jobs, opts), context)
             ticket = self.tr.queue(jobs)
             try:
                 loop = asyncio.get_running_loop()
@@ -420,7 +421,10 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                 except Exception as gone:  # the call ended under the write (cancel, deadline)
                     raise asyncio.CancelledError() from gone
 
-            return await stream(self.tr, jobs, opts, self.streams, self._patience(context), write)
+            total = self.results.total
+            window = window_bytes([self.tr.result_bytes(j, opts) for j in jobs], total)
+            self.results.hold(window, context, stream=True)
+            return await stream(self.tr, jobs, opts, total, self._patience(context), write)
 
         await self._call("TranslateStream", context, rid, body)
 

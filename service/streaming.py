@@ -1,7 +1,9 @@
-"""TranslateStream's flow control. A stream decodes ahead of what its client has read by at
-most a window of bytes (the worst-case sizes of the results in flight), and all streams
-together by at most the server's stream buffer: a client that never reads holds one window,
-not every result of its call, and streams that would overrun the buffer are refused at once.
+"""Results that clients have not received yet, bounded. Every call reserves the worst-case
+size of its results in the server's result buffer before any decoding, and gives it back when
+the call has ended (its answer sent, or the call gone): a client that does not read its
+answers holds its reservation, not more, and calls that would overrun the buffer are refused
+at once. A stream decodes ahead of what its client has read by at most a window (the
+worst-case sizes of the results in flight), so it reserves one window, not its whole call.
 Everything here runs on the event loop."""
 
 from __future__ import annotations
@@ -19,34 +21,56 @@ from service.translator import RequestOptions, Translator
 WINDOW_BYTES = 16 * 1024 * 1024  # one stream's results in flight, at most (or its largest one)
 
 
-class StreamsFull(Exception):
-    """The streams in progress hold the whole stream buffer."""
+class ResultsFull(Exception):
+    """The calls in progress hold the whole result buffer."""
 
 
-class StreamBuffer:
-    """Bytes reserved by the streams in progress for results their clients have not read."""
+class ResultBuffer:
+    """Bytes reserved by the calls in progress for results their clients have not received.
+    Streams together may hold at most half of it, so that streams whose clients stopped
+    reading cannot refuse Translate calls."""
 
     def __init__(self, total: int, observe: Callable[[int], None] = lambda used: None) -> None:
         self.total = total
         self.used = 0
-        self.streams = 0
+        self.calls = 0
+        self.streamed = 0  # of `used`, held by streams
         self._observe = observe  # told the bytes in use after each change (a metrics gauge)
 
-    def reserve(self, n: int) -> None:
-        if self.used + n > self.total:
-            raise StreamsFull(
-                f"{self.streams} stream(s) in progress hold {self.used:,} of the server's "
-                f"{self.total:,} bytes for results their clients have not read yet; this "
-                f"stream needs {n:,}"
+    def reserve(self, n: int, stream: bool = False) -> None:
+        if self.used + n > self.total or (stream and self.streamed + n > self.total // 2):
+            held = (
+                f"streams in progress hold {self.streamed:,} of the {self.total // 2:,} bytes "
+                "streams may hold"
+                if stream and self.used + n <= self.total
+                else f"{self.calls} call(s) in progress hold {self.used:,} of the server's "
+                f"{self.total:,} bytes"
+            )
+            raise ResultsFull(
+                f"{held} for results their clients have not received yet; this call needs {n:,}"
             )
         self.used += n
-        self.streams += 1
+        self.calls += 1
+        self.streamed += n if stream else 0
         self._observe(self.used)
 
-    def release(self, n: int) -> None:
+    def release(self, n: int, stream: bool = False) -> None:
         self.used -= n
-        self.streams -= 1
+        self.calls -= 1
+        self.streamed -= n if stream else 0
         self._observe(self.used)
+
+    def hold(self, n: int, context: object, stream: bool = False) -> None:
+        """Reserves n bytes until the call ends (gRPC calls back when its status is sent or
+        the call is gone), whatever the handler does meanwhile."""
+        self.reserve(n, stream)
+        context.add_done_callback(lambda _: self.release(n, stream))  # type: ignore[attr-defined]
+
+
+def window_bytes(bounds: list[int], total: int) -> int:
+    """A stream's window: the worst-case sizes of its results, at most WINDOW_BYTES (or its
+    largest result) and the streams' half of the buffer (``total``)."""
+    return min(sum(bounds), max(WINDOW_BYTES, max(bounds)), total // 2)
 
 
 def _arrived(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[int], i: int, _: object) -> None:
@@ -58,16 +82,16 @@ async def stream(
     tr: Translator,
     jobs: list[SentenceJob],
     opts: RequestOptions,
-    buffer: StreamBuffer,
+    total: int,
     patience: float | None,
     write: Callable[[int, SentenceResult], Awaitable[None]],
 ) -> int:
     """Decodes the jobs and writes each result as it finishes, keeping at most a window of
     results in flight: the next sentences are queued as earlier results are written. On any
-    failure, or when the call goes away, the unfinished sentences are dropped."""
+    failure, or when the call goes away, the unfinished sentences are dropped. The caller has
+    reserved the window (``window_bytes``) in the result buffer."""
     bounds = [tr.result_bytes(j, opts) for j in jobs]
-    window = min(sum(bounds), max(WINDOW_BYTES, max(bounds)), buffer.total)
-    buffer.reserve(window)
+    window = window_bytes(bounds, total)
     loop = asyncio.get_running_loop()
     arrived: asyncio.Queue[int] = asyncio.Queue()
     futures: dict[int, Future[SentenceResult]] = {}
@@ -111,5 +135,4 @@ async def stream(
     finally:
         if timer is not None:
             timer.cancel()
-        buffer.release(window)
     return len(jobs)

@@ -21,6 +21,9 @@ _ATTENTION_MODES = frozenset(m.value for m in AttentionMode)
 MAX_REQUEST_ID = 128
 
 
+# A response also carries the request id: at most MAX_REQUEST_ID characters of up to 4 bytes
+# each, with its tag and length.
+_REQUEST_ID_BYTES = 4 * MAX_REQUEST_ID + 4
 MAX_VIOLATIONS = 10  # listed in an error (the rest counted), so that it fits the metadata limit
 
 
@@ -220,9 +223,7 @@ class Translator:
         sizes = [
             self.response_bytes(len(ids), self._limit(ids, opts), opts) for ids in encoded if ids
         ]
-        # A response also carries the request id: at most MAX_REQUEST_ID characters of up to
-        # 4 bytes each, with its tag and length.
-        size = max(sizes, default=0) if streaming else sum(sizes) + 4 * MAX_REQUEST_ID + 4
+        size = max(sizes, default=0) if streaming else sum(sizes) + _REQUEST_ID_BYTES
         if size <= self.max_message_bytes:
             return []
         what = "one result" if streaming else f"the response to {len(encoded)} sentences"
@@ -294,6 +295,10 @@ class Translator:
             for ids in encoded
         ]
         return jobs
+
+    def response_bound(self, jobs: list[SentenceJob], opts: RequestOptions) -> int:
+        """An upper bound on the serialized TranslateResponse to these sentences."""
+        return sum(self.result_bytes(j, opts) for j in jobs) + _REQUEST_ID_BYTES
 
     def result_bytes(self, job: SentenceJob, opts: RequestOptions) -> int:
         """An upper bound on the serialized result of a prepared sentence."""

@@ -16,7 +16,7 @@ from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
 from tests.conftest import ServerThread
 
-BUFFER = 1_000_000  # bytes: about 80 of the tiny model's longest results with full attention
+BUFFER = 1_000_000  # bytes; streams may hold half: ~40 of the tiny model's longest results
 LONG = " ".join(["three hundred and twenty-one"] * 4)  # 24 source tokens, the tiny limit
 # Full attention of every layer and head on 160 long sentences: ~2 MB of worst-case results.
 HEAVY = pb.TranslateRequest(
@@ -29,9 +29,8 @@ NO_BDP = [("grpc.http2.bdp_probe", 0)]
 
 @pytest.fixture(scope="module")
 def buffered(tiny_bundle: Path) -> Iterator[ServerThread]:
-    srv = ServerThread(
-        tiny_bundle, stream_buffer_bytes=BUFFER, max_message_bytes=BUFFER, lanes=1, metrics_port=0
-    )
+    limits = {"result_buffer_bytes": BUFFER, "max_message_bytes": BUFFER // 2}
+    srv = ServerThread(tiny_bundle, lanes=1, metrics_port=0, **limits)
     srv.wait_serving()
     yield srv
     srv.stop()
@@ -63,28 +62,36 @@ def test_a_client_that_never_reads_holds_one_window(buffered: ServerThread) -> N
                 if finished(buffered) == seen > before or time.monotonic() > deadline:
                     break
             decoded = finished(buffered) - before
-            # One window (BUFFER / the worst-case size of a result) and what the client's
-            # transport took; the old server decoded all 160 at once.
+            # One window (BUFFER / 2 over the worst-case size of a result) and what the
+            # client's transport took; the old server decoded all 160 at once.
             assert 0 < decoded < 120, decoded
-            assert sv.streams.used == BUFFER
+            assert sv.results.used == sv.results.streamed == BUFFER // 2
             # A second stream does not fit in the buffer: refused at once, naming it.
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 async for _ in stub.TranslateStream(HEAVY):
                     pass
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "not read yet" in (err.value.details() or "")
-            # Unary calls are not held up by it.
-            ok = await stub.Translate(pb.TranslateRequest(sentences=["one two"]), timeout=10)
-            assert ok.results[0].translation
+            assert "not received yet" in (err.value.details() or "")
+            # Translate calls are not held up by it (streams may hold half the buffer); each
+            # gives its reservation back when it ends.
+            for _ in range(3):
+                ok = await stub.Translate(pb.TranslateRequest(sentences=["one two"]), timeout=10)
+                assert ok.results[0].translation
+            assert sv.results.used == BUFFER // 2 and sv.results.calls == 1
             stalled.cancel()
             for _ in range(200):  # the handler's finally runs on the server's loop
-                if sv.streams.used == 0:
+                if sv.results.used == 0:
                     break
                 await asyncio.sleep(0.02)
-            assert sv.streams.used == 0 and sv.streams.streams == 0
+            assert sv.results.used == 0 and sv.results.calls == 0
             # Everything given back: the same heavy stream, read, now arrives whole.
             indexes = [r.index async for r in stub.TranslateStream(HEAVY, timeout=60)]
             assert sorted(indexes) == list(range(160))
 
     asyncio.run(scenario())
-    assert buffered.server.metrics.stream_buffer._value.get() == 0
+    gauge = buffered.server.metrics.result_buffer._value
+    for _ in range(200):  # the last call's reservation is given back once gRPC has ended it
+        if gauge.get() == 0:
+            break
+        time.sleep(0.01)
+    assert gauge.get() == 0 and sv.results.used == 0 and sv.results.calls == 0
