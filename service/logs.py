@@ -39,7 +39,27 @@ class TextFormatter(logging.Formatter):
         return f"{line} [{rid}]" if rid else line
 
 
+class UnsentAnswer(logging.Filter):
+    """gRPC logs an ERROR with a traceback when it cannot send an answer a handler returned
+    because the client went away meanwhile (one that stopped reading, then disconnected): the
+    client's doing, not a server error. Such records become one INFO line."""
+
+    PREFIX = "ExecuteBatchError raised in core by servicer method"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and str(record.msg).startswith(self.PREFIX):
+            method = str(record.getMessage())[len(self.PREFIX) :].strip()
+            record.msg, record.args = (
+                "an answer could not be sent (the client went away): %s",
+                (method,),
+            )
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def setup_logging(fmt: str, level: str) -> None:
+    logging.getLogger("grpc._cython.cygrpc").addFilter(UnsentAnswer())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

@@ -106,8 +106,9 @@ class ServerConfig:
         ]
         if self.max_call_tokens > self.max_queue_tokens:
             problems.append("--max-call-tokens must not exceed --max-queue-tokens")
-        if self.result_buffer_bytes < 2 * self.max_message_bytes:
-            problems.append("--result-buffer-bytes must be at least twice --max-message-bytes")
+        if self.result_buffer_bytes < 4 * self.max_message_bytes:
+            # one connection may hold a quarter of it, and must fit the largest answer
+            problems.append("--result-buffer-bytes must be at least 4 × --max-message-bytes")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -256,6 +257,15 @@ def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: ob
         loop.call_soon_threadsafe(fn, *args)
 
 
+def _gone(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status of a call gRPC ended under its handler, as its client sees it: its deadline
+    (within the margin: gRPC's timer and ours read different clocks) or a cancel."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= _DEADLINE_MARGIN_S:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
 class TranslatorServicer(pb_grpc.TranslatorServicer):
     def __init__(self, translator: Translator | None, metrics: Metrics, cfg: ServerConfig) -> None:
         self._tr = translator
@@ -301,12 +311,15 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         try:
             return await body()
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            # gRPC ended the call: its client went away, its deadline passed (gRPC resets a
+            # call whose deadline passes while its answer is being written), or the server
+            # stopped; counted under the status the client sees
+            code = _gone(context)
             log.info("request %s", self._ended_by(context), extra={"request_id": request_id})
             raise
         except Exception as e:
             if context.cancelled():  # gRPC ended the call meanwhile (its deadline): no answer
-                code = grpc.StatusCode.CANCELLED
+                code = _gone(context)
                 log.info("request gone before its answer (%s)", e, extra={"request_id": request_id})
                 raise asyncio.CancelledError() from e
             err = to_rpc_error(e)
@@ -335,8 +348,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
 
     def _ended_by(self, context: grpc.aio.ServicerContext) -> str:
         """Who ended a call that gRPC cancelled, for its log line."""
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
+        if _gone(context) == grpc.StatusCode.DEADLINE_EXCEEDED:
             return "cancelled: its deadline passed"
         if self.draining:
             return "cancelled: the server stopped (grace period over) before it finished"

@@ -13,6 +13,7 @@ import contextlib
 import functools
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
+from typing import Any
 
 from service.engine import SentenceJob, SentenceResult
 from service.scheduler import DeadlineExceeded, QueueFull, Ticket
@@ -28,49 +29,70 @@ class ResultsFull(Exception):
 class ResultBuffer:
     """Bytes reserved by the calls in progress for results their clients have not received.
     Streams together may hold at most half of it, so that streams whose clients stopped
-    reading cannot refuse Translate calls."""
+    reading cannot refuse Translate calls, and one client connection at most a quarter, so
+    that one client cannot lock the others out."""
 
     def __init__(self, total: int, observe: Callable[[int], None] = lambda used: None) -> None:
         self.total = total
         self.used = 0
         self.calls = 0
         self.streamed = 0  # of `used`, held by streams
+        self.by_peer: dict[str, int] = {}  # of `used`, per client connection
         self._observe = observe  # told the bytes in use after each change (a metrics gauge)
 
-    def reserve(self, n: int, stream: bool = False) -> None:
-        if self.used + n > self.total or (stream and self.streamed + n > self.total // 2):
-            held = (
-                f"streams in progress hold {self.streamed:,} of the {self.total // 2:,} bytes "
-                "streams may hold"
-                if stream and self.used + n <= self.total
-                else f"{self.calls} call(s) in progress hold {self.used:,} of the server's "
+    def _refusal(self, n: int, stream: bool, peer: str) -> str | None:
+        """Why n more bytes do not fit, or None."""
+        if self.used + n > self.total:
+            return (
+                f"{self.calls} call(s) in progress hold {self.used:,} of the server's "
                 f"{self.total:,} bytes"
             )
-            raise ResultsFull(
-                f"{held} for results their clients have not received yet; this call needs {n:,}"
+        if stream and self.streamed + n > self.total // 2:
+            return (
+                f"streams in progress hold {self.streamed:,} of the {self.total // 2:,} bytes "
+                "streams may hold"
             )
+        if self.by_peer.get(peer, 0) + n > self.total // 4:
+            return (
+                f"this client connection's calls hold {self.by_peer[peer]:,} of the "
+                f"{self.total // 4:,} bytes one connection may hold"
+            )
+        return None
+
+    def reserve(self, n: int, stream: bool = False, peer: str = "") -> None:
+        why = self._refusal(n, stream, peer)
+        if why is not None:
+            raise ResultsFull(
+                f"{why} for results their clients have not received yet; this call needs {n:,}"
+            )
+        self._add(n, stream, peer, 1)
+
+    def release(self, n: int, stream: bool = False, peer: str = "") -> None:
+        self._add(-n, stream, peer, -1)
+
+    def _add(self, n: int, stream: bool, peer: str, calls: int) -> None:
         self.used += n
-        self.calls += 1
+        self.calls += calls
         self.streamed += n if stream else 0
+        left = self.by_peer.get(peer, 0) + n
+        if left:
+            self.by_peer[peer] = left
+        else:
+            self.by_peer.pop(peer, None)
         self._observe(self.used)
 
-    def release(self, n: int, stream: bool = False) -> None:
-        self.used -= n
-        self.calls -= 1
-        self.streamed -= n if stream else 0
-        self._observe(self.used)
-
-    def hold(self, n: int, context: object, stream: bool = False) -> None:
+    def hold(self, n: int, context: Any, stream: bool = False) -> None:
         """Reserves n bytes until the call ends (gRPC calls back when its status is sent or
         the call is gone), whatever the handler does meanwhile."""
-        self.reserve(n, stream)
-        context.add_done_callback(lambda _: self.release(n, stream))  # type: ignore[attr-defined]
+        peer = str(context.peer())
+        self.reserve(n, stream, peer)
+        context.add_done_callback(lambda _: self.release(n, stream, peer))
 
 
 def window_bytes(bounds: list[int], total: int) -> int:
     """A stream's window: the worst-case sizes of its results, at most WINDOW_BYTES (or its
-    largest result) and the streams' half of the buffer (``total``)."""
-    return min(sum(bounds), max(WINDOW_BYTES, max(bounds)), total // 2)
+    largest result) and what one connection may hold (a quarter of the buffer, ``total``)."""
+    return min(sum(bounds), max(WINDOW_BYTES, max(bounds)), total // 4)
 
 
 def _arrived(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[int], i: int, _: object) -> None:

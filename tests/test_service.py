@@ -451,3 +451,30 @@ def test_log_lines_carry_the_request_id(fmt: str, capsys: pytest.CaptureFixture[
         assert "request_id" not in json.loads(without)
     else:
         assert with_id.endswith("nmtserve.test: refused [rid-42]") and without.endswith("no id")
+
+
+def test_an_answer_gone_with_its_client_is_one_info_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """gRPC's ERROR and traceback when a client went away before its answer was sent (a
+    hostile review saw one per disconnect) becomes one INFO line."""
+    import logging
+
+    from service.logs import setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging("text", "info")
+        try:
+            raise RuntimeError('Failed "execute_batch"')
+        except RuntimeError:
+            logging.getLogger("grpc._cython.cygrpc").exception(
+                "ExecuteBatchError raised in core by servicer method [%s]", "/x.v1.T/Translate"
+            )
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and " INFO grpc._cython.cygrpc: an answer could not be sent" in lines[0]
+    assert "[/x.v1.T/Translate]" in lines[0]
