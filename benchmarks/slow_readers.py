@@ -59,7 +59,13 @@ def long_sentences(n: int) -> list[str]:
 
 
 async def run(
-    target: str, pid: int, metrics_port: int, streams: int, n: int, seconds: float
+    target: str,
+    pid: int,
+    metrics_port: int,
+    streams: int,
+    n: int,
+    seconds: float,
+    connections: int,
 ) -> None:
     request = pb.TranslateRequest(
         sentences=long_sentences(n), options=pb.TranslateOptions(attention=pb.ATTENTION_ALL_LAYERS)
@@ -69,11 +75,18 @@ async def run(
     # Without BDP probing a client's flow-control window stays at 64 KiB, so the server's writes
     # block once it is full, as they do for a client that stopped reading its socket (with
     # probing, grpc's client transport takes megabytes for the application to read later).
-    async with grpc.aio.insecure_channel(target, options=[("grpc.http2.bdp_probe", 0)]) as ch:
-        stub = pb_grpc.TranslatorStub(ch)
+    channels = [
+        grpc.aio.insecure_channel(
+            target, options=[("grpc.http2.bdp_probe", 0), ("grpc.use_local_subchannel_pool", 1)]
+        )
+        for _ in range(connections)
+    ]  # a local subchannel pool each: one TCP connection per channel
+    stubs = [pb_grpc.TranslatorStub(ch) for ch in channels]
+    try:
+        stub = stubs[0]
         # Streams that are refused (the queue is full while others decode) are opened again,
         # as a client that retries would, until `seconds` have passed.
-        calls = [stub.TranslateStream(request) for _ in range(streams)]  # never read
+        calls = [stubs[k % connections].TranslateStream(request) for k in range(streams)]
         refused: dict[str, int] = {}
         peak = idle
         end = time.monotonic() + seconds
@@ -84,15 +97,27 @@ async def run(
                 if c.done():
                     code = (await c.code()).name
                     refused[code] = refused.get(code, 0) + 1
-                    calls[k] = stub.TranslateStream(request)
+                    calls[k] = stubs[k % connections].TranslateStream(request)
         reserved = metric(metrics_port, "nmtserve_result_buffer_bytes ") / 2**20
         print(
-            f"{streams} unread streams of {n} long sentences with every layer's "
-            f"attention, refused ones opened again for {seconds:.0f} s: server RSS {idle:.0f} MiB "
-            f"idle, peak {peak:.0f} MiB (+{peak - idle:.0f}); sentences decoded "
+            f"{streams} unread streams over {connections} connections, {n} long sentences "
+            f"with every layer's attention, refused ones opened again for {seconds:.0f} s: server "
+            f"RSS {idle:.0f} MiB idle, peak {peak:.0f} MiB (+{peak - idle:.0f}); sentences decoded "
             f"{decoded(metrics_port) - before:.0f}; refusals on the way: {refused}; reserved by "
             f"the streams at the end: {reserved:.0f} MiB (0 where the server has no such bound)"
         )
+        async with grpc.aio.insecure_channel(
+            target, options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as own:
+            t = time.perf_counter()
+            await pb_grpc.TranslatorStub(own).Translate(
+                pb.TranslateRequest(sentences=["seven"]), timeout=30
+            )
+            print(
+                "meanwhile, an ordinary call on a connection of its own took "
+                f"{(time.perf_counter() - t) * 1e3:.0f} ms (while the refused streams are "
+                "opened again)"
+            )
         for c in calls:
             c.cancel()
         t = time.perf_counter()
@@ -101,6 +126,9 @@ async def run(
             f"after cancelling them: an ordinary call took {(time.perf_counter() - t) * 1e3:.0f} "
             f"ms ({ok.results[0].translation!r}); RSS {rss_mib(pid):.0f} MiB"
         )
+    finally:
+        for ch in channels:
+            await ch.close()
 
 
 def main() -> None:
@@ -108,6 +136,7 @@ def main() -> None:
     ap.add_argument("--bundle", default="models/default")
     ap.add_argument("--streams", type=int, default=100)
     ap.add_argument("--sentences", type=int, default=64, help="per stream")
+    ap.add_argument("--connections", type=int, default=8, help="the streams spread over them")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("serve_args", nargs="*", help="extra `serve` flags, after --")
     args = ap.parse_args()
@@ -119,7 +148,17 @@ def main() -> None:
     proc = subprocess.Popen(cmd, cwd=REPO)
     try:
         wait_serving(target, proc)
-        asyncio.run(run(target, proc.pid, metrics_port, args.streams, args.sentences, args.seconds))
+        asyncio.run(
+            run(
+                target,
+                proc.pid,
+                metrics_port,
+                args.streams,
+                args.sentences,
+                args.seconds,
+                args.connections,
+            )
+        )
     finally:
         proc.terminate()
         proc.wait(60)
