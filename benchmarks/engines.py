@@ -121,15 +121,16 @@ def run_engine(engine: str, prep: dict[str, Any], batch: int, src_len: int, toke
 
     elif engine.startswith("ort"):
         from service.bundle import load_bundle
-        from service.engine import DecodeOptions, Engine, SentenceJob
+        from service.engine import SentenceJob
         from service.runtime import Runtime, RuntimeConfig
+        from tests.doubles import Exact, ExactLength
 
         b = load_bundle(prep["bundle"])
-        eng = Engine(Runtime(b, RuntimeConfig("cpu", engine[4:], threads)), b.limits)
-        opts = DecodeOptions(min_output_tokens=tokens)
+        # Every row runs exactly `tokens` steps (EOS masked), as the other engines here do.
+        eng = ExactLength(Runtime(b, RuntimeConfig("cpu", engine[4:], threads)), b.limits)
 
         def decode() -> list[list[int]]:
-            jobs = [SentenceJob(list(s), tokens, opts) for s in src]
+            jobs: list[SentenceJob] = [Exact(list(s), tokens) for s in src]
             return [r.token_ids for r in eng.decode_all(jobs, max_rows=batch)]
 
     else:

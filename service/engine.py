@@ -56,7 +56,6 @@ class DecodeOptions:
     attention_layer: int = -1  # resolved to 0..L-1 by the caller
     scores: bool = False
     alignment: bool = False
-    min_output_tokens: int = 0  # EOS is not allowed before this many tokens (benchmarks)
 
 
 @dataclass
@@ -458,13 +457,8 @@ class Engine:
             assert row is not None
             source_cells += row.source_len
             opts = row.job.options
-            scores = logits[i]
-            if len(row.tokens) < opts.min_output_tokens:  # may not end yet: the best but EOS
-                scores = scores.copy()
-                scores[eos] = -np.inf
-                nxt[i] = scores.argmax()
             tok = int(nxt[i])
-            lp = _log_prob(scores, tok) if opts.scores else 0.0
+            lp = _log_prob(logits[i], tok) if opts.scores else 0.0
             if tok == eos:
                 row.eos_log_prob = lp
                 finished.append((row.job, self._result(row, "eos")))

@@ -1,6 +1,6 @@
-"""Test doubles for the decoder: steps that stall or fail, so that tests reach states a tiny
-model decodes too fast to show. They wrap the engines from outside; production code has no
-hooks for them."""
+"""Test doubles for the decoder: steps that stall or fail, and rows that run to their limit,
+so that tests reach states a tiny model decodes too fast to show. They wrap the engines from
+outside; production code has no hooks for them."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
-from service.engine import DecodeBatch, Engine
+import numpy as np
+
+from service.bundle import Limits
+from service.engine import DecodeBatch, Engine, Row, SentenceJob
+from service.runtime import Runtime
 from service.scheduler import Scheduler
 
 
@@ -43,6 +48,54 @@ def fail_once(message: str) -> Callable[[], None]:
             raise RuntimeError(message)
 
     return hook
+
+
+@dataclass
+class Exact(SentenceJob):
+    """A sentence that runs to its limit: an ExactLength engine never lets it choose EOS."""
+
+
+class ExactLength(Engine):
+    """An engine whose Exact rows never choose EOS (the best other token instead), so that they
+    run exactly to their limit whatever the model says: long rows on a tiny model, and the
+    fixed output lengths of benchmarks/engines.py. The production engine has no such option:
+    this one masks the logits its runtime returns."""
+
+    def __init__(self, runtime: Runtime, limits: Limits, capacity: int = 64) -> None:
+        super().__init__(_NoEos(runtime, self), limits, capacity)  # type: ignore[arg-type]
+        self.rows: list[Row | None] = []
+
+    def step(self, batch: DecodeBatch) -> Any:
+        tidy = batch.tidy()  # Engine.step tidies too: a tidy batch stays as it is
+        if tidy is None:
+            return super().step(batch)
+        self.rows = tidy.rows  # row i of the runtime's logits
+        return super().step(tidy)
+
+
+class _NoEos:
+    """The runtime, with EOS masked in the logits of the engine's Exact rows."""
+
+    def __init__(self, runtime: Runtime, engine: ExactLength) -> None:
+        self._rt, self._engine = runtime, engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._rt, name)
+
+    def _mask(self, logits: np.ndarray) -> None:
+        for i, row in enumerate(self._engine.rows):
+            if row is not None and isinstance(row.job, Exact):
+                logits[i, self._rt.eos_id] = -np.inf
+
+    def step(self, *args: Any) -> Any:
+        out = self._rt.step(*args)
+        self._mask(out[0])
+        return out
+
+    def step_inplace(self, *args: Any) -> Any:
+        out = self._rt.step_inplace(*args)
+        self._mask(out[0])
+        return out
 
 
 def slow_server() -> int:

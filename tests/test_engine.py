@@ -23,6 +23,7 @@ from service.engine import (
     SentenceResult,
 )
 from service.runtime import Runtime, RuntimeConfig
+from tests.doubles import Exact, ExactLength
 
 OPTS = DecodeOptions(attention=AttentionMode.ALL_LAYERS, scores=True)
 
@@ -31,14 +32,14 @@ OPTS = DecodeOptions(attention=AttentionMode.ALL_LAYERS, scores=True)
 def engine(tiny_bundle: Path) -> Engine:
     """The concatenating decoder (decoder.onnx)."""
     b = load_bundle(tiny_bundle)
-    return Engine(Runtime(b, RuntimeConfig("cpu", "fp32", 1, kv_cache="concat")), b.limits)
+    return ExactLength(Runtime(b, RuntimeConfig("cpu", "fp32", 1, kv_cache="concat")), b.limits)
 
 
 @pytest.fixture(scope="module")
 def inplace(tiny_bundle: Path) -> Engine:
     """The in-place cache (decoder_kv.onnx), buffers first sized for 4 rows so they grow."""
     b = load_bundle(tiny_bundle)
-    return Engine(Runtime(b, RuntimeConfig("cpu", "fp32", 1)), b.limits, capacity=4)
+    return ExactLength(Runtime(b, RuntimeConfig("cpu", "fp32", 1)), b.limits, capacity=4)
 
 
 @pytest.fixture(params=["concat", "inplace"])
@@ -48,7 +49,7 @@ def either(request: pytest.FixtureRequest, engine: Engine, inplace: Engine) -> E
 
 def job(ids: list[int], limit: int, exact: bool = False) -> SentenceJob:
     """exact: EOS is not allowed before `limit` tokens, so the row runs exactly that long."""
-    return SentenceJob(ids, limit, replace(OPTS, min_output_tokens=limit) if exact else OPTS)
+    return (Exact if exact else SentenceJob)(ids, limit, OPTS)
 
 
 def sources(engine: Engine, n: int, seed: int) -> list[list[int]]:

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 
 from service.bundle import load_bundle
-from service.engine import DecodeOptions, EncodeStats, Engine, SentenceJob, StepStats
+from service.engine import EncodeStats, Engine, SentenceJob, StepStats
 from service.runtime import Runtime, RuntimeConfig
 from service.scheduler import Cancelled, Observer, Scheduler, SchedulerConfig, choose
+from tests.doubles import Exact, ExactLength
 
 
 class Counting(Observer):
@@ -33,7 +34,7 @@ def test_newcomers_join_a_running_batch_in_groups(tiny_bundle: Path) -> None:
     groups (each admission is an encoder run), not one by one, and each result equals the
     sentence decoded alone."""
     b = load_bundle(tiny_bundle)
-    engine = Engine(Runtime(b, RuntimeConfig("cpu", "fp32", 1)), b.limits)
+    engine = ExactLength(Runtime(b, RuntimeConfig("cpu", "fp32", 1)), b.limits)
     obs = Counting()
     sched = Scheduler(engine, SchedulerConfig(max_batch_rows=64, max_wait_ms=1.0), obs)
     name = "step_inplace" if engine.rt.inplace else "step"  # the decoder in use
@@ -47,7 +48,7 @@ def test_newcomers_join_a_running_batch_in_groups(tiny_bundle: Path) -> None:
     sched.start()
     try:
         n = b.limits.max_target_tokens  # the longest a row may run
-        long = SentenceJob([7, 8, 9], n, DecodeOptions(min_output_tokens=n))
+        long = Exact([7, 8, 9], n)
         futures = sched.submit([long]).futures
         time.sleep(0.1)  # the long row is decoding
         sources = [[5 + i % 50, 6 + (i * 7) % 40, 9] for i in range(24)]
@@ -103,10 +104,11 @@ def test_one_sentence_is_decoded_by_one_lane(tiny_bundle: Path) -> None:
     b = load_bundle(tiny_bundle)
     obs = PerLane()
     rt = Runtime(b, RuntimeConfig("cpu", "fp32", 1))
-    sched = Scheduler.over(rt, SchedulerConfig(max_wait_ms=1.0, lanes=2), obs)
+    engines: list[Engine] = [ExactLength(rt, b.limits, 32) for _ in range(2)]
+    sched = Scheduler(engines, SchedulerConfig(max_wait_ms=1.0, lanes=2), obs)
     sched.start()
     try:
-        job = SentenceJob([7, 8, 9], 12, DecodeOptions(min_output_tokens=12))
+        job = Exact([7, 8, 9], 12)
         sched.submit([job]).futures[0].result(30)
     finally:
         assert sched.stop(10)
@@ -115,7 +117,7 @@ def test_one_sentence_is_decoded_by_one_lane(tiny_bundle: Path) -> None:
 
 def test_scheduler_lanes_must_match_its_engines(tiny_bundle: Path) -> None:
     b = load_bundle(tiny_bundle)
-    engine = Engine(Runtime(b, RuntimeConfig("cpu", "fp32", 1)), b.limits)
+    engine = ExactLength(Runtime(b, RuntimeConfig("cpu", "fp32", 1)), b.limits)
     with pytest.raises(ValueError, match="2 lanes configured, 1 engines given"):
         Scheduler(engine, SchedulerConfig(lanes=2))
     with pytest.raises(ValueError, match="lanes"):
@@ -169,14 +171,12 @@ def test_a_single_sentence_call_is_not_queued_behind_a_big_one(tiny_bundle: Path
     """256 sentences of one call, then one of another: served calls go to the back of the turn
     order, so the single sentence is admitted at the next free row, not after the 256."""
     b = load_bundle(tiny_bundle)
-    engine = Engine(Runtime(b, RuntimeConfig("cpu", "fp32", 1)), b.limits)
+    engine = ExactLength(Runtime(b, RuntimeConfig("cpu", "fp32", 1)), b.limits)
     sched = Scheduler(engine, SchedulerConfig(max_batch_rows=8, max_wait_ms=1.0))
     sched.start()
     try:
         n = 12
-        big = sched.submit(
-            [SentenceJob([7, 8, 9], n, DecodeOptions(min_output_tokens=n)) for _ in range(256)]
-        )
+        big = sched.submit([Exact([7, 8, 9], n) for _ in range(256)])
         time.sleep(0.02)
         before = sum(f.done() for f in big.futures)
         single = sched.submit([SentenceJob([5, 6], 4)]).futures[0]
@@ -191,13 +191,13 @@ def test_a_single_sentence_call_is_not_queued_behind_a_big_one(tiny_bundle: Path
 
 def test_cancelled_sentences_leave_the_queue_at_once(tiny_bundle: Path) -> None:
     b = load_bundle(tiny_bundle)
-    engine = Engine(Runtime(b, RuntimeConfig("cpu", "fp32", 1)), b.limits)
+    engine = ExactLength(Runtime(b, RuntimeConfig("cpu", "fp32", 1)), b.limits)
     obs = Dropped()
     sched = Scheduler(engine, SchedulerConfig(max_batch_rows=4, max_wait_ms=1.0), obs)
     sched.start()
     try:
         n = b.limits.max_target_tokens
-        slow = [SentenceJob([7, 8, 9], n, DecodeOptions(min_output_tokens=n)) for _ in range(4)]
+        slow: list[SentenceJob] = [Exact([7, 8, 9], n) for _ in range(4)]
         running = sched.submit(slow)
         time.sleep(0.05)
         queued = sched.submit([SentenceJob([5, 6, 7], 8) for _ in range(10)])
