@@ -27,6 +27,7 @@ from export.data import (
     CorpusError,
     NumberCorpusConfig,
     Pair,
+    Splits,
 )
 from export.model import ModelConfig, make_model
 from export.rundir import (
@@ -93,82 +94,90 @@ def corpus_spec(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- train
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    import torch
+def _resumed_run(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    """run.json of the run to continue, with the stopping settings given again."""
+    from export.train import CHECKPOINT_LAST
 
-    from export.tokenizer import Tokenizer
-    from export.train import CHECKPOINT_LAST, TrainConfig, time_to, train
+    run = load_run(run_dir)
+    if not (run_dir / CHECKPOINT_LAST).is_file():
+        raise SystemExit(f"error: --resume: {run_dir / CHECKPOINT_LAST} is missing")
+    overrides = {
+        k: v
+        for k, v in {
+            "max_steps": args.max_steps,
+            "time_budget_s": args.time_budget,
+            "target_exact_match": args.target_exact_match,
+        }.items()
+        if v is not None
+    }
+    run["train"].update(overrides)
+    return run
+
+
+def _new_run(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    """run.json of a new run, from the flags (an existing run is replaced only with --force)."""
+    from export.train import TrainConfig
     from service.bundle import Limits
 
-    run_dir = Path(args.run)
-    if args.resume:
-        run = load_run(run_dir)
-        if not (run_dir / CHECKPOINT_LAST).is_file():
-            raise SystemExit(f"error: --resume: {run_dir / CHECKPOINT_LAST} is missing")
-        overrides = {
-            k: v
-            for k, v in {
-                "max_steps": args.max_steps,
-                "time_budget_s": args.time_budget,
-                "target_exact_match": args.target_exact_match,
-            }.items()
-            if v is not None
-        }
-        run["train"].update(overrides)
-    else:
-        if (run_dir / RUN_FILE).exists() and not args.force:
-            raise SystemExit(
-                f"error: {run_dir} already holds a run; --resume to continue it, "
-                "--force to start over"
-            )
-        if run_dir.exists() and args.force:
-            shutil.rmtree(run_dir)
-        spec = corpus_spec(args)
-        run = {
-            "corpus": spec,
-            "bleu_tokenize": args.bleu_tokenize or ("char" if spec["kind"] == "numbers" else "13a"),
-            "tokenizer": {
-                "vocab_size": args.vocab_size or (400 if spec["kind"] == "numbers" else 8000),
-                "model_type": args.tokenizer_type,
-            },
-            "model": {
-                "d_model": args.d_model,
-                "n_heads": args.heads,
-                "d_ff": args.d_ff,
-                "n_encoder_layers": args.encoder_layers,
-                "n_decoder_layers": args.decoder_layers,
-                "dropout": args.dropout,
-                "norm": args.norm,
-                "tie_embeddings": not args.no_tie_embeddings,
-                "max_positions": args.max_positions,
-            },
-            "limits": asdict(
-                Limits(args.max_source_tokens, args.max_target_tokens, args.len_a, args.len_b)
-            ),
-            "train": TrainConfig(
-                seed=args.seed,
-                batch_tokens=args.batch_tokens,
-                lr=args.lr,
-                warmup_steps=args.warmup_steps,
-                label_smoothing=args.label_smoothing,
-                clip_norm=args.clip_norm,
-                max_steps=args.max_steps or 0,
-                time_budget_s=args.time_budget or 0.0,
-                target_exact_match=args.target_exact_match or 0.0,
-                target_patience=args.target_patience,
-                eval_every=args.eval_every,
-                eval_max_sentences=args.eval_max_sentences,
-                device=args.device,
-                threads=args.threads,
-            ).to_dict(),
-        }
-        limits_ = run["limits"]
-        if max(limits_["max_source_tokens"], limits_["max_target_tokens"]) + 1 > args.max_positions:
-            raise SystemExit(
-                "error: --max-positions must exceed --max-source-tokens and --max-target-tokens"
-            )
-    cfg = TrainConfig.from_dict(run["train"])
-    limits = Limits(**run["limits"])
+    if (run_dir / RUN_FILE).exists() and not args.force:
+        raise SystemExit(
+            f"error: {run_dir} already holds a run; --resume to continue it, --force to start over"
+        )
+    if run_dir.exists() and args.force:
+        shutil.rmtree(run_dir)
+    spec = corpus_spec(args)
+    run: dict[str, Any] = {
+        "corpus": spec,
+        "bleu_tokenize": args.bleu_tokenize or ("char" if spec["kind"] == "numbers" else "13a"),
+        "tokenizer": {
+            "vocab_size": args.vocab_size or (400 if spec["kind"] == "numbers" else 8000),
+            "model_type": args.tokenizer_type,
+        },
+        "model": {
+            "d_model": args.d_model,
+            "n_heads": args.heads,
+            "d_ff": args.d_ff,
+            "n_encoder_layers": args.encoder_layers,
+            "n_decoder_layers": args.decoder_layers,
+            "dropout": args.dropout,
+            "norm": args.norm,
+            "tie_embeddings": not args.no_tie_embeddings,
+            "max_positions": args.max_positions,
+        },
+        "limits": asdict(
+            Limits(args.max_source_tokens, args.max_target_tokens, args.len_a, args.len_b)
+        ),
+        "train": TrainConfig(
+            seed=args.seed,
+            batch_tokens=args.batch_tokens,
+            lr=args.lr,
+            warmup_steps=args.warmup_steps,
+            label_smoothing=args.label_smoothing,
+            clip_norm=args.clip_norm,
+            max_steps=args.max_steps or 0,
+            time_budget_s=args.time_budget or 0.0,
+            target_exact_match=args.target_exact_match or 0.0,
+            target_patience=args.target_patience,
+            eval_every=args.eval_every,
+            eval_max_sentences=args.eval_max_sentences,
+            device=args.device,
+            threads=args.threads,
+        ).to_dict(),
+    }
+    limits_ = run["limits"]
+    if max(limits_["max_source_tokens"], limits_["max_target_tokens"]) + 1 > args.max_positions:
+        raise SystemExit(
+            "error: --max-positions must exceed --max-source-tokens and --max-target-tokens"
+        )
+    return run
+
+
+def _corpus_and_tokenizer(
+    args: argparse.Namespace, run_dir: Path, run: dict[str, Any], seed: int
+) -> Splits:
+    """The run's corpus, its dev and test splits saved and its tokenizer trained (new runs)."""
+    from export.tokenizer import Tokenizer
+
     t_start = time.monotonic()
     log.info("building the corpus (%s)", run["corpus"]["kind"])
     try:
@@ -195,9 +204,25 @@ def cmd_train(args: argparse.Namespace) -> int:
             tok_path,
             vocab_size=run["tokenizer"]["vocab_size"],
             model_type=run["tokenizer"]["model_type"],
-            seed=cfg.seed,
+            seed=seed,
         )
         log.info("tokenizer trained in %.1fs", time.monotonic() - t)
+    return splits
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from export.tokenizer import Tokenizer
+    from export.train import TrainConfig, time_to, train
+    from service.bundle import Limits
+
+    run_dir = Path(args.run)
+    run = _resumed_run(args, run_dir) if args.resume else _new_run(args, run_dir)
+    cfg = TrainConfig.from_dict(run["train"])
+    limits = Limits(**run["limits"])
+    splits = _corpus_and_tokenizer(args, run_dir, run, cfg.seed)
+    tok_path = run_dir / TOKENIZER_FILE
     tok = Tokenizer(tok_path)
     model_cfg = ModelConfig(
         vocab_size=tok.vocab_size,
@@ -382,30 +407,9 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from export.train import TrainConfig
-    from service.bundle import Limits
-
-    tc = TrainConfig()
-    ll = Limits()
+def _corpus_args(p: argparse.ArgumentParser) -> None:
+    """train: the built-in corpus and the user's own."""
     ncc = NumberCorpusConfig()
-    parser = argparse.ArgumentParser(
-        prog="python -m export", description=__doc__, formatter_class=_Formatter
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser(
-        "train",
-        help="train a model (built-in number corpus or your own)",
-        formatter_class=_Formatter,
-        description="Trains a Transformer in a run directory, then evaluates the best "
-        "checkpoint on the test split. Without --train it uses the built-in corpus: English "
-        "number words → number words of --lang.",
-    )
-    p.add_argument("--run", default="runs/default", help="run directory to create (or resume)")
-    p.add_argument("--resume", action="store_true", help="continue the run from checkpoint_last.pt")
-    p.add_argument("--force", action="store_true", help="delete an existing run directory first")
     g = p.add_argument_group("built-in corpus")
     g.add_argument("--lang", default=ncc.lang, choices=SUPPORTED_LANGS, help="target language")
     g.add_argument("--max-digits", type=int, default=ncc.max_digits, help="longest number")
@@ -434,6 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="fail",
         help="malformed lines: fail listing every one, or skip them with a warning each",
     )
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """train: tokenizer, model shape and the output-length rule."""
+    from service.bundle import Limits
+
+    ll = Limits()
     g = p.add_argument_group("tokenizer and model")
     g.add_argument(
         "--vocab-size",
@@ -476,6 +487,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--len-a", type=float, default=ll.a, help="output limit a·source_tokens + b: a")
     g.add_argument("--len-b", type=float, default=ll.b, help="output limit a·source_tokens + b: b")
+
+
+def _training_args(p: argparse.ArgumentParser) -> None:
+    """train: the optimisation and its budget."""
+    from export.train import TrainConfig
+
+    tc = TrainConfig()
     g = p.add_argument_group("training")
     g.add_argument("--seed", type=int, default=tc.seed, help="seed for data, init and order")
     g.add_argument("--batch-tokens", type=int, default=tc.batch_tokens, help="tokens per batch")
@@ -510,8 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=0, help="torch threads (0: usable cores)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--skip-test", action="store_true", help="do not evaluate on test at the end")
-    p.set_defaults(func=cmd_train)
 
+
+def _checkpoint_commands(sub: Any) -> None:
+    """evaluate, export, verify and ct2: what is done with a trained run."""
     p = sub.add_parser(
         "evaluate",
         help="BLEU / chrF / exact match of a checkpoint on a split",
@@ -532,8 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="export a run to a verified model bundle",
         formatter_class=_Formatter,
         description="Exports encoder.onnx and decoder.onnx, checks them with onnx.checker, "
-        "verifies them against PyTorch (shape grid and greedy tokens on the test split), "
-        "measures test metrics through onnxruntime and writes the bundle with its manifest. "
+        "verifies them through the service's runtime and engine against PyTorch (shape grid and "
+        "greedy tokens on the test split), measures test metrics the same way and writes the "
+        "bundle with its manifest. "
         "Nothing is written to --out unless everything passes.",
     )
     p.add_argument("--run", default="runs/default", help="run directory")
@@ -548,8 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="re-verify a bundle against its run's PyTorch checkpoint",
         formatter_class=_Formatter,
-        description="Checks the bundle's manifest and checksums, then compares onnxruntime "
-        "with PyTorch on the shape grid and greedy tokens on the test split. Exit 1 on failure.",
+        description="Checks the bundle's manifest and checksums, then compares the service's "
+        "runtime with PyTorch on the shape grid and greedy tokens on the test split. Exit 1 on "
+        "failure.",
     )
     p.add_argument("--bundle", default="models/default", help="bundle directory")
     p.add_argument("--run", default="runs/default", help="run directory with the checkpoint")
@@ -567,6 +589,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
     p.add_argument("--force", action="store_true", help="replace an existing directory")
     p.set_defaults(func=cmd_ct2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+
+    parser = argparse.ArgumentParser(
+        prog="python -m export", description=__doc__, formatter_class=_Formatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "train",
+        help="train a model (built-in number corpus or your own)",
+        formatter_class=_Formatter,
+        description="Trains a Transformer in a run directory, then evaluates the best "
+        "checkpoint on the test split. Without --train it uses the built-in corpus: English "
+        "number words → number words of --lang.",
+    )
+    p.add_argument("--run", default="runs/default", help="run directory to create (or resume)")
+    p.add_argument("--resume", action="store_true", help="continue the run from checkpoint_last.pt")
+    p.add_argument("--force", action="store_true", help="delete an existing run directory first")
+    _corpus_args(p)
+    _model_args(p)
+    _training_args(p)
+    p.set_defaults(func=cmd_train)
+    _checkpoint_commands(sub)
     return parser
 
 
