@@ -20,6 +20,7 @@ import onnx
 import onnxruntime
 import torch
 
+from export.data import Pair
 from export.model import Transformer
 from export.onnx_export import OPSET, export_all
 from export.rundir import load_run, load_split
@@ -104,15 +105,8 @@ def _write_core(work: Path, core: dict[str, Any]) -> Bundle:
     return load_bundle(work)
 
 
-def export_bundle(
-    run_dir: Path,
-    out: Path,
-    checkpoint: Path,
-    int8: bool = False,
-    force: bool = False,
-    opset: int = OPSET,
-) -> dict[str, Any]:
-    # 1. validate everything before any work
+def _check_inputs(run_dir: Path, out: Path, checkpoint: Path, force: bool, opset: int) -> None:
+    """Every problem with the export's inputs at once, before any work."""
     problems = []
     if opset < 17:
         problems.append(f"opset {opset} is older than 17")
@@ -123,6 +117,85 @@ def export_bundle(
         problems.append(f"{out} exists; --force to replace it")
     if problems:
         raise ExportError("cannot export:\n  - " + "\n  - ".join(problems))
+
+
+def _export_graphs(model: Transformer, work: Path, opset: int) -> None:
+    t = time.monotonic()
+    export_all(model, work, opset)
+    for part, name in GRAPH_FILES["fp32"].items():
+        # full_check runs ONNX shape inference, which has no schema for onnxruntime's
+        # contrib operator in decoder_kv.onnx
+        onnx.checker.check_model(str(work / name), full_check=part != "decoder_kv")
+    log.info("exported and checked the graphs in %.1fs", time.monotonic() - t)
+
+
+def _quantize_graphs(work: Path) -> None:
+    for part in GRAPH_FILES["int8"]:
+        quantize_int8(work / GRAPH_FILES["fp32"][part], work / GRAPH_FILES["int8"][part])
+        onnx.checker.check_model(
+            str(work / GRAPH_FILES["int8"][part]), full_check=part != "decoder_kv"
+        )
+
+
+def _verified(
+    model: Transformer,
+    bundle: Bundle,
+    tok: Tokenizer,
+    pairs: list[Pair],
+    limits: Limits,
+    work: Path,
+    out: Path,
+) -> dict[str, Any]:
+    """The verification record; when it fails, the graphs and the report are moved to
+    <out>.failed and ExportError says so."""
+    t = time.monotonic()
+    verification = verify_fp32(model, bundle, tok, pairs, limits)
+    verification["seconds"] = round(time.monotonic() - t, 1)
+    log.info(
+        "verification: max |Δ logits| %.2e, identical greedy tokens on %.2f%% of %d",
+        verification["max_abs_logit_diff"],
+        100 * verification["greedy_identical_share"],
+        verification["sentences"],
+    )
+    if not verification["passed"]:
+        kept = out.parent / f"{out.name}.failed"
+        shutil.rmtree(kept, ignore_errors=True)
+        work.rename(kept)
+        (kept / "verification.json").write_text(json.dumps(verification, indent=2))
+        raise ExportError(
+            f"verification failed (max |Δ logits| {verification['max_abs_logit_diff']:.2e}, "
+            f"identical greedy share {verification['greedy_identical_share']:.4f}); "
+            f"graphs and report left in {kept}"
+        )
+    return verification
+
+
+def _export_record(checkpoint: Path, int8: bool) -> dict[str, Any]:
+    """The manifest's ``export``: the checkpoint and the libraries that made the bundle."""
+    return {
+        "checkpoint": checkpoint.name,
+        "checkpoint_sha256": sha256_file(checkpoint),
+        "exporter": "torch.onnx (TorchScript-based)",
+        "int8": int8,
+        "quantization": "onnxruntime dynamic, QInt8 weights, MatMul" if int8 else None,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def export_bundle(
+    run_dir: Path,
+    out: Path,
+    checkpoint: Path,
+    int8: bool = False,
+    force: bool = False,
+    opset: int = OPSET,
+) -> dict[str, Any]:
+    # 1. validate everything before any work
+    _check_inputs(run_dir, out, checkpoint, force, opset)
     run = load_run(run_dir)
     model, state = model_from_checkpoint(checkpoint)
     tok = Tokenizer(run_dir / TOKENIZER_FILE)
@@ -137,13 +210,7 @@ def export_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        t = time.monotonic()
-        export_all(model, work, opset)
-        for part, name in GRAPH_FILES["fp32"].items():
-            # full_check runs ONNX shape inference, which has no schema for onnxruntime's
-            # contrib operator in decoder_kv.onnx
-            onnx.checker.check_model(str(work / name), full_check=part != "decoder_kv")
-        log.info("exported and checked the graphs in %.1fs", time.monotonic() - t)
+        _export_graphs(model, work, opset)
         shutil.copyfile(run_dir / TOKENIZER_FILE, work / TOKENIZER_FILE)
 
         # 3. verify against PyTorch, through the service's own decode code (service.runtime
@@ -151,34 +218,12 @@ def export_bundle(
         graphs = {"fp32": dict(GRAPH_FILES["fp32"])}
         core = _core_manifest(model, tok, limits, opset, graphs)
         bundle = _write_core(work, core)
-        t = time.monotonic()
-        verification = verify_fp32(model, bundle, tok, pairs, limits)
-        verification["seconds"] = round(time.monotonic() - t, 1)
-        log.info(
-            "verification: max |Δ logits| %.2e, identical greedy tokens on %.2f%% of %d",
-            verification["max_abs_logit_diff"],
-            100 * verification["greedy_identical_share"],
-            verification["sentences"],
-        )
-        if not verification["passed"]:
-            kept = out.parent / f"{out.name}.failed"
-            shutil.rmtree(kept, ignore_errors=True)
-            work.rename(kept)
-            (kept / "verification.json").write_text(json.dumps(verification, indent=2))
-            raise ExportError(
-                f"verification failed (max |Δ logits| {verification['max_abs_logit_diff']:.2e}, "
-                f"identical greedy share {verification['greedy_identical_share']:.4f}); "
-                f"graphs and report left in {kept}"
-            )
+        verification = _verified(model, bundle, tok, pairs, limits, work, out)
 
         # 4. measure what will be served (the engine with the service's default settings)
         metrics = {"fp32": served_metrics(served(bundle), tok, pairs, limits, run["bleu_tokenize"])}
         if int8:
-            for part in GRAPH_FILES["int8"]:
-                quantize_int8(work / GRAPH_FILES["fp32"][part], work / GRAPH_FILES["int8"][part])
-                onnx.checker.check_model(
-                    str(work / GRAPH_FILES["int8"][part]), full_check=part != "decoder_kv"
-                )
+            _quantize_graphs(work)
             graphs["int8"] = dict(GRAPH_FILES["int8"])
             bundle = _write_core(work, core)
             metrics["int8"] = served_metrics(
@@ -201,18 +246,7 @@ def export_bundle(
             },
             "metrics": metrics,
             "verification": verification,
-            "export": {
-                "checkpoint": checkpoint.name,
-                "checkpoint_sha256": sha256_file(checkpoint),
-                "exporter": "torch.onnx (TorchScript-based)",
-                "int8": int8,
-                "quantization": "onnxruntime dynamic, QInt8 weights, MatMul" if int8 else None,
-                "torch": torch.__version__,
-                "onnx": onnx.__version__,
-                "onnxruntime": onnxruntime.__version__,
-                "numpy": np.__version__,
-                "python": platform.python_version(),
-            },
+            "export": _export_record(checkpoint, int8),
         }
         write_manifest(work, manifest)
         load_bundle(work)  # what the service will check

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -128,6 +129,29 @@ def test_export_refuses_to_overwrite(tiny_run: Path, tiny_bundle: Path) -> None:
     before = (tiny_bundle / "manifest.json").read_bytes()
     assert main(["export", "--run", str(tiny_run), "--out", str(tiny_bundle)]) == 1
     assert (tiny_bundle / "manifest.json").read_bytes() == before
+
+
+def test_a_failed_verification_writes_no_bundle(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A runtime that feeds the decoder's cross keys in the wrong order (a bug in the served
+    code): the export fails, nothing is written to --out, and the graphs and the report are
+    left in <out>.failed."""
+    from service.runtime import Runtime
+
+    init = Runtime.__init__
+
+    def swapped(self: Runtime, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.cross_names = self.cross_names[::-1]
+
+    monkeypatch.setattr(Runtime, "__init__", swapped)
+    out = tmp_path / "bundle"
+    assert main(["export", "--run", str(tiny_run), "--out", str(out)]) == 1
+    assert not out.exists()
+    report = json.loads((tmp_path / "bundle.failed" / "verification.json").read_text())
+    assert not report["passed"] and report["max_abs_logit_diff"] > 1e-2
+    assert (tmp_path / "bundle.failed" / "decoder.onnx").is_file()
 
 
 def test_evaluate_writes_metrics_and_samples(tiny_run: Path, tmp_path: Path) -> None:
