@@ -483,6 +483,13 @@ def add_translate_args(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="sentences per request (default: 32); long inputs are sent in chunks",
     )
+    _option_args(parser)
+    _connection_args(parser)
+    _output_args(parser)
+
+
+def _option_args(parser: argparse.ArgumentParser) -> None:
+    """translate: what each result carries."""
     parser.add_argument(
         "--max-output-tokens",
         type=_non_negative_int,
@@ -512,6 +519,10 @@ def add_translate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--alignment", action="store_true", help="return the hard alignment (Pharaoh i-j pairs)"
     )
+
+
+def _connection_args(parser: argparse.ArgumentParser) -> None:
+    """translate: deadline, TLS and token."""
     parser.add_argument(
         "--timeout",
         type=float,
@@ -531,6 +542,10 @@ def add_translate_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"bearer token (default: ${TOKEN_ENV}; prefer the variable, argv is visible in ps)",
     )
+
+
+def _output_args(parser: argparse.ArgumentParser) -> None:
+    """translate: how the results are shown."""
     parser.add_argument(
         "--stream",
         action="store_true",
@@ -643,6 +658,41 @@ def _report_rpc_error(err: grpc.RpcError, target: str) -> None:
         print("hint: " + _HINTS[code].format(target=target), file=sys.stderr)
 
 
+def _print_translations(
+    client: TranslatorClient,
+    sentences: Iterable[str],
+    options: dict[str, Any],
+    args: argparse.Namespace,
+) -> tuple[str, pb.TranslationResult] | None:
+    """Translates in calls of --batch sentences, printing one line (or JSON object) per
+    sentence or per call; returns the first sentence and its result (for --attention-png)."""
+    first: tuple[str, pb.TranslationResult] | None = None
+    offset = 0
+    for chunk in _chunks(sentences, args.batch):
+        if args.stream:
+            for result in client.translate_stream(chunk, **options):
+                index = offset + result.index
+                if index == 0:
+                    first = (chunk[0], result)
+                if args.json:
+                    line = json.dumps({**_to_dict(result), "index": index}, ensure_ascii=False)
+                else:
+                    line = f"{index}\t{_text_line(result, args)}"
+                print(line, flush=True)
+        else:
+            response = client.translate(chunk, **options)
+            if offset == 0 and response.results:
+                first = (chunk[0], response.results[0])
+            if args.json:
+                print(json.dumps(_to_dict(response), ensure_ascii=False), flush=True)
+            else:
+                for result in response.results:
+                    print(_text_line(result, args))
+                sys.stdout.flush()
+        offset += len(chunk)
+    return first
+
+
 def run_translate(args: argparse.Namespace) -> int:
     """Runs `translate`: 0 on success, 1 when a call fails, 2 for bad usage or input."""
     target: str = args.target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
@@ -688,32 +738,7 @@ def run_translate(args: argparse.Namespace) -> int:
                 "scores": args.scores,
                 "alignment": args.alignment,
             }
-            first: tuple[str, pb.TranslationResult] | None = None
-            offset = 0
-            for chunk in _chunks(sentences, args.batch):
-                if args.stream:
-                    for result in client.translate_stream(chunk, **options):
-                        index = offset + result.index
-                        if index == 0:
-                            first = (chunk[0], result)
-                        if args.json:
-                            line = json.dumps(
-                                {**_to_dict(result), "index": index}, ensure_ascii=False
-                            )
-                        else:
-                            line = f"{index}\t{_text_line(result, args)}"
-                        print(line, flush=True)
-                else:
-                    response = client.translate(chunk, **options)
-                    if offset == 0 and response.results:
-                        first = (chunk[0], response.results[0])
-                    if args.json:
-                        print(json.dumps(_to_dict(response), ensure_ascii=False), flush=True)
-                    else:
-                        for result in response.results:
-                            print(_text_line(result, args))
-                        sys.stdout.flush()
-                offset += len(chunk)
+            first = _print_translations(client, sentences, options, args)
         except _UsageError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
