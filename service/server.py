@@ -112,6 +112,20 @@ class ServerConfig:
         if problems:
             raise ValueError("; ".join(problems))
 
+    def runtime_config(self) -> RuntimeConfig:
+        """The onnxruntime settings among these (the rest follow from provider and bundle)."""
+        return RuntimeConfig(self.provider, self.precision, self.threads)
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(
+            max_queue_tokens=self.max_queue_tokens,
+            max_call_tokens=self.max_call_tokens,
+            max_batch_rows=self.max_batch_rows,
+            max_batch_tokens=self.max_batch_tokens,
+            max_wait_ms=self.max_wait_ms,
+            lanes=self.lanes,
+        )
+
 
 _INT32 = 2**31 - 1
 _RANGES: dict[str, tuple[float, float]] = {  # setting: (lowest, highest)
@@ -591,19 +605,8 @@ class Server:
         bundle = load_bundle(cfg.bundle)
         tr = Translator(
             bundle,
-            RuntimeConfig(
-                cfg.provider,
-                cfg.precision,
-                cfg.threads,
-            ),
-            SchedulerConfig(
-                max_queue_tokens=cfg.max_queue_tokens,
-                max_call_tokens=cfg.max_call_tokens,
-                max_batch_rows=cfg.max_batch_rows,
-                max_batch_tokens=cfg.max_batch_tokens,
-                max_wait_ms=cfg.max_wait_ms,
-                lanes=cfg.lanes,
-            ),
+            cfg.runtime_config(),
+            cfg.scheduler_config(),
             cfg.max_sentences,
             self.metrics,
             cfg.max_message_bytes,
