@@ -140,6 +140,18 @@ class Translator:
                     "per request",
                 )
             )
+        problems += self._option_problems(opts)
+        encoded: list[list[int]] = []
+        if len(sentences) <= self.max_sentences:
+            encoded = self._encode_all(sentences, problems)
+        if not problems:
+            problems += self._check_size(encoded, opts, streaming)
+        if problems:
+            raise InvalidRequest(problems)
+        return encoded
+
+    def _option_problems(self, opts: RequestOptions) -> list[tuple[str, str]]:
+        problems = []
         lim = self.limits
         if not 0 <= opts.max_output_tokens <= lim.max_target_tokens:
             problems.append(
@@ -161,34 +173,35 @@ class Translator:
                     f"decoder layers (0..{self.n_layers - 1}, or -{self.n_layers}..-1)",
                 )
             )
+        return problems
+
+    def _encode_all(self, sentences: list[str], problems: list[tuple[str, str]]) -> list[list[int]]:
+        """Every sentence's token ids; those over the source limit are added to problems (a
+        sentence too long in characters is refused before tokenizing: no stall)."""
+        lim = self.limits
         encoded: list[list[int]] = []
-        if len(sentences) <= self.max_sentences:
-            for i, s in enumerate(sentences):
-                if len(s) > self.max_sentence_chars:  # refused before tokenizing: no stall
-                    problems.append(
-                        (
-                            f"sentences[{i}]",
-                            f"sentence {i} has {len(s)} characters, more than "
-                            f"{lim.max_source_tokens} tokens of at most {self.max_piece_chars} "
-                            f"characters each can hold: over the source limit of "
-                            f"{lim.max_source_tokens} tokens",
-                        )
+        for i, s in enumerate(sentences):
+            if len(s) > self.max_sentence_chars:
+                problems.append(
+                    (
+                        f"sentences[{i}]",
+                        f"sentence {i} has {len(s)} characters, more than "
+                        f"{lim.max_source_tokens} tokens of at most {self.max_piece_chars} "
+                        f"characters each can hold: over the source limit of "
+                        f"{lim.max_source_tokens} tokens",
                     )
-                    continue
-                ids = self.encode(s)
-                if len(ids) > lim.max_source_tokens:
-                    problems.append(
-                        (
-                            f"sentences[{i}]",
-                            f"sentence {i} has {len(ids)} tokens, over the source limit of "
-                            f"{lim.max_source_tokens} tokens",
-                        )
+                )
+                continue
+            ids = self.encode(s)
+            if len(ids) > lim.max_source_tokens:
+                problems.append(
+                    (
+                        f"sentences[{i}]",
+                        f"sentence {i} has {len(ids)} tokens, over the source limit of "
+                        f"{lim.max_source_tokens} tokens",
                     )
-                encoded.append(ids)
-        if not problems:
-            problems += self._check_size(encoded, opts, streaming)
-        if problems:
-            raise InvalidRequest(problems)
+                )
+            encoded.append(ids)
         return encoded
 
     @staticmethod
