@@ -276,6 +276,60 @@ def _better(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
     return (a["exact_match"], a["chrf"]) >= (b["exact_match"], b["chrf"])
 
 
+def _resume(
+    path: Path,
+    device: torch.device,
+    model_cfg: ModelConfig,
+    model: Transformer,
+    opt: torch.optim.Optimizer,
+) -> dict[str, Any]:
+    """Loads the last checkpoint into model, optimizer and torch's RNG; returns its state."""
+    state = load_checkpoint(path, device)
+    if state["model_config"] != model_cfg.to_dict():
+        raise ValueError(f"{path}: model config differs from the one asked for")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return state
+
+
+def _streak(history: Sequence[dict[str, Any]], cfg: TrainConfig) -> int:
+    """Evaluations in a row, the latest ones, at or above the target (0 without a target)."""
+    n = 0
+    for rec in reversed(history):
+        if not cfg.target_exact_match or rec["exact_match"] < cfg.target_exact_match:
+            break
+        n += 1
+    return n
+
+
+def _optimise(
+    model: Transformer,
+    opt: torch.optim.Optimizer,
+    batch: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
+    lr: float,
+    cfg: TrainConfig,
+) -> tuple[Tensor, int]:
+    """One optimiser step on a collated batch at learning rate lr: the loss, and the source
+    and target tokens it saw."""
+    model.train()
+    src, src_mask, tgt_in, tgt_mask, tgt_out = batch
+    logits, _ = model(src, src_mask, tgt_in, tgt_mask)  # (B, T, V)
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)),
+        tgt_out.reshape(-1),
+        ignore_index=model.cfg.pad_id,
+        label_smoothing=cfg.label_smoothing,
+    )
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+    opt.step()
+    return loss, int(tgt_mask.sum()) + int(src_mask.sum())
+
+
 def train(
     run_dir: Path,
     model_cfg: ModelConfig,
@@ -307,14 +361,9 @@ def train(
     history: list[dict[str, Any]] = []
     last_path, best_path = run_dir / CHECKPOINT_LAST, run_dir / CHECKPOINT_BEST
     if resume:
-        state = load_checkpoint(last_path, device)
-        if state["model_config"] != model_cfg.to_dict():
-            raise ValueError(f"{last_path}: model config differs from the one asked for")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        state = _resume(last_path, device, model_cfg, model, opt)
         step, epoch, batch_pos = state["step"], state["epoch"], state["batch_pos"]
         elapsed_before, best, history = state["elapsed_s"], state["best"], state["history"]
-        torch.set_rng_state(state["torch_rng"])
         log(f"resumed from {last_path} at step {step} (epoch {epoch}, {elapsed_before:.0f}s)")
 
     def batches_of(ep: int) -> list[list[int]]:
@@ -332,11 +381,7 @@ def train(
     )
     tokens_seen, window_t = 0, time.monotonic()
     stop_reason = ""
-    at_target = 0  # consecutive evaluations at or above the target
-    for rec in reversed(history):  # after a resume, carry on counting
-        if not cfg.target_exact_match or rec["exact_match"] < cfg.target_exact_match:
-            break
-        at_target += 1
+    at_target = _streak(history, cfg)  # evaluations in a row at or above the target
 
     def checkpoint_state() -> dict[str, Any]:
         return {
@@ -361,24 +406,10 @@ def train(
             epoch_batches = batches_of(epoch)
         idx = epoch_batches[batch_pos]
         batch_pos += 1
-        model.train()
-        src, src_mask, tgt_in, tgt_mask, tgt_out = collate(data, idx, model_cfg, device)
-        logits, _ = model(src, src_mask, tgt_in, tgt_mask)  # (B, T, V)
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)),
-            tgt_out.reshape(-1),
-            ignore_index=model_cfg.pad_id,
-            label_smoothing=cfg.label_smoothing,
-        )
         step += 1
         lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-        opt.step()
-        tokens_seen += int(tgt_mask.sum()) + int(src_mask.sum())
+        loss, tokens = _optimise(model, opt, collate(data, idx, model_cfg, device), lr, cfg)
+        tokens_seen += tokens
         elapsed = time.monotonic() - t0
         bar.update(1)
         if step % 10 == 0:
