@@ -39,7 +39,7 @@ from service.scheduler import (
     ShuttingDown,
 )
 from service.security import TokenAuth, load_tokens, server_credentials
-from service.streaming import ResultBuffer, stream, window_bytes
+from service.streaming import ResultBuffer, on_loop, stream, window_bytes
 from service.translator import (
     MAX_REQUEST_ID,
     RequestOptions,
@@ -88,7 +88,7 @@ class ServerConfig:
     max_wait_ms: float = 5.0
     max_sentences: int = 256
     max_message_bytes: int = 4 * 1024 * 1024
-    result_buffer_bytes: int = 256 * 1024 * 1024  # stream results not yet read, server-wide
+    result_buffer_bytes: int = 256 * 1024 * 1024  # results not yet received, all calls
     drain_delay_s: float = 5.0  # after SIGTERM: NOT_SERVING but still serving, this long
     grace_s: float = 20.0
     tls_cert: str = ""  # PEM certificate (chain) of the server: enables TLS
@@ -249,7 +249,7 @@ def _all_done(
             left[0] -= 1
             last = left[0] == 0
         if last or f.cancelled() or f.exception() is not None:
-            _on_loop(loop, wake)
+            on_loop(loop, wake)
 
     if timeout is not None:
         timer = loop.call_later(timeout, _expire, done)
@@ -262,13 +262,6 @@ def _all_done(
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(DeadlineExceeded("deadline passed before the translation finished"))
-
-
-def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: object) -> None:
-    """Runs fn on the event loop, from a decode thread; a loop that has closed (the server
-    stopped) has nobody left to tell."""
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(fn, *args)
 
 
 def _gone(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
@@ -447,10 +440,10 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                 except Exception as gone:  # the call ended under the write (cancel, deadline)
                     raise asyncio.CancelledError() from gone
 
-            total = self.results.total
-            window = window_bytes([self.tr.result_bytes(j, opts) for j in jobs], total)
+            bounds = [self.tr.result_bytes(j, opts) for j in jobs]
+            window = window_bytes(bounds, self.results.total)
             self.results.hold(window, context, stream=True)
-            return await stream(self.tr, jobs, opts, total, self._patience(context), write)
+            return await stream(self.tr, jobs, bounds, window, self._patience(context), write)
 
         await self._call("TranslateStream", context, rid, body)
 
@@ -622,7 +615,7 @@ class Server:
     def _fatal_from_thread(self, error: BaseException) -> None:
         """A decode lane died (called from its thread): stop serving and exit non-zero."""
         if self._loop is not None:
-            _on_loop(self._loop, self.fatal, error)
+            on_loop(self._loop, self.fatal, error)
 
     def fatal(self, error: BaseException) -> None:
         log.critical("cannot go on serving (%s): draining, then exiting with code 1", error)

@@ -17,7 +17,7 @@ from typing import Any
 
 from service.engine import SentenceJob, SentenceResult
 from service.scheduler import DeadlineExceeded, QueueFull, Ticket
-from service.translator import RequestOptions, Translator
+from service.translator import Translator
 
 WINDOW_BYTES = 16 * 1024 * 1024  # one stream's results in flight, at most (or its largest one)
 
@@ -95,25 +95,30 @@ def window_bytes(bounds: list[int], total: int) -> int:
     return min(sum(bounds), max(WINDOW_BYTES, max(bounds)), total // 4)
 
 
+def on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: object) -> None:
+    """Runs fn on the event loop, from a decode thread; a loop that has closed (the server
+    stopped) has nobody left to tell."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)
+
+
 def _arrived(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[int], i: int, _: object) -> None:
-    with contextlib.suppress(RuntimeError):  # the loop closed: the server stopped
-        loop.call_soon_threadsafe(queue.put_nowait, i)
+    on_loop(loop, queue.put_nowait, i)
 
 
 async def stream(
     tr: Translator,
     jobs: list[SentenceJob],
-    opts: RequestOptions,
-    total: int,
+    bounds: list[int],
+    window: int,
     patience: float | None,
     write: Callable[[int, SentenceResult], Awaitable[None]],
 ) -> int:
     """Decodes the jobs and writes each result as it finishes, keeping at most a window of
     results in flight: the next sentences are queued as earlier results are written. On any
-    failure, or when the call goes away, the unfinished sentences are dropped. The caller has
-    reserved the window (``window_bytes``) in the result buffer."""
-    bounds = [tr.result_bytes(j, opts) for j in jobs]
-    window = window_bytes(bounds, total)
+    failure, or when the call goes away, the unfinished sentences are dropped. bounds: each
+    result's worst-case size; the caller has reserved the window (``window_bytes``) in the
+    result buffer."""
     loop = asyncio.get_running_loop()
     arrived: asyncio.Queue[int] = asyncio.Queue()
     futures: dict[int, Future[SentenceResult]] = {}
