@@ -16,71 +16,31 @@ import json
 import logging
 import os
 import sys
-from dataclasses import fields
-from typing import Any
 
 from service.bundle import BundleError, load_bundle
 from service.logs import setup_logging
-from service.server import Server, ServerConfig
+from service.server import SETTINGS, Server, ServerConfig
+from service.settings import env_name, flag, flags_of
 
 log = logging.getLogger("nmtserve")
 
-SERVE_HELP = {
-    "bundle": "model bundle directory (required)",
-    "host": "address to listen on (0.0.0.0 in a container)",
-    "port": "gRPC port (0: pick a free one, logged)",
-    "metrics_port": "Prometheus /metrics HTTP port (0: off)",
-    "metrics_host": "address of the metrics endpoint",
-    "provider": "execution provider: cpu, cuda, or auto (CUDA where onnxruntime-gpu sees a GPU)",
-    "precision": "graphs to serve: fp32, or int8 if the bundle has them",
-    "threads": "onnxruntime intra-op threads of each decode lane (0: the cores this process "
-    "may use, shared out among the lanes)",
-    "lanes": "batches decoded in parallel, each by its own thread (0: auto, one per usable "
-    "core up to 4 on CPU, one on CUDA)",
-    "max_queue_tokens": "source tokens of the sentences waiting, at most; a call that does not "
-    "fit gets RESOURCE_EXHAUSTED at once",
-    "max_call_tokens": "source tokens of one call, at most (INVALID_ARGUMENT above), so that no "
-    "single call can fill the queue",
-    "max_batch_rows": "rows decoded together at most",
-    "max_batch_tokens": "source tokens in the decoding batch at most",
-    "max_wait_ms": "how long an idle server waits for more sentences to fill a batch",
-    "max_sentences": "sentences per request at most",
-    "max_message_bytes": "largest gRPC message received or sent",
-    "result_buffer_bytes": "bytes of results not yet received by their clients, all calls "
-    "together, counted at their worst-case size from the moment a call is accepted until it ends "
-    "(a stream reserves a window of up to 16 MiB); a call that does not fit gets "
-    "RESOURCE_EXHAUSTED at once",
-    "drain_delay_s": "after SIGTERM: seconds of NOT_SERVING while still serving, so that load "
-    "balancers and health-checking clients move away before new calls are refused",
-    "grace_s": "seconds accepted calls get to finish once new calls are refused (after the drain "
-    "delay)",
-    "tls_cert": "server certificate (PEM); with --tls-key enables TLS",
-    "tls_key": "server private key (PEM)",
-    "tls_client_ca": "CA certificate (PEM) that client certificates must chain to: mutual TLS",
-    "auth_tokens_file": "file of bearer tokens, one per line; every RPC but health needs one",
-    "auth_tokens": "comma-separated bearer tokens (prefer the env variable or a file)",
-}
-
-
-# Settings whose values are secrets: their environment value is read after parsing, so that it
-# never shows in --help as a default.
-SECRET = frozenset({"auth_tokens"})
-
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    for f in fields(ServerConfig):
-        env = f"NMTSERVE_{f.name.upper()}"
-        flag = "--" + f.name.replace("_", "-")
-        default = os.environ.get(env, None if f.name == "bundle" else f.default)
-        if f.name in SECRET:
-            default = None
-        kind = type(f.default) if f.name != "bundle" else str
-        kwargs: dict[str, Any] = {"default": default, "help": f"{SERVE_HELP[f.name]} [{env}]"}
-        if f.name == "provider":
-            kwargs["choices"] = ["cpu", "cuda", "auto"]
-        if f.name == "precision":
-            kwargs["choices"] = ["fp32", "int8"]
-        p.add_argument(flag, type=kind, required=f.name == "bundle" and default is None, **kwargs)
+    """One flag per setting of the server, runtime and scheduler configs, its default from the
+    environment (NMTSERVE_<NAME>) or the config class (secrets: never shown as a default)."""
+    for cls in SETTINGS:
+        for f in flags_of(cls):
+            env = env_name(f.name)
+            secret, required = f.metadata["secret"], f.name == "bundle"
+            default = None if secret else os.environ.get(env, None if required else f.default)
+            p.add_argument(
+                flag(f.name),
+                type=type(f.default),
+                default=default,
+                required=required and default is None,
+                choices=f.metadata["choices"] or None,
+                help=f"{f.metadata['help']} [{env}]",
+            )
     p.add_argument(
         "--log-format",
         choices=["text", "json"],
@@ -94,18 +54,23 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def serve_config(args: argparse.Namespace) -> ServerConfig:
+    """The config the flags give (secrets not given as flags come from the environment)."""
+    values = {}
+    for f in (f for cls in SETTINGS for f in flags_of(cls)):
+        value = getattr(args, f.name)
+        values[f.name] = os.environ.get(env_name(f.name), "") if value is None else value
+    return ServerConfig.from_settings(**values)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_format, args.log_level)
     # The decode thread needs the GIL briefly between onnxruntime calls while the event loop
     # holds it for gRPC work; the default 5 ms hand-over interval stalled decoder steps
     # (measured: +17% calls/s at concurrency 64 with 1 ms, benchmarks/service_throughput.py).
     sys.setswitchinterval(0.001)
-    values = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}
-    for name in SECRET:
-        if values[name] is None:
-            values[name] = os.environ.get(f"NMTSERVE_{name.upper()}", "")
     try:
-        cfg = ServerConfig(**values)
+        cfg = serve_config(args)
     except ValueError as e:
         log.error("cannot start: %s", e)
         return 2

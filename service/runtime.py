@@ -6,7 +6,7 @@ and intra-op threads default to the cores this process may really use (CPU affin
 cgroup quota, not the host's count), shared out among the scheduler's decode lanes
 (``plan_lanes``), which run the same sessions concurrently.
 
-IO binding (on by default with CUDA, ``--io-binding``): the decoder's present key/value outputs
+IO binding (``RuntimeConfig.io_binding``, on with CUDA): the decoder's present key/value outputs
 are bound to device memory and fed back as the next step's past inputs without a trip through
 host memory, and the cross-attention keys/values are copied to the device once and reused
 every step. Only the logits and the (small) cross-attention weights come back to the host each
@@ -15,7 +15,7 @@ arrays; ``to_host`` turns them back when the batch's membership changes (onnxrun
 API has no device-side gather or scatter), after which they go back to the device at the next
 step. On CPU the same code path runs against host memory, which is how the tests exercise it.
 
-In-place KV cache (``--kv-cache``, ``inplace`` by default on CPU when the bundle carries
+In-place KV cache (``RuntimeConfig.kv_cache``, used on CPU when the bundle carries
 ``decoder_kv.onnx``): every cache is one preallocated host buffer (capacity rows, H, M, Dh),
 row b holding its own history at positions 0..position-1; the buffer is bound as both the past
 input and the present output of onnxruntime's GroupQueryAttention, which writes the new
@@ -23,7 +23,7 @@ key/value in place. A step then costs the same whatever the ages of the rows it 
 of copying every row's whole history (left-padded to the oldest row) into a new present tensor.
 CUDA keeps the ``decoder.onnx`` path: onnxruntime implements that operator for fp16 only there.
 
-Packed encoding (``--encoder-packing``, ``auto`` by default when the bundle carries
+Packed encoding (``RuntimeConfig.packing``, ``auto`` where the bundle carries
 ``encoder_packed.onnx``): a group of sentences is encoded as one row of their real tokens end to
 end, each token attending within its own sentence, instead of a batch padded to the longest.
 ``service.engine`` picks the cheaper layout for every encoder run (``auto``) or always packs
@@ -43,6 +43,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.bundle import Bundle, BundleError, graph_io
+from service.settings import check, setting
 
 log = logging.getLogger("nmtserve.runtime")
 
@@ -93,26 +94,31 @@ def _cgroup_quota() -> int | None:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    provider: str = "auto"  # cpu | cuda | auto
-    precision: str = "fp32"  # fp32 | int8 (the bundle must carry it)
-    threads: int = 0  # intra-op threads; 0: usable_cores()
+    provider: str = setting(
+        "auto",
+        "execution provider: cpu, cuda, or auto (CUDA where onnxruntime-gpu sees a GPU)",
+        choices=("cpu", "cuda", "auto"),
+    )
+    precision: str = setting(
+        "fp32", "graphs to serve: fp32, or int8 if the bundle has them", choices=("fp32", "int8")
+    )
+    threads: int = setting(
+        0,
+        "onnxruntime intra-op threads of each decode lane (0: the cores this process may use, "
+        "shared out among the lanes)",
+        0,
+        1024,
+    )
+    # Internal settings (no flags: the right value follows from the provider and the bundle;
+    # tests and benchmarks set them to compare or to force a path).
     spin: bool = False  # let idle onnxruntime threads spin (faster offline, worse when serving)
     arena: bool = False  # onnxruntime's CPU memory arena (keeps a high-water mark per shape mix)
-    io_binding: str = "auto"  # on | off | auto (on where the provider is CUDA)
-    kv_cache: str = "auto"  # inplace | concat | auto (inplace on CPU with decoder_kv.onnx)
-    packing: str = "auto"  # auto | always | off: encoder_packed.onnx (see the module docstring)
+    io_binding: str = setting("auto", choices=("on", "off", "auto"))  # auto: on with CUDA
+    kv_cache: str = setting("auto", choices=("inplace", "concat", "auto"))  # see the docstring
+    packing: str = setting("auto", choices=("auto", "always", "off"))  # see the docstring
 
     def __post_init__(self) -> None:
-        if self.packing not in ("auto", "always", "off"):
-            raise ValueError(f"packing must be auto, always or off, not {self.packing!r}")
-        if self.kv_cache not in ("inplace", "concat", "auto"):
-            raise ValueError(f"kv_cache must be inplace, concat or auto, not {self.kv_cache!r}")
-        if self.provider not in ("cpu", "cuda", "auto"):
-            raise ValueError(f"provider must be cpu, cuda or auto, not {self.provider!r}")
-        if self.io_binding not in ("on", "off", "auto"):
-            raise ValueError(f"io_binding must be on, off or auto, not {self.io_binding!r}")
-        if self.threads < 0:
-            raise ValueError("threads must be ≥ 0")
+        check(self)
 
 
 MAX_AUTO_LANES = 4

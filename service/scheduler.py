@@ -47,6 +47,7 @@ from service.engine import (
     StepStats,
 )
 from service.runtime import Runtime
+from service.settings import INT32, check, setting
 
 log = logging.getLogger("nmtserve.scheduler")
 
@@ -73,24 +74,36 @@ class DecoderFailed(ShuttingDown):
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_queue_tokens: int = 16384  # source tokens of the sentences waiting, at most
-    max_call_tokens: int = 4096  # source tokens of one call, at most
-    max_batch_rows: int = 64  # rows decoded together, at most
-    max_batch_tokens: int = 8192  # source tokens in the running batch, at most
-    max_wait_ms: float = 5.0  # how long an idle scheduler waits to fill a first batch
-    lanes: int = 1  # batches decoded in parallel, each in its own thread (0: see plan_lanes)
+    max_queue_tokens: int = setting(
+        16384,
+        "source tokens of the sentences waiting, at most; a call that does not fit gets "
+        "RESOURCE_EXHAUSTED at once",
+        1,
+        INT32,
+    )
+    max_call_tokens: int = setting(
+        4096,
+        "source tokens of one call, at most (INVALID_ARGUMENT above), so that no single call "
+        "can fill the queue",
+        1,
+        INT32,
+    )
+    max_batch_rows: int = setting(64, "rows decoded together at most", 1, 65536)
+    max_batch_tokens: int = setting(8192, "source tokens in the decoding batch at most", 1, INT32)
+    max_wait_ms: float = setting(
+        5.0, "how long an idle server waits for more sentences to fill a batch", 0, 10_000
+    )
+    lanes: int = setting(
+        0,
+        "batches decoded in parallel, each by its own thread (0: auto, one per usable core up "
+        "to 4 on CPU, one on CUDA)",
+        0,
+        64,
+    )
 
     def __post_init__(self) -> None:
-        if min(self.max_queue_tokens, self.max_call_tokens) < 1:
-            raise ValueError("queue limits must be positive")
-        if self.max_batch_rows < 1 or self.max_batch_tokens < 1:
-            raise ValueError("batch limits must be positive")
-        if self.max_call_tokens > self.max_queue_tokens:
-            raise ValueError("max_call_tokens must not exceed max_queue_tokens")
-        if self.lanes < 0:
-            raise ValueError("lanes must be ≥ 0")
-        if self.max_wait_ms < 0:
-            raise ValueError("max_wait_ms must be ≥ 0")
+        over = self.max_call_tokens > self.max_queue_tokens
+        check(self, "--max-call-tokens must not exceed --max-queue-tokens" if over else "")
 
 
 def settle(

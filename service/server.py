@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import os
 import signal
@@ -19,14 +18,14 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.bundle import Bundle, load_bundle
+from service.bundle import load_bundle
 from service.engine import SentenceJob, SentenceResult
 from service.errors import NotReady, ResponseTooLarge, RpcError, abort, to_rpc_error
 from service.metrics import Metrics
@@ -39,9 +38,11 @@ from service.scheduler import (
     ShuttingDown,
 )
 from service.security import TokenAuth, load_tokens, server_credentials
+from service.settings import INT32, check, setting
 from service.streaming import ResultBuffer, on_loop, stream, window_bytes
 from service.translator import (
     MAX_REQUEST_ID,
+    ModelInfo,
     RequestOptions,
     Translation,
     Translator,
@@ -72,78 +73,73 @@ def _request_id(request: pb.TranslateRequest) -> str:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    bundle: str
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int = 0  # 0: no metrics endpoint
-    metrics_host: str = "127.0.0.1"
-    provider: str = "auto"
-    precision: str = "fp32"
-    threads: int = 0
-    lanes: int = 0
-    max_queue_tokens: int = SchedulerConfig.max_queue_tokens
-    max_call_tokens: int = SchedulerConfig.max_call_tokens
-    max_batch_rows: int = 64
-    max_batch_tokens: int = 8192
-    max_wait_ms: float = 5.0
-    max_sentences: int = 256
-    max_message_bytes: int = 4 * 1024 * 1024
-    result_buffer_bytes: int = 256 * 1024 * 1024  # results not yet received, all calls
-    drain_delay_s: float = 5.0  # after SIGTERM: NOT_SERVING but still serving, this long
-    grace_s: float = 20.0
-    tls_cert: str = ""  # PEM certificate (chain) of the server: enables TLS
-    tls_key: str = ""  # its private key
-    tls_client_ca: str = ""  # CA for client certificates: enables mutual TLS
-    auth_tokens_file: str = ""  # one bearer token per line
-    auth_tokens: str = ""  # comma-separated bearer tokens (prefer the environment or a file)
+    """The server's own settings, and the runtime's and scheduler's (each in its own class)."""
+
+    bundle: str = setting("", "model bundle directory (required)")
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 in a container)")
+    port: int = setting(50051, "gRPC port (0: pick a free one, logged)", 0, 65535)
+    metrics_port: int = setting(0, "Prometheus /metrics HTTP port (0: off)", 0, 65535)
+    metrics_host: str = setting("127.0.0.1", "address of the metrics endpoint")
+    max_sentences: int = setting(256, "sentences per request at most", 1, 1_000_000)
+    max_message_bytes: int = setting(
+        4 * 1024 * 1024, "largest gRPC message received or sent", 1024, INT32
+    )
+    result_buffer_bytes: int = setting(
+        256 * 1024 * 1024,
+        "bytes of results not yet received by their clients, all calls together, counted at "
+        "their worst-case size from the moment a call is accepted until it ends (a stream "
+        "reserves a window of up to 16 MiB); a call that does not fit gets RESOURCE_EXHAUSTED "
+        "at once",
+        1024,
+        2**48,
+    )
+    drain_delay_s: float = setting(
+        5.0,
+        "after SIGTERM: seconds of NOT_SERVING while still serving, so that load balancers and "
+        "health-checking clients move away before new calls are refused",
+        0,
+        3600,
+    )
+    grace_s: float = setting(
+        20.0,
+        "seconds accepted calls get to finish once new calls are refused (after the drain delay)",
+        0,
+        3600,
+    )
+    tls_cert: str = setting("", "server certificate (PEM); with --tls-key enables TLS")
+    tls_key: str = setting("", "server private key (PEM)")
+    tls_client_ca: str = setting(
+        "", "CA certificate (PEM) that client certificates must chain to: mutual TLS"
+    )
+    auth_tokens_file: str = setting(
+        "", "file of bearer tokens, one per line; every RPC but health needs one"
+    )
+    auth_tokens: str = setting(
+        "", "comma-separated bearer tokens (prefer the env variable or a file)", secret=True
+    )
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
         """Refuses a setting out of its range (NaN and infinity included), naming its flag."""
-        problems = [
-            f"--{name.replace('_', '-')} {getattr(self, name)!r}: must be from {lo} to {hi}"
-            for name, (lo, hi) in _RANGES.items()
-            if not lo <= getattr(self, name) <= hi  # False for NaN
-        ]
-        if self.max_call_tokens > self.max_queue_tokens:
-            problems.append("--max-call-tokens must not exceed --max-queue-tokens")
-        if self.result_buffer_bytes < 4 * self.max_message_bytes:
-            # one connection may hold a quarter of it, and must fit the largest answer
-            problems.append("--result-buffer-bytes must be at least 4 × --max-message-bytes")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    def runtime_config(self) -> RuntimeConfig:
-        """The onnxruntime settings among these (the rest follow from provider and bundle)."""
-        return RuntimeConfig(self.provider, self.precision, self.threads)
-
-    def scheduler_config(self) -> SchedulerConfig:
-        return SchedulerConfig(
-            max_queue_tokens=self.max_queue_tokens,
-            max_call_tokens=self.max_call_tokens,
-            max_batch_rows=self.max_batch_rows,
-            max_batch_tokens=self.max_batch_tokens,
-            max_wait_ms=self.max_wait_ms,
-            lanes=self.lanes,
+        # one connection may hold a quarter of the buffer, and must fit the largest answer
+        small = self.result_buffer_bytes < 4 * self.max_message_bytes
+        check(
+            self, "--result-buffer-bytes must be at least 4 × --max-message-bytes" if small else ""
         )
 
+    @classmethod
+    def from_settings(cls, **values: Any) -> ServerConfig:
+        """A config from flat settings (as flags name them): each goes to its class."""
 
-_INT32 = 2**31 - 1
-_RANGES: dict[str, tuple[float, float]] = {  # setting: (lowest, highest)
-    "port": (0, 65535),
-    "metrics_port": (0, 65535),
-    "threads": (0, 1024),
-    "lanes": (0, 64),
-    "max_queue_tokens": (1, _INT32),
-    "max_call_tokens": (1, _INT32),
-    "max_batch_rows": (1, 65536),
-    "max_batch_tokens": (1, _INT32),
-    "max_wait_ms": (0, 10_000),
-    "max_sentences": (1, 1_000_000),
-    "max_message_bytes": (1024, _INT32),  # gRPC's limit is a 32-bit int
-    "result_buffer_bytes": (1024, 2**48),
-    "drain_delay_s": (0, 3600),
-    "grace_s": (0, 3600),
-}
+        def take(kind: type[Any]) -> Any:
+            return kind(**{f.name: values.pop(f.name) for f in fields(kind) if f.name in values})
+
+        return cls(runtime=take(RuntimeConfig), scheduler=take(SchedulerConfig), **values)
+
+
+# Every class whose settings are serve flags, in --help order.
+SETTINGS = (ServerConfig, RuntimeConfig, SchedulerConfig)
 
 
 T = TypeVar("T")
@@ -451,21 +447,15 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         async def body() -> pb.ModelInfo:
-            return model_info(self.tr, self.cfg)
+            return model_info(self.tr.model_info())
 
         return await self._call("GetModelInfo", context, "-", body)
 
 
-def model_info(tr: Translator, cfg: ServerConfig) -> pb.ModelInfo:
-    b: Bundle = tr.bundle
-    m = b.manifest
-    model = m["model"]
-    lim = tr.limits
-    corpus = m.get("corpus", {})
-    part = "decoder_kv" if tr.info.inplace else "decoder"  # the decoder graph in use
-    decoder_file = m["onnx"]["graphs"][cfg.precision][part]
+def model_info(info: ModelInfo) -> pb.ModelInfo:
+    model, lim, corpus = info.model, info.limits, info.corpus
     return pb.ModelInfo(
-        format_version=m["format_version"],
+        format_version=info.format_version,
         vocab_size=model["vocab_size"],
         d_model=model["d_model"],
         heads=model["n_heads"],
@@ -475,16 +465,43 @@ def model_info(tr: Translator, cfg: ServerConfig) -> pb.ModelInfo:
         max_target_tokens=lim.max_target_tokens,
         target_tokens_a=lim.a,
         target_tokens_b=lim.b,
-        max_sentences_per_request=tr.max_sentences,
-        execution_provider=tr.info.provider,
-        precision=cfg.precision,
-        corpus_json=json.dumps(corpus),
-        metrics_json=json.dumps(m.get("metrics", {})),
-        model_sha256=b.sha256(decoder_file),
+        max_sentences_per_request=info.max_sentences,
+        execution_provider=info.provider,
+        precision=info.precision,
+        model_sha256=info.model_sha256,
         source_language=str(corpus.get("source_lang", "")),
         target_language=str(corpus.get("lang", "")),
-        decode_lanes=tr.info.lanes,
-        threads_per_lane=tr.info.threads,
+        decode_lanes=info.lanes,
+        threads_per_lane=info.threads,
+        corpus=corpus_summary(corpus) if corpus else None,
+        metrics=[test_metrics(p, m) for p, m in info.metrics.items()],
+    )
+
+
+def corpus_summary(c: dict[str, Any]) -> pb.CorpusSummary:
+    return pb.CorpusSummary(
+        kind=str(c.get("kind", "")),
+        sizes={k: int(v) for k, v in c.get("sizes", {}).items()},
+        seed=int(c.get("seed") or 0),
+        files={
+            split: f if isinstance(f, str) else " + ".join(f)
+            for split, f in (c.get("files") or {}).items()
+            if f
+        },
+        problems=int(c.get("problems") or 0),
+    )
+
+
+def test_metrics(precision: str, m: dict[str, Any]) -> pb.TestMetrics:
+    return pb.TestMetrics(
+        precision=precision,
+        sentences=int(m.get("sentences", 0)),
+        exact_match=float(m.get("exact_match", 0.0)),
+        bleu=float(m.get("bleu", 0.0)),
+        bleu_tokenize=str(m.get("bleu_tokenize", "")),
+        chrf=float(m.get("chrf", 0.0)),
+        exact_match_by_group={k: float(v) for k, v in m.get("exact_match_by_group", {}).items()},
+        seconds=float(m.get("seconds", 0.0)),
     )
 
 
@@ -598,8 +615,8 @@ class Server:
         bundle = load_bundle(cfg.bundle)
         tr = Translator(
             bundle,
-            cfg.runtime_config(),
-            cfg.scheduler_config(),
+            cfg.runtime,
+            cfg.scheduler,
             cfg.max_sentences,
             self.metrics,
             cfg.max_message_bytes,

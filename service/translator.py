@@ -9,10 +9,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import sentencepiece as spm
 
-from service.bundle import Bundle
+from service.bundle import Bundle, Limits
 from service.engine import AttentionMode, DecodeOptions, SentenceJob, SentenceResult
 from service.runtime import Runtime, RuntimeConfig, plan_lanes
 from service.scheduler import Observer, Scheduler, SchedulerConfig, Ticket
@@ -59,14 +60,20 @@ class Translation:
 
 
 @dataclass(frozen=True)
-class RuntimeInfo:
-    """The runtime settings actually in use, as GetModelInfo reports them."""
+class ModelInfo:
+    """What GetModelInfo reports: the bundle's model and limits, and the settings in use."""
 
-    provider: str
-    inplace: bool
-    threads: int  # intra-op threads of each lane
-    packing: str
+    format_version: int
+    model: dict[str, Any]  # the manifest's hyper-parameters
+    limits: Limits
+    max_sentences: int
+    provider: str  # the execution provider that runs the graphs
+    precision: str
     lanes: int
+    threads: int  # intra-op threads of each lane
+    model_sha256: str  # of the decoder graph being served
+    corpus: dict[str, Any]  # the manifest's corpus summary ({} where it has none)
+    metrics: dict[str, dict[str, Any]]  # test metrics per precision
 
 
 class Translator:
@@ -104,11 +111,22 @@ class Translator:
         self.runtime = Runtime(bundle, runtime_cfg)
         self.scheduler = Scheduler.over(self.runtime, scheduler_cfg, observer, on_fatal)
 
-    @property
-    def info(self) -> RuntimeInfo:
-        """Execution provider, decoder and encoder settings actually in use."""
-        rt = self.runtime
-        return RuntimeInfo(rt.provider, rt.inplace, rt.threads, rt.packing, self.scheduler.lanes)
+    def model_info(self) -> ModelInfo:
+        rt, m = self.runtime, self.bundle.manifest
+        decoder = self.bundle.graph(rt.cfg.precision, "decoder_kv" if rt.inplace else "decoder")
+        return ModelInfo(
+            format_version=int(m["format_version"]),
+            model=self.bundle.model,
+            limits=self.limits,
+            max_sentences=self.max_sentences,
+            provider=rt.provider,
+            precision=rt.cfg.precision,
+            lanes=self.scheduler.lanes,
+            threads=rt.threads,
+            model_sha256=self.bundle.sha256(decoder.name),
+            corpus=m.get("corpus") or {},
+            metrics=m.get("metrics") or {},
+        )
 
     def start(self) -> None:
         """Starts the decode lanes."""

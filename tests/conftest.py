@@ -50,7 +50,9 @@ class ServerThread:
 
         from service.server import Server, ServerConfig
 
-        self.cfg = ServerConfig(bundle=str(bundle), host="127.0.0.1", port=0, **overrides)  # type: ignore[arg-type]
+        self.cfg = ServerConfig.from_settings(
+            bundle=str(bundle), host="127.0.0.1", port=0, **overrides
+        )
         self.server = Server(self.cfg)
         self.loop = asyncio.new_event_loop()
         self.error: BaseException | None = None

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 
 from service.bundle import GRAPH_FILES
-from service.server import ServerConfig
+from service.server import SETTINGS
+from service.settings import flag, flags_of
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 
 
 def test_every_serve_setting_is_in_the_readme() -> None:
-    missing = [
-        f.name for f in fields(ServerConfig) if "--" + f.name.replace("_", "-") not in README
-    ]
+    missing = [f.name for cls in SETTINGS for f in flags_of(cls) if flag(f.name) not in README]
     assert not missing, f"serve settings missing from the README: {missing}"
     assert "NMTSERVE_<FLAG>" in README  # the rule that names each one's environment variable
 

@@ -148,6 +148,18 @@ def test_model_info(estub, tiny_bundle) -> None:
     assert info.target_language == "de"
     assert info.decode_lanes == 2  # as the fixtures set it
     assert info.threads_per_lane == max(1, usable_cores() // 2)
+    # The manifest's corpus summary and test metrics, as messages
+    corpus = manifest["corpus"]
+    assert info.corpus.kind == "numbers" and info.corpus.seed == corpus["seed"]
+    assert dict(info.corpus.sizes) == corpus["sizes"] and corpus["sizes"]["test"] > 0
+    metrics = {m.precision: m for m in info.metrics}
+    assert sorted(metrics) == sorted(manifest["metrics"]) == ["fp32", "int8"]
+    for precision, m in metrics.items():
+        want = manifest["metrics"][precision]
+        assert m.sentences == want["sentences"] == corpus["sizes"]["test"]
+        assert m.exact_match == pytest.approx(want["exact_match"])
+        assert m.chrf == pytest.approx(want["chrf"]) and m.bleu_tokenize == "char"
+        assert dict(m.exact_match_by_group) == pytest.approx(want["exact_match_by_group"])
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -368,7 +380,7 @@ def test_64_concurrent_calls_share_batches(request, kind, tiny_run) -> None:
     with ThreadPoolExecutor(64) as pool:
         together = list(pool.map(call, src))
     batches = metrics.batches._value.get() - batches_before
-    bound = BATCH_BOUNDS[server.cfg.lanes]
+    bound = BATCH_BOUNDS[server.cfg.scheduler.lanes]
     assert batches <= bound, f"64 concurrent calls took {batches} batches"
     runs, tokens, _ = encoder_figures()
     assert runs - runs_before == batches  # every admission one encoder run, packed or padded

@@ -91,7 +91,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("format_version", "vocab_size", "d_model", "heads", "encoder_layers", "decoder_layers", "max_source_tokens", "max_target_tokens", "target_tokens_a", "target_tokens_b", "max_sentences_per_request", "execution_provider", "precision", "corpus_json", "metrics_json", "model_sha256", "source_language", "target_language", "decode_lanes", "threads_per_lane")
+    __slots__ = ("format_version", "vocab_size", "d_model", "heads", "encoder_layers", "decoder_layers", "max_source_tokens", "max_target_tokens", "target_tokens_a", "target_tokens_b", "max_sentences_per_request", "execution_provider", "precision", "model_sha256", "source_language", "target_language", "decode_lanes", "threads_per_lane", "corpus", "metrics")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     D_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -105,13 +105,13 @@ class ModelInfo(_message.Message):
     MAX_SENTENCES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
-    CORPUS_JSON_FIELD_NUMBER: _ClassVar[int]
-    METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     SOURCE_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     TARGET_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     DECODE_LANES_FIELD_NUMBER: _ClassVar[int]
     THREADS_PER_LANE_FIELD_NUMBER: _ClassVar[int]
+    CORPUS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     vocab_size: int
     d_model: int
@@ -125,11 +125,66 @@ class ModelInfo(_message.Message):
     max_sentences_per_request: int
     execution_provider: str
     precision: str
-    corpus_json: str
-    metrics_json: str
     model_sha256: str
     source_language: str
     target_language: str
     decode_lanes: int
     threads_per_lane: int
-    def __init__(self, format_version: _Optional[int] = ..., vocab_size: _Optional[int] = ..., d_model: _Optional[int] = ..., heads: _Optional[int] = ..., encoder_layers: _Optional[int] = ..., decoder_layers: _Optional[int] = ..., max_source_tokens: _Optional[int] = ..., max_target_tokens: _Optional[int] = ..., target_tokens_a: _Optional[float] = ..., target_tokens_b: _Optional[float] = ..., max_sentences_per_request: _Optional[int] = ..., execution_provider: _Optional[str] = ..., precision: _Optional[str] = ..., corpus_json: _Optional[str] = ..., metrics_json: _Optional[str] = ..., model_sha256: _Optional[str] = ..., source_language: _Optional[str] = ..., target_language: _Optional[str] = ..., decode_lanes: _Optional[int] = ..., threads_per_lane: _Optional[int] = ...) -> None: ...
+    corpus: CorpusSummary
+    metrics: _containers.RepeatedCompositeFieldContainer[TestMetrics]
+    def __init__(self, format_version: _Optional[int] = ..., vocab_size: _Optional[int] = ..., d_model: _Optional[int] = ..., heads: _Optional[int] = ..., encoder_layers: _Optional[int] = ..., decoder_layers: _Optional[int] = ..., max_source_tokens: _Optional[int] = ..., max_target_tokens: _Optional[int] = ..., target_tokens_a: _Optional[float] = ..., target_tokens_b: _Optional[float] = ..., max_sentences_per_request: _Optional[int] = ..., execution_provider: _Optional[str] = ..., precision: _Optional[str] = ..., model_sha256: _Optional[str] = ..., source_language: _Optional[str] = ..., target_language: _Optional[str] = ..., decode_lanes: _Optional[int] = ..., threads_per_lane: _Optional[int] = ..., corpus: _Optional[_Union[CorpusSummary, _Mapping]] = ..., metrics: _Optional[_Iterable[_Union[TestMetrics, _Mapping]]] = ...) -> None: ...
+
+class CorpusSummary(_message.Message):
+    __slots__ = ("kind", "sizes", "seed", "files", "problems")
+    class SizesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class FilesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SIZES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    sizes: _containers.ScalarMap[str, int]
+    seed: int
+    files: _containers.ScalarMap[str, str]
+    problems: int
+    def __init__(self, kind: _Optional[str] = ..., sizes: _Optional[_Mapping[str, int]] = ..., seed: _Optional[int] = ..., files: _Optional[_Mapping[str, str]] = ..., problems: _Optional[int] = ...) -> None: ...
+
+class TestMetrics(_message.Message):
+    __slots__ = ("precision", "sentences", "exact_match", "bleu", "bleu_tokenize", "chrf", "exact_match_by_group", "seconds")
+    class ExactMatchByGroupEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    SENTENCES_FIELD_NUMBER: _ClassVar[int]
+    EXACT_MATCH_FIELD_NUMBER: _ClassVar[int]
+    BLEU_FIELD_NUMBER: _ClassVar[int]
+    BLEU_TOKENIZE_FIELD_NUMBER: _ClassVar[int]
+    CHRF_FIELD_NUMBER: _ClassVar[int]
+    EXACT_MATCH_BY_GROUP_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    precision: str
+    sentences: int
+    exact_match: float
+    bleu: float
+    bleu_tokenize: str
+    chrf: float
+    exact_match_by_group: _containers.ScalarMap[str, float]
+    seconds: float
+    def __init__(self, precision: _Optional[str] = ..., sentences: _Optional[int] = ..., exact_match: _Optional[float] = ..., bleu: _Optional[float] = ..., bleu_tokenize: _Optional[str] = ..., chrf: _Optional[float] = ..., exact_match_by_group: _Optional[_Mapping[str, float]] = ..., seconds: _Optional[float] = ...) -> None: ...
