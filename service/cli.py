@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from service.bundle import BundleError, load_bundle
 from service.logs import setup_logging
@@ -178,56 +180,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
             proc.wait(60)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from service.client import add_translate_args, run_translate
-
-    parser = argparse.ArgumentParser(
-        prog="python -m service",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser(
-        "serve",
-        help="serve a model bundle over gRPC",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_serve_args(p)
-    p.set_defaults(func=cmd_serve)
-    p = sub.add_parser(
-        "translate",
-        help="translate through a running server",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_translate_args(p)
-    p.set_defaults(func=run_translate)
-    from service.loadtest import __doc__ as loadtest_doc
-    from service.loadtest import add_loadtest_args, run_loadtest
-
-    p = sub.add_parser(
-        "loadtest",
-        help="load-test a running server (closed or open loop) and report",
-        description=loadtest_doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_loadtest_args(p)
-    p.set_defaults(func=run_loadtest)
-    p = sub.add_parser(
-        "demo",
-        help="start a server, translate a few sentences through it, keep serving",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", default=os.environ.get("NMTSERVE_BUNDLE", "models/default"))
     p.add_argument("--port", type=int, default=50051, help="gRPC port")
     p.add_argument("--metrics-port", type=int, default=9090, help="metrics port (0: off)")
     p.add_argument("--sentence", action="append", help="a sentence to show (repeatable)")
     p.add_argument("--once", action="store_true", help="stop after showing the translations")
-    p.set_defaults(func=cmd_demo)
-    p = sub.add_parser(
-        "health",
-        help="check a server's health service (exit 0 when SERVING)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+
+
+def add_health_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--target",
         default=f"127.0.0.1:{os.environ.get('NMTSERVE_PORT', '50051')}",
@@ -235,10 +196,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--service", default="", help="service name ('' = the whole server)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds")
-    p.set_defaults(func=cmd_health)
-    p = sub.add_parser("info", help="check a bundle offline and print its summary")
+
+
+def add_info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", default=os.environ.get("NMTSERVE_BUNDLE", "models/default"))
-    p.set_defaults(func=cmd_info)
+
+
+Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from service.client import add_translate_args, run_translate
+    from service.loadtest import __doc__ as loadtest_doc
+    from service.loadtest import add_loadtest_args, run_loadtest
+
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands: list[Command] = [
+        ("serve", "serve a model bundle over gRPC", add_serve_args, cmd_serve),
+        ("translate", "translate through a running server", add_translate_args, run_translate),
+        (
+            "loadtest",
+            "load-test a running server (closed or open loop) and report",
+            add_loadtest_args,
+            run_loadtest,
+        ),
+        (
+            "demo",
+            "start a server, translate a few sentences through it, keep serving",
+            add_demo_args,
+            cmd_demo,
+        ),
+        (
+            "health",
+            "check a server's health service (exit 0 when SERVING)",
+            add_health_args,
+            cmd_health,
+        ),
+        ("info", "check a bundle offline and print its summary", add_info_args, cmd_info),
+    ]
+    for name, help, add_args, func in commands:
+        kwargs: dict[str, Any] = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+        if name == "loadtest":  # its docstring is its description, laid out by hand
+            kwargs = {
+                "description": loadtest_doc,
+                "formatter_class": argparse.RawDescriptionHelpFormatter,
+            }
+        elif name == "info":
+            kwargs = {}
+        p = sub.add_parser(name, help=help, **kwargs)
+        add_args(p)
+        p.set_defaults(func=func)
     return parser
 
 
