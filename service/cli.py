@@ -214,7 +214,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from service.client import add_translate_args, run_translate
+    from service.client_cli import add_translate_args, run_translate
 
     parser = argparse.ArgumentParser(
         prog="python -m service",
