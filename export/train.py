@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -257,16 +258,6 @@ def _better(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
     return (a["exact_match"], a["chrf"]) >= (b["exact_match"], b["chrf"])
 
 
-def _streak(history: Sequence[dict[str, Any]], cfg: TrainConfig) -> int:
-    """Evaluations in a row, the latest ones, at or above the target (0 without a target)."""
-    n = 0
-    for rec in reversed(history):
-        if not cfg.target_exact_match or rec["exact_match"] < cfg.target_exact_match:
-            break
-        n += 1
-    return n
-
-
 def _limit_reason(step: int, elapsed: float, cfg: TrainConfig) -> str:
     """Why training stops at this step for its step or time limit ("": it does not)."""
     if cfg.max_steps and step >= cfg.max_steps:
@@ -278,11 +269,12 @@ def _limit_reason(step: int, elapsed: float, cfg: TrainConfig) -> str:
 
 def _target_reason(history: Sequence[dict[str, Any]], cfg: TrainConfig) -> str:
     """Why training stops after this evaluation for reaching the target ("": it does not)."""
-    at_target = _streak(history, cfg)
-    if cfg.target_exact_match and at_target >= max(1, cfg.target_patience):
+    target = cfg.target_exact_match
+    at_target = len(list(takewhile(lambda r: r["exact_match"] >= target, reversed(history))))
+    if target and at_target >= max(1, cfg.target_patience):
         # One perfect dev evaluation can be luck on a few hundred sentences; several in
         # a row mean the model has settled (and generalises better to the test split).
-        return f"dev exact match ≥ {cfg.target_exact_match} in {at_target} evaluations in a row"
+        return f"dev exact match ≥ {target} in {at_target} evaluations in a row"
     return ""
 
 
