@@ -49,8 +49,8 @@ def prepare(model_name: str, run: str | None, work: Path) -> dict[str, Any]:
     import torch
 
     from benchmarks.bundles import random_model, write_bundle
+    from export.checkpoint import model_from_checkpoint
     from export.ct2 import build_spec
-    from export.train import model_from_checkpoint
 
     if model_name == "default":
         ckpt = Path(run or "runs/default") / "checkpoint_best.pt"
@@ -86,7 +86,7 @@ def run_engine(engine: str, prep: dict[str, Any], batch: int, src_len: int, toke
     if engine.startswith("torch"):
         import torch
 
-        from export.train import model_from_checkpoint
+        from export.checkpoint import model_from_checkpoint
 
         torch.set_num_threads(threads)
         model, _ = model_from_checkpoint(Path(prep["checkpoint"]))

@@ -96,7 +96,7 @@ def corpus_spec(args: argparse.Namespace) -> dict[str, Any]:
 
 def _resumed_run(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     """run.json of the run to continue, with the stopping settings given again."""
-    from export.train import CHECKPOINT_LAST
+    from export.checkpoint import CHECKPOINT_LAST
 
     run = load_run(run_dir)
     if not (run_dir / CHECKPOINT_LAST).is_file():
@@ -290,8 +290,9 @@ def evaluate_run(
     samples: Path | None = None,
     limit: int = 0,
 ) -> dict[str, Any]:
+    from export.checkpoint import model_from_checkpoint
     from export.tokenizer import Tokenizer
-    from export.train import evaluate_pairs, model_from_checkpoint
+    from export.train import evaluate_pairs
     from service.bundle import Limits
 
     run = load_run(run_dir)
@@ -320,7 +321,7 @@ def write_samples(path: Path, pairs: list[Pair], hyps: list[str]) -> None:
 
 
 def checkpoint_path(run_dir: Path, which: str) -> Path:
-    from export.train import CHECKPOINT_BEST, CHECKPOINT_LAST
+    from export.checkpoint import CHECKPOINT_BEST, CHECKPOINT_LAST
 
     path = {"best": run_dir / CHECKPOINT_BEST, "last": run_dir / CHECKPOINT_LAST}.get(
         which, Path(which)

@@ -94,7 +94,7 @@ def build_spec(model: Transformer, tok: Tokenizer) -> Any:
 
 
 def convert(checkpoint: Path, tokenizer: Path, out: Path, force: bool = False) -> Path:
-    from export.train import model_from_checkpoint
+    from export.checkpoint import model_from_checkpoint
 
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass force=True to replace it")
@@ -111,8 +111,9 @@ def greedy_agreement(ct2_dir: Path, checkpoint: Path, run_dir: Path) -> tuple[fl
     """Share of the run's test sentences where CTranslate2's greedy tokens equal PyTorch's."""
     import ctranslate2
 
+    from export.checkpoint import model_from_checkpoint
     from export.rundir import TOKENIZER_FILE, load_run, load_split
-    from export.train import model_from_checkpoint, translate_ids
+    from export.train import translate_ids
     from service.bundle import Limits
 
     tok = Tokenizer(run_dir / TOKENIZER_FILE)

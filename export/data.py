@@ -338,15 +338,48 @@ def _decode(raw: bytes) -> tuple[str | None, str | None]:
         return None, f"invalid UTF-8 at byte {exc.start} of the line"
 
 
-def _length_reason(side: str, text: str, max_chars: int) -> str | None:
+def _side_faults(side: str, text: str, max_chars: int) -> list[str]:
+    """Why one side of a pair cannot be used (none: it can). A TAB inside a sentence is a
+    fault because splits are saved as TSV (:func:`write_tsv`)."""
+    faults = [f"empty {side}"] if not text else []
+    if "\t" in text:
+        faults.append(f"{side} contains a TAB character")
     if len(text) > max_chars:
-        return f"{side} is {len(text)} characters long, over the limit of {max_chars}"
-    return None
+        faults.append(f"{side} is {len(text)} characters long, over the limit of {max_chars}")
+    return faults
 
 
 def _check_on_error(on_error: str) -> None:
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+
+
+def _checked(
+    pairs: list[Pair], problems: list[CorpusProblem], on_error: OnError, where: str
+) -> tuple[list[Pair], list[CorpusProblem]]:
+    if problems and on_error == "fail":
+        raise CorpusError(problems, f"{len(problems)} malformed line(s) in {where}")
+    return pairs, problems
+
+
+def _tsv_line(name: str, lineno: int, raw: bytes, max_chars: int) -> Pair | CorpusProblem:
+    """One ``source<TAB>target`` line as a pair, or the problem naming all its faults."""
+    text, bad = _decode(raw)
+    if text is None:
+        return CorpusProblem(name, lineno, bad or "invalid UTF-8")
+    if not text.strip():
+        return CorpusProblem(name, lineno, "empty line")
+    columns = text.split("\t")
+    if len(columns) != 2:
+        return CorpusProblem(
+            name,
+            lineno,
+            f"expected 2 tab-separated columns (source<TAB>target), found {len(columns)}",
+        )
+    source, target = columns[0].strip(), columns[1].strip()
+    faults = _side_faults("source", source, max_chars) + _side_faults("target", target, max_chars)
+    faults.sort(key=lambda f: not f.startswith("empty"))  # a missing side first: it is the fault
+    return CorpusProblem(name, lineno, "; ".join(faults)) if faults else Pair(source, target)
 
 
 def read_tsv(
@@ -362,45 +395,52 @@ def read_tsv(
     whitespace (including a Windows ``\\r``).
     """
     _check_on_error(on_error)
-    name = str(path)
     pairs: list[Pair] = []
     problems: list[CorpusProblem] = []
     for lineno, raw in enumerate(_read_lines(path), start=1):
+        got = _tsv_line(str(path), lineno, raw, max_chars)
+        if isinstance(got, Pair):
+            pairs.append(got)
+        else:
+            problems.append(got)
+    return _checked(pairs, problems, on_error, str(path))
+
+
+def _aligned_lines(source_path: PathLike, target_path: PathLike) -> list[tuple[bytes, bytes]]:
+    """The two files' lines side by side; CorpusError when their counts differ."""
+    src_name, tgt_name = str(source_path), str(target_path)
+    src_lines, tgt_lines = _read_lines(source_path), _read_lines(target_path)
+    if len(src_lines) == len(tgt_lines):
+        return list(zip(src_lines, tgt_lines, strict=True))
+    counts = f"{src_name} has {len(src_lines)} lines, {tgt_name} has {len(tgt_lines)} lines"
+    longer = src_name if len(src_lines) > len(tgt_lines) else tgt_name
+    first_unpaired = min(len(src_lines), len(tgt_lines)) + 1
+    raise CorpusError(
+        [CorpusProblem(longer, first_unpaired, f"line counts differ: {counts}")],
+        f"parallel files are not line-aligned: {counts}",
+    )
+
+
+def _parallel_line(
+    names: tuple[str, str], lineno: int, raws: tuple[bytes, bytes], max_chars: int
+) -> Pair | list[CorpusProblem]:
+    """Line lineno of both files as a pair, or the problems, each against the file at fault."""
+    texts: list[str] = []
+    problems: list[CorpusProblem] = []
+    for name, raw in zip(names, raws, strict=True):
         text, bad = _decode(raw)
         if text is None:
             problems.append(CorpusProblem(name, lineno, bad or "invalid UTF-8"))
-            continue
-        if not text.strip():
-            problems.append(CorpusProblem(name, lineno, "empty line"))
-            continue
-        columns = text.split("\t")
-        if len(columns) != 2:
-            problems.append(
-                CorpusProblem(
-                    name,
-                    lineno,
-                    f"expected 2 tab-separated columns (source<TAB>target), found {len(columns)}",
-                )
-            )
-            continue
-        source, target = columns[0].strip(), columns[1].strip()
-        reasons = [
-            reason
-            for reason in (
-                "empty source" if not source else None,
-                "empty target" if not target else None,
-                _length_reason("source", source, max_chars),
-                _length_reason("target", target, max_chars),
-            )
-            if reason
-        ]
-        if reasons:
-            problems.append(CorpusProblem(name, lineno, "; ".join(reasons)))
-        else:
-            pairs.append(Pair(source, target))
-    if problems and on_error == "fail":
-        raise CorpusError(problems, f"{len(problems)} malformed line(s) in {name}")
-    return pairs, problems
+        texts.append((text or "").strip())
+    if problems:
+        return problems
+    if not any(texts):
+        return [CorpusProblem(names[0], lineno, f"empty line (also empty in {names[1]})")]
+    for side, name, text in zip(("source", "target"), names, texts, strict=True):
+        faults = _side_faults(side, text, max_chars)
+        if faults:
+            problems.append(CorpusProblem(name, lineno, "; ".join(faults)))
+    return problems or Pair(texts[0], texts[1])
 
 
 def read_parallel(
@@ -418,63 +458,16 @@ def read_parallel(
     inside a sentence is also a problem, because splits are saved as TSV (:func:`write_tsv`).
     """
     _check_on_error(on_error)
-    src_name, tgt_name = str(source_path), str(target_path)
-    src_lines, tgt_lines = _read_lines(source_path), _read_lines(target_path)
-    if len(src_lines) != len(tgt_lines):
-        longer = src_name if len(src_lines) > len(tgt_lines) else tgt_name
-        first_unpaired = min(len(src_lines), len(tgt_lines)) + 1
-        raise CorpusError(
-            [
-                CorpusProblem(
-                    longer,
-                    first_unpaired,
-                    f"line counts differ: {src_name} has {len(src_lines)} lines, "
-                    f"{tgt_name} has {len(tgt_lines)} lines",
-                )
-            ],
-            f"parallel files are not line-aligned: {src_name} has {len(src_lines)} lines, "
-            f"{tgt_name} has {len(tgt_lines)} lines",
-        )
+    names = (str(source_path), str(target_path))
     pairs: list[Pair] = []
     problems: list[CorpusProblem] = []
-    for lineno, (src_raw, tgt_raw) in enumerate(zip(src_lines, tgt_lines, strict=True), start=1):
-        texts: list[str] = []
-        line_problems: list[CorpusProblem] = []
-        for name, raw in ((src_name, src_raw), (tgt_name, tgt_raw)):
-            text, bad = _decode(raw)
-            if text is None:
-                line_problems.append(CorpusProblem(name, lineno, bad or "invalid UTF-8"))
-                texts.append("")
-            else:
-                texts.append(text.strip())
-        if line_problems:
-            problems += line_problems
-            continue
-        source, target = texts
-        if not source and not target:
-            problems.append(
-                CorpusProblem(src_name, lineno, f"empty line (also empty in {tgt_name})")
-            )
-            continue
-        for side, name, text in (("source", src_name, source), ("target", tgt_name, target)):
-            reasons = [
-                reason
-                for reason in (
-                    f"empty {side}" if not text else None,
-                    f"{side} contains a TAB character" if "\t" in text else None,
-                    _length_reason(side, text, max_chars),
-                )
-                if reason
-            ]
-            if reasons:
-                line_problems.append(CorpusProblem(name, lineno, "; ".join(reasons)))
-        if line_problems:
-            problems += line_problems
+    for lineno, raws in enumerate(_aligned_lines(source_path, target_path), start=1):
+        got = _parallel_line(names, lineno, raws, max_chars)
+        if isinstance(got, Pair):
+            pairs.append(got)
         else:
-            pairs.append(Pair(source, target))
-    if problems and on_error == "fail":
-        raise CorpusError(problems, f"{len(problems)} malformed line(s) in {src_name} / {tgt_name}")
-    return pairs, problems
+            problems += got
+    return _checked(pairs, problems, on_error, " / ".join(names))
 
 
 def _read_spec(
@@ -535,33 +528,23 @@ def user_corpus(
     _check_on_error(on_error)
     if not 0.0 < held_out_fraction < 0.5:
         raise ValueError(f"held_out_fraction must be in (0, 0.5), got {held_out_fraction}")
-
-    train_pairs, problems, train_files = _read_spec(train, max_chars=max_chars)
-    given: dict[str, list[Pair] | None] = {"dev": None, "test": None}
-    files: dict[str, str | list[str] | None] = {"train": train_files, "dev": None, "test": None}
-    for split, spec in (("dev", dev), ("test", test)):
-        if spec is not None:
-            split_pairs, split_problems, split_files = _read_spec(spec, max_chars=max_chars)
-            given[split] = split_pairs
-            problems += split_problems
-            files[split] = split_files
+    specs = {"train": train, "dev": dev, "test": test}
+    read = {k: _read_spec(v, max_chars=max_chars) for k, v in specs.items() if v is not None}
+    files = {split: read[split][2] if split in read else None for split in specs}
+    problems = [problem for _, split_problems, _ in read.values() for problem in split_problems]
     if problems and on_error == "fail":
         raise CorpusError(problems)
-
-    for split in ("dev", "test"):
-        loaded = given[split]
-        if loaded is not None and not loaded:
+    held: dict[str, list[Pair]] = {s: read[s][0] for s in ("dev", "test") if s in read}
+    for split, pairs in held.items():
+        if not pairs:
             raise CorpusError([], f"the {split} corpus {files[split]} has no usable pairs")
-
-    auto = [split for split in ("test", "dev") if given[split] is None]
+    train_pairs = read["train"][0]
+    auto = [split for split in ("test", "dev") if split not in held]
     if auto:
-        train_pairs, held = _auto_split(train_pairs, auto, held_out_fraction, seed)
-        for split in auto:
-            given[split] = held[split]
+        train_pairs, auto_held = _auto_split(train_pairs, auto, held_out_fraction, seed)
+        held.update(auto_held)
     elif not train_pairs:
-        raise CorpusError([], f"the training corpus {train_files} has no usable pairs")
-
-    dev_pairs, test_pairs = given["dev"] or [], given["test"] or []
+        raise CorpusError([], f"the training corpus {files['train']} has no usable pairs")
     train_sources = {p.source for p in train_pairs}
     summary: dict[str, Any] = {
         "kind": "user",
@@ -570,16 +553,13 @@ def user_corpus(
         "held_out_fraction": held_out_fraction if auto else None,
         "seed": seed,
         "max_chars": max_chars,
-        "sizes": {"train": len(train_pairs), "dev": len(dev_pairs), "test": len(test_pairs)},
+        "sizes": {"train": len(train_pairs), "dev": len(held["dev"]), "test": len(held["test"])},
         "sources_also_in_train": {
-            "dev": sum(p.source in train_sources for p in dev_pairs),
-            "test": sum(p.source in train_sources for p in test_pairs),
+            split: sum(p.source in train_sources for p in held[split]) for split in ("dev", "test")
         },
         "problems": len(problems),
     }
-    return Splits(
-        train=train_pairs, dev=dev_pairs, test=test_pairs, summary=summary, problems=problems
-    )
+    return Splits(train_pairs, held["dev"], held["test"], summary, problems)
 
 
 def _auto_split(

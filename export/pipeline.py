@@ -20,12 +20,12 @@ import onnx
 import onnxruntime
 import torch
 
+from export.checkpoint import model_from_checkpoint
 from export.data import Pair
 from export.model import Transformer
 from export.onnx_export import OPSET, export_all
 from export.rundir import load_run, load_split
 from export.tokenizer import Tokenizer
-from export.train import model_from_checkpoint
 from export.verify import served, served_metrics, verify_fp32
 from service.bundle import (
     FORMAT,

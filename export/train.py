@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,18 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from export.checkpoint import (
+    CHECKPOINT_BEST,
+    CHECKPOINT_LAST,
+    LoopState,
+    resume_training,
+    save_checkpoint,
+    training_state,
+)
 from export.data import Pair
 from export.model import ModelConfig, Transformer, greedy_decode, make_model
 from export.tokenizer import Tokenizer
 from service.bundle import Limits
-
-CHECKPOINT_LAST = "checkpoint_last.pt"
-CHECKPOINT_BEST = "checkpoint_best.pt"
 
 
 @dataclass(frozen=True)
@@ -233,30 +239,6 @@ def evaluate_pairs(
     return score(hyps, pairs, bleu_tokenize), hyps
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # never leave a half-written checkpoint behind
-
-
-def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
-    # weights_only: a checkpoint holds tensors and plain data, never code.
-    return torch.load(path, map_location=device, weights_only=True)
-
-
-def model_from_checkpoint(
-    path: Path, device: str | torch.device = "cpu"
-) -> tuple[Transformer, dict[str, Any]]:
-    """Rebuilds the model from the config saved with its weights."""
-    state = load_checkpoint(path, device)
-    model = make_model(ModelConfig.from_dict(state["model_config"]))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), state
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -276,31 +258,24 @@ def _better(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
     return (a["exact_match"], a["chrf"]) >= (b["exact_match"], b["chrf"])
 
 
-def _resume(
-    path: Path,
-    device: torch.device,
-    model_cfg: ModelConfig,
-    model: Transformer,
-    opt: torch.optim.Optimizer,
-) -> dict[str, Any]:
-    """Loads the last checkpoint into model, optimizer and torch's RNG; returns its state."""
-    state = load_checkpoint(path, device)
-    if state["model_config"] != model_cfg.to_dict():
-        raise ValueError(f"{path}: model config differs from the one asked for")
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    return state
+def _limit_reason(step: int, elapsed: float, cfg: TrainConfig) -> str:
+    """Why training stops at this step for its step or time limit ("": it does not)."""
+    if cfg.max_steps and step >= cfg.max_steps:
+        return f"reached {cfg.max_steps} steps"
+    if cfg.time_budget_s and elapsed >= cfg.time_budget_s:
+        return f"reached the time budget of {cfg.time_budget_s:.0f}s"
+    return ""
 
 
-def _streak(history: Sequence[dict[str, Any]], cfg: TrainConfig) -> int:
-    """Evaluations in a row, the latest ones, at or above the target (0 without a target)."""
-    n = 0
-    for rec in reversed(history):
-        if not cfg.target_exact_match or rec["exact_match"] < cfg.target_exact_match:
-            break
-        n += 1
-    return n
+def _target_reason(history: Sequence[dict[str, Any]], cfg: TrainConfig) -> str:
+    """Why training stops after this evaluation for reaching the target ("": it does not)."""
+    target = cfg.target_exact_match
+    at_target = len(list(takewhile(lambda r: r["exact_match"] >= target, reversed(history))))
+    if target and at_target >= max(1, cfg.target_patience):
+        # One perfect dev evaluation can be luck on a few hundred sentences; several in
+        # a row mean the model has settled (and generalises better to the test split).
+        return f"dev exact match ≥ {target} in {at_target} evaluations in a row"
+    return ""
 
 
 def _optimise(
@@ -330,6 +305,84 @@ def _optimise(
     return loss, int(tgt_mask.sum()) + int(src_mask.sum())
 
 
+class _Progress:
+    """The progress bar: loss, learning rate and tokens per second every 10 steps."""
+
+    def __init__(self, cfg: TrainConfig, step: int, enabled: bool) -> None:
+        self.cfg = cfg
+        self.bar = tqdm(
+            total=cfg.max_steps or None,
+            initial=step,
+            disable=not enabled,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        self.tokens, self.since = 0, time.monotonic()
+
+    def step(self, step: int, loss: Tensor, lr: float, tokens: int, elapsed: float) -> None:
+        self.tokens += tokens
+        self.bar.update(1)
+        if step % 10:
+            return
+        now = time.monotonic()
+        tps = self.tokens / max(now - self.since, 1e-9)
+        self.tokens, self.since = 0, now
+        post = {"loss": f"{loss.item():.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tps:,.0f}"}
+        if self.cfg.time_budget_s:
+            post["eta"] = f"{max(self.cfg.time_budget_s - elapsed, 0):.0f}s"
+        self.bar.set_postfix(post)
+
+
+def _log_evaluation(
+    run_dir: Path,
+    loop: LoopState,
+    write: Callable[[str], None],
+    metrics: dict[str, Any],
+    elapsed: float,
+    loss: float,
+    lr: float,
+) -> bool:
+    """Adds one evaluation to the history, train_log.jsonl and the screen; whether it is the
+    best so far (then it becomes loop.best)."""
+    record = {"step": loop.step, "elapsed_s": round(elapsed, 2), "loss": round(loss, 4), "lr": lr}
+    record.update(metrics)
+    loop.history.append(record)
+    with (run_dir / "train_log.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    write(
+        f"step {loop.step} {record['elapsed_s']:.0f}s loss {loss:.3f} "
+        f"dev exact {metrics['exact_match']:.4f} BLEU {metrics['bleu']:.2f} "
+        f"chrF {metrics['chrf']:.2f}"
+    )
+    if not _better(metrics, loop.best):
+        return False
+    loop.best = {"step": loop.step, "elapsed_s": record["elapsed_s"], **metrics}
+    return True
+
+
+def _epoch_batches(data: Encoded, cfg: TrainConfig, epoch: int) -> list[list[int]]:
+    return make_batches(data, cfg.batch_tokens, random.Random(f"{cfg.seed}/{epoch}"))
+
+
+def _start(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    device: torch.device,
+    resume_from: Path | None,
+    log: Callable[[str], None],
+) -> tuple[Transformer, torch.optim.Optimizer, LoopState]:
+    """The model, its optimiser and the loop state: new, or as the checkpoint resume_from left
+    them."""
+    model = make_model(model_cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    if resume_from is None:
+        return model, opt, LoopState()
+    loop = resume_training(resume_from, device, model_cfg, model, opt)
+    where = f"step {loop.step} (epoch {loop.epoch}, {loop.elapsed_s:.0f}s)"
+    log(f"resumed from {resume_from} at {where}")
+    return model, opt, loop
+
+
 def train(
     run_dir: Path,
     model_cfg: ModelConfig,
@@ -339,7 +392,6 @@ def train(
     dev_pairs: Sequence[Pair],
     limits: Limits,
     resume: bool = False,
-    extra_state: dict[str, Any] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
     bleu_tokenize: str = "13a",
@@ -353,117 +405,44 @@ def train(
     dev = list(dev_pairs)
     if cfg.eval_max_sentences and len(dev) > cfg.eval_max_sentences:
         dev = random.Random(cfg.seed).sample(dev, cfg.eval_max_sentences)
-
-    model = make_model(model_cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    step, epoch, batch_pos, elapsed_before = 0, 0, 0, 0.0
-    best: dict[str, Any] | None = None
-    history: list[dict[str, Any]] = []
     last_path, best_path = run_dir / CHECKPOINT_LAST, run_dir / CHECKPOINT_BEST
-    if resume:
-        state = _resume(last_path, device, model_cfg, model, opt)
-        step, epoch, batch_pos = state["step"], state["epoch"], state["batch_pos"]
-        elapsed_before, best, history = state["elapsed_s"], state["best"], state["history"]
-        log(f"resumed from {last_path} at step {step} (epoch {epoch}, {elapsed_before:.0f}s)")
-
-    def batches_of(ep: int) -> list[list[int]]:
-        return make_batches(data, cfg.batch_tokens, random.Random(f"{cfg.seed}/{ep}"))
-
-    epoch_batches = batches_of(epoch)
-    log_path = run_dir / "train_log.jsonl"
-    t0 = time.monotonic() - elapsed_before
-    bar = tqdm(
-        total=cfg.max_steps or None,
-        initial=step,
-        disable=not progress,
-        unit="step",
-        dynamic_ncols=True,
-    )
-    tokens_seen, window_t = 0, time.monotonic()
-    stop_reason = ""
-    at_target = _streak(history, cfg)  # evaluations in a row at or above the target
-
-    def checkpoint_state() -> dict[str, Any]:
-        return {
-            "model_config": model_cfg.to_dict(),
-            "train_config": cfg.to_dict(),
-            "limits": asdict(limits),
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "step": step,
-            "epoch": epoch,
-            "batch_pos": batch_pos,
-            "elapsed_s": time.monotonic() - t0,
-            "best": best,
-            "history": history,
-            "torch_rng": torch.get_rng_state(),
-            **(extra_state or {}),
-        }
-
+    model, opt, loop = _start(model_cfg, cfg, device, last_path if resume else None, log)
+    settings = {
+        "model_config": model_cfg.to_dict(),
+        "train_config": cfg.to_dict(),
+        "limits": asdict(limits),
+    }
+    batches = _epoch_batches(data, cfg, loop.epoch)
+    t0 = time.monotonic() - loop.elapsed_s
+    status, stop_reason = _Progress(cfg, loop.step, progress), ""
     while not stop_reason:
-        if batch_pos >= len(epoch_batches):
-            epoch, batch_pos = epoch + 1, 0
-            epoch_batches = batches_of(epoch)
-        idx = epoch_batches[batch_pos]
-        batch_pos += 1
-        step += 1
-        lr = lr_at(step, cfg)
+        if loop.batch_pos >= len(batches):
+            loop.epoch, loop.batch_pos = loop.epoch + 1, 0
+            batches = _epoch_batches(data, cfg, loop.epoch)
+        idx = batches[loop.batch_pos]
+        loop.batch_pos, loop.step = loop.batch_pos + 1, loop.step + 1
+        lr = lr_at(loop.step, cfg)
         loss, tokens = _optimise(model, opt, collate(data, idx, model_cfg, device), lr, cfg)
-        tokens_seen += tokens
         elapsed = time.monotonic() - t0
-        bar.update(1)
-        if step % 10 == 0:
-            now = time.monotonic()
-            tps = tokens_seen / max(now - window_t, 1e-9)
-            tokens_seen, window_t = 0, now
-            post = {"loss": f"{loss.item():.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tps:,.0f}"}
-            if cfg.time_budget_s:
-                post["eta"] = f"{max(cfg.time_budget_s - elapsed, 0):.0f}s"
-            bar.set_postfix(post)
-
-        if cfg.max_steps and step >= cfg.max_steps:
-            stop_reason = f"reached {cfg.max_steps} steps"
-        elif cfg.time_budget_s and elapsed >= cfg.time_budget_s:
-            stop_reason = f"reached the time budget of {cfg.time_budget_s:.0f}s"
-        if step % cfg.eval_every == 0 or stop_reason:
-            metrics, _ = evaluate_pairs(model, tok, dev, limits, bleu_tokenize)
-            record = {
-                "step": step,
-                "elapsed_s": round(time.monotonic() - t0, 2),
-                "loss": round(loss.item(), 4),
-                "lr": lr,
-                **metrics,
-            }
-            history.append(record)
-            with log_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.write(
-                f"step {step} {record['elapsed_s']:.0f}s loss {loss.item():.3f} "
-                f"dev exact {metrics['exact_match']:.4f} BLEU {metrics['bleu']:.2f} "
-                f"chrF {metrics['chrf']:.2f}"
-            )
-            improved = _better(metrics, best)
-            if improved:
-                best = {"step": step, "elapsed_s": record["elapsed_s"], **metrics}
-            state = checkpoint_state()
-            save_checkpoint(last_path, state)
-            if improved:
-                save_checkpoint(best_path, state)
-            if cfg.target_exact_match and metrics["exact_match"] >= cfg.target_exact_match:
-                at_target += 1
-            else:
-                at_target = 0
-            if cfg.target_exact_match and at_target >= max(1, cfg.target_patience):
-                # One perfect dev evaluation can be luck on a few hundred sentences; several in
-                # a row mean the model has settled (and generalises better to the test split).
-                stop_reason = (
-                    f"dev exact match ≥ {cfg.target_exact_match} in {at_target} evaluations "
-                    "in a row"
-                )
-    bar.close()
-    log(f"stopped after {step} steps: {stop_reason}")
-    assert best is not None
-    return TrainResult(step, time.monotonic() - t0, best, history, stop_reason)
+        status.step(loop.step, loss, lr, tokens, elapsed)
+        stop_reason = _limit_reason(loop.step, elapsed, cfg)
+        if loop.step % cfg.eval_every and not stop_reason:
+            continue
+        metrics, _ = evaluate_pairs(model, tok, dev, limits, bleu_tokenize)
+        elapsed = time.monotonic() - t0
+        improved = _log_evaluation(
+            run_dir, loop, status.bar.write, metrics, elapsed, loss.item(), lr
+        )
+        loop.elapsed_s = time.monotonic() - t0
+        state = training_state(settings, model, opt, loop)
+        save_checkpoint(last_path, state)
+        if improved:
+            save_checkpoint(best_path, state)
+        stop_reason = _target_reason(loop.history, cfg) or stop_reason
+    status.bar.close()
+    log(f"stopped after {loop.step} steps: {stop_reason}")
+    assert loop.best is not None
+    return TrainResult(loop.step, time.monotonic() - t0, loop.best, loop.history, stop_reason)
 
 
 def time_to(history: Sequence[dict[str, Any]], threshold: float) -> float | None:

@@ -206,7 +206,7 @@ Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[..
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from service.client import add_translate_args, run_translate
+    from service.client_cli import add_translate_args, run_translate
     from service.loadtest import __doc__ as loadtest_doc
     from service.loadtest import add_loadtest_args, run_loadtest
 

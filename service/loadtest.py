@@ -27,6 +27,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,35 @@ class Settings:
             raise ValueError("--sentences-per-request must be ≥ 1")
 
 
+async def _call(
+    stub: pb_grpc.TranslatorStub,
+    timeout: float,
+    corpus: Corpus,
+    run: Run,
+    scheduled_at: float,
+    idx: list[int],
+) -> None:
+    """One Translate call of the sentences idx, recorded with its latency from its scheduled
+    send time."""
+    request = pb.TranslateRequest(sentences=[corpus.sources[i] for i in idx])
+    try:
+        resp = await stub.Translate(request, timeout=timeout)
+        code, texts = "OK", [r.translation for r in resp.results]
+        tokens = sum(len(r.token_ids) for r in resp.results)
+    except grpc.aio.AioRpcError as e:
+        code, texts, tokens = e.code().name, [], 0
+    now = time.monotonic()
+    run.records.append(
+        Record(scheduled_at - run.started, now - scheduled_at, code, idx, texts, tokens)
+    )
+
+
+def _progress(run: Run, s: Settings, now: float) -> str:
+    done = len(run.records)
+    bound = f"{now - run.started:.0f}/{s.duration:g}s" if s.duration else f"{done}/{s.requests}"
+    return f"{bound}  calls {done}  errors {sum(r.code != 'OK' for r in run.records)}"
+
+
 async def run_load(s: Settings, corpus: Corpus) -> Run:
     rng = random.Random(s.seed)
     n_src = len(corpus.sources)
@@ -128,33 +158,13 @@ async def run_load(s: Settings, corpus: Corpus) -> Run:
         return not (s.duration and now - run.started >= s.duration)
 
     async with grpc.aio.insecure_channel(resolve_target(s.targets), options=options) as ch:
-        stub = pb_grpc.TranslatorStub(ch)
-
-        async def call(scheduled_at: float, idx: list[int]) -> None:
-            req = pb.TranslateRequest(sentences=[corpus.sources[i] for i in idx])
-            try:
-                resp = await stub.Translate(req, timeout=s.timeout)
-                code, texts = "OK", [r.translation for r in resp.results]
-                tokens = sum(len(r.token_ids) for r in resp.results)
-            except grpc.aio.AioRpcError as e:
-                code, texts, tokens = e.code().name, [], 0
-            now = time.monotonic()
-            run.records.append(
-                Record(scheduled_at - run.started, now - scheduled_at, code, idx, texts, tokens)
-            )
+        call = partial(_call, pb_grpc.TranslatorStub(ch), s.timeout, corpus, run)
 
         def report(now: float) -> None:
             nonlocal last_report
             if s.progress and now - last_report >= 1.0:
                 last_report = now
-                done = len(run.records)
-                bound = (
-                    f"{now - run.started:.0f}/{s.duration:g}s"
-                    if s.duration
-                    else f"{done}/{s.requests}"
-                )
-                errors = sum(r.code != "OK" for r in run.records)
-                print(f"\r{bound}  calls {done}  errors {errors}", end="", file=sys.stderr)
+                print(f"\r{_progress(run, s, now)}", end="", file=sys.stderr)
 
         run.started = time.monotonic()
         if s.concurrency:

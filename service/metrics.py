@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from service.engine import EncodeStats, SentenceResult, StepStats
@@ -14,68 +16,62 @@ _STEP = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 
 class Metrics(Observer):
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "nmtserve_requests", "RPCs by method and status code", ["method", "code"], registry=r
+        counter, gauge = partial(Counter, registry=r), partial(Gauge, registry=r)
+        histogram = partial(Histogram, registry=r)
+        self.requests = counter(
+            "nmtserve_requests", "RPCs by method and status code", ["method", "code"]
         )
-        self.latency = Histogram(
-            "nmtserve_request_seconds", "RPC latency", ["method"], buckets=_LATENCY, registry=r
+        self.latency = histogram(
+            "nmtserve_request_seconds", "RPC latency", ["method"], buckets=_LATENCY
         )
-        self.sentences = Counter(
-            "nmtserve_sentences", "Sentences finished, by reason", ["finish_reason"], registry=r
+        self.sentences = counter(
+            "nmtserve_sentences", "Sentences finished, by reason", ["finish_reason"]
         )
-        self.dropped_total = Counter(
+        self.dropped_total = counter(
             "nmtserve_sentences_dropped",
             "Sentences dropped before or while decoding (cancelled, deadline)",
             ["reason"],
-            registry=r,
         )
-        self.failed_total = Counter(
+        self.failed_total = counter(
             "nmtserve_sentences_failed",
             "Sentences failed by an error in decoding (their batch, or a dead decode lane)",
-            registry=r,
         )
-        self.queue = Gauge("nmtserve_queue_depth", "Sentences waiting in the queue", registry=r)
-        self.result_buffer = Gauge(
+        self.queue = gauge("nmtserve_queue_depth", "Sentences waiting in the queue")
+        self.result_buffer = gauge(
             "nmtserve_result_buffer_bytes",
             "Bytes reserved by the calls in progress for results not yet received by their clients",
-            registry=r,
         )
-        self.batches = Counter(
+        self.batches = counter(
             "nmtserve_batches",
             "Encoder runs: groups of sentences admitted into the decoding batch together",
-            registry=r,
         )
-        self.steps = Counter("nmtserve_decode_steps", "Decoder steps run", registry=r)
-        self.rows = Histogram(
+        self.steps = counter("nmtserve_decode_steps", "Decoder steps run")
+        self.rows = histogram(
             "nmtserve_batch_rows",
             "Live rows per decoder step",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-            registry=r,
         )
-        self.padding = Histogram(
+        self.padding = histogram(
             "nmtserve_padding_waste",
             "Share of source positions computed for no live row (padding, free slots), per step",
             buckets=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
-            registry=r,
         )
-        self.tokens = Counter("nmtserve_tokens_generated", "Output tokens generated", registry=r)
-        self.encoder_runs = Counter(
+        self.tokens = counter("nmtserve_tokens_generated", "Output tokens generated")
+        self.encoder_runs = counter(
             "nmtserve_encoder_runs",
             "Encoder runs by layout: packed (real tokens end to end) or padded",
             ["layout"],
-            registry=r,
         )
-        self.encoder_positions = Counter(
+        self.encoder_positions = counter(
             "nmtserve_encoder_positions",
             "Source positions the encoder computed: real tokens, or padding",
             ["kind"],
-            registry=r,
         )
-        self.encoder_seconds = Histogram(
-            "nmtserve_encoder_seconds", "Encoder run time", buckets=_STEP, registry=r
+        self.encoder_seconds = histogram(
+            "nmtserve_encoder_seconds", "Encoder run time", buckets=_STEP
         )
-        self.decoder_seconds = Histogram(
-            "nmtserve_decoder_step_seconds", "Decoder step time", buckets=_STEP, registry=r
+        self.decoder_seconds = histogram(
+            "nmtserve_decoder_step_seconds", "Decoder step time", buckets=_STEP
         )
 
     # Observer hooks, called from the decode thread

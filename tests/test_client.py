@@ -1,4 +1,5 @@
-"""service/client.py against a fake in-process Translator server (no model, no onnxruntime).
+"""service.client and service.client_cli against a fake in-process Translator server (no model,
+no onnxruntime).
 
 The fake echoes sentences upper-cased, so every test can check order and alignment exactly;
 the end-to-end tests against the real server live with the server's tests.
@@ -24,12 +25,11 @@ from grpc_status import rpc_status
 from service.client import (
     SERVICE_CONFIG,
     TranslatorClient,
-    add_translate_args,
     attention_array,
     attention_matrix,
     resolve_target,
-    run_translate,
 )
+from service.client_cli import add_translate_args, run_translate
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
 

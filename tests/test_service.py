@@ -18,10 +18,11 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from export.checkpoint import model_from_checkpoint
 from export.model import greedy_decode
 from export.rundir import load_split
 from export.tokenizer import Tokenizer
-from export.train import model_from_checkpoint, pad, translate_ids
+from export.train import pad, translate_ids
 from service.bundle import Limits
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
