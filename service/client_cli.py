@@ -198,11 +198,23 @@ def _chunks(sentences: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 def _to_dict(message: Message) -> dict[str, Any]:
-    """JSON-ready dict in proto field names, with every field present (zero `index` included),
-    so consumers need no knowledge of proto3's omit-the-default rule."""
+    """JSON-ready dict in proto field names, with every field present (zero values included),
+    so consumers need no knowledge of proto3's omit-the-default rule (for ModelInfo)."""
     return json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
+
+
+def _result_dict(result: pb.TranslationResult, index: int) -> dict[str, Any]:
+    """What a result holds: its index and translation always (even 0 and ""), the rest only
+    where the response carries it — no empty scores, pieces or attention nobody asked for."""
+    held = json_format.MessageToDict(result, preserving_proto_field_name=True)
+    return {"index": index, "translation": result.translation, **held} | {"index": index}
+
+
+def _response_dict(response: pb.TranslateResponse) -> dict[str, Any]:
+    results = [_result_dict(r, r.index) for r in response.results]
+    return {"results": results, "request_id": response.request_id}
 
 
 def _text_line(result: pb.TranslationResult, args: argparse.Namespace) -> str:
@@ -264,7 +276,7 @@ def _print_translations(
                 if index == 0:
                     first = (chunk[0], result)
                 if args.json:
-                    line = json.dumps({**_to_dict(result), "index": index}, ensure_ascii=False)
+                    line = json.dumps(_result_dict(result, index), ensure_ascii=False)
                 else:
                     line = f"{index}\t{_text_line(result, args)}"
                 print(line, flush=True)
@@ -273,7 +285,7 @@ def _print_translations(
             if offset == 0 and response.results:
                 first = (chunk[0], response.results[0])
             if args.json:
-                print(json.dumps(_to_dict(response), ensure_ascii=False), flush=True)
+                print(json.dumps(_response_dict(response), ensure_ascii=False), flush=True)
             else:
                 for result in response.results:
                     print(_text_line(result, args))

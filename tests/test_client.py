@@ -197,6 +197,10 @@ def test_json_output_parses(fake: Fake, capsys: pytest.CaptureFixture[str]) -> N
     assert [r["index"] for r in response["results"]] == [0, 1]  # zero is printed too
     assert response["results"][0]["sequence_log_prob"] == -1.5
     assert response["request_id"] == "fake-id"
+    # Only what the response holds: no empty attention, pieces or alignment nobody asked for
+    assert set(response["results"][1]) == {
+        "index", "translation", "token_ids", "sequence_log_prob", "finish_reason"
+    }  # fmt: skip
 
     assert run(fake, "--json", "--batch", "1", "x", "y") == 0
     chunks = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
