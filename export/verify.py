@@ -234,7 +234,7 @@ def compare_cached_mixed_ages(
         past = model.empty_past(1)
         cross = [(k[i : i + 1], v[i : i + 1]) for k, v in enc.cross_kv]
         for t in range(age):
-            tok = torch.randint(4, cfg.vocab_size, (1,), generator=gen)
+            tok = torch.randint(4, cfg.target_vocab, (1,), generator=gen)
             past = model.decode_step(
                 tok, torch.tensor([t]), past, torch.ones(1, t + 1, dtype=torch.long), cross,
                 mask[i : i + 1],
@@ -246,7 +246,7 @@ def compare_cached_mixed_ages(
     positions = np.array(ages, np.int64)
     cross_np = [t.numpy() for t in _flat(enc.cross_kv)]
     for _ in range(steps):
-        tokens = torch.randint(4, cfg.vocab_size, (b,), generator=gen)
+        tokens = torch.randint(4, cfg.target_vocab, (b,), generator=gen)
         logits, attention = rt.step_inplace(
             tokens.numpy(), positions, mask.numpy(), caches, cross_np
         )
@@ -303,7 +303,7 @@ def compare_grid(
             }
             past_t = model.empty_past(b)
             past_o: list[Any] = rt.empty_past(b)
-            tokens = torch.full((b,), cfg.bos_id, dtype=torch.long)
+            tokens = torch.full((b,), cfg.start_id, dtype=torch.long)
             logit_diff = attn_diff = 0.0
             for t in range(steps):
                 pos = torch.full((b,), t, dtype=torch.long)
@@ -316,7 +316,7 @@ def compare_grid(
                 for o, r in zip(attention, ref.cross_attentions, strict=True):
                     attn_diff = max(attn_diff, _max_diff(o, r))
                 past_t = ref.present  # each side feeds its own cache
-                tokens = torch.randint(4, cfg.vocab_size, (b,), generator=gen)
+                tokens = torch.randint(4, cfg.target_vocab, (b,), generator=gen)
             diffs |= {"logits": logit_diff, "cross_attention": attn_diff}
             worst = max(worst, logit_diff)
             cases.append({"batch": b, "source_length": s, "steps": steps, **diffs})
@@ -344,8 +344,8 @@ def compare_mixed_ages(
         mask = torch.ones(1, s, dtype=torch.long)
         enc = model.encode(ids, mask)
         past = model.empty_past(1)
-        history = torch.randint(4, cfg.vocab_size, (age + 1,), generator=gen)
-        history[0] = cfg.bos_id
+        history = torch.randint(4, cfg.target_vocab, (age + 1,), generator=gen)
+        history[0] = cfg.start_id
         for t in range(age):  # build the row's own cache alone
             past = model.decode_step(
                 history[t : t + 1], torch.tensor([t]), past,
