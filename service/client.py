@@ -261,6 +261,7 @@ class TranslatorClient:
         scores: bool,
         alignment: bool,
         request_id: str,
+        target_language: str = "",
     ) -> pb.TranslateRequest:
         """Builds the request; rejects an unknown attention name before anything is sent."""
         if attention not in ATTENTION_MODES:
@@ -273,6 +274,7 @@ class TranslatorClient:
             return_pieces=pieces,
             return_scores=scores,
             return_alignment=alignment,
+            target_language=target_language,
         )
         if attention_layer is not None:  # proto3 `optional`: unset means the last layer
             options.attention_layer = attention_layer
@@ -291,6 +293,7 @@ class TranslatorClient:
         scores: bool = False,
         alignment: bool = False,
         request_id: str = "",
+        target_language: str = "",
     ) -> pb.TranslateResponse:
         """Translates `sentences` in one call: one result per sentence, in input order."""
         request = self._request(
@@ -302,6 +305,7 @@ class TranslatorClient:
             scores=scores,
             alignment=alignment,
             request_id=request_id,
+            target_language=target_language,
         )
         response: pb.TranslateResponse = self._stub.Translate(
             request, timeout=self.timeout, metadata=self._metadata
@@ -319,6 +323,7 @@ class TranslatorClient:
         scores: bool = False,
         alignment: bool = False,
         request_id: str = "",
+        target_language: str = "",
     ) -> Iterator[pb.TranslationResult]:
         """Yields each result as soon as the server finishes its sentence (not in input order:
         `result.index` says which sentence it is).
@@ -336,6 +341,7 @@ class TranslatorClient:
             scores=scores,
             alignment=alignment,
             request_id=request_id,
+            target_language=target_language,
         )
         call = self._stub.TranslateStream(request, timeout=self.timeout, metadata=self._metadata)
         try:
@@ -518,6 +524,12 @@ def _option_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--alignment", action="store_true", help="return the hard alignment (Pharaoh i-j pairs)"
+    )
+    parser.add_argument(
+        "--target-language",
+        default="",
+        metavar="CODE",
+        help="target language of a multilingual model, e.g. fra (see --info's target_languages)",
     )
 
 
@@ -737,6 +749,7 @@ def run_translate(args: argparse.Namespace) -> int:
                 "pieces": pieces,
                 "scores": args.scores,
                 "alignment": args.alignment,
+                "target_language": args.target_language,
             }
             first = _print_translations(client, sentences, options, args)
         except _UsageError as err:

@@ -203,6 +203,7 @@ def request_options(o: pb.TranslateOptions) -> RequestOptions:
         pieces=o.return_pieces,
         scores=o.return_scores,
         alignment=o.return_alignment,
+        target_language=o.target_language,
     )
 
 
@@ -485,6 +486,8 @@ def model_info(tr: Translator, cfg: ServerConfig) -> pb.ModelInfo:
         target_language=str(corpus.get("lang", "")),
         decode_lanes=tr.info.lanes,
         threads_per_lane=tr.info.threads,
+        target_languages=[c[2:-2] for c in tr.tok.target_languages],
+        tokenizer=tr.tok.kind,
     )
 
 
