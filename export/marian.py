@@ -176,7 +176,8 @@ def model_config(d: MarianDir) -> ModelConfig:
     problems += _vocab_problems(d, vocab, target)
     pad = c.get("pad_token_id", 58100)
     fields = dict(
-        vocab_size=vocab, d_model=c.get("d_model", 1024), n_heads=c.get("encoder_attention_heads", 16),
+        vocab_size=vocab, d_model=c.get("d_model", 1024),
+        n_heads=c.get("encoder_attention_heads", 16),
         d_ff=c.get("encoder_ffn_dim", 4096), n_encoder_layers=c.get("encoder_layers", 12),
         n_decoder_layers=c.get("decoder_layers", 12), dropout=0.0,
         max_positions=c.get("max_position_embeddings", 1024), norm="post",
@@ -293,8 +294,11 @@ def map_weights(hf: Any, cfg: ModelConfig) -> Transformer:
     for side, layers in (("encoder", m.encoder.layers), ("decoder", m.decoder.layers)):
         for i, layer in enumerate(layers):
             attn = {"self_attn": "self_attn", "encoder_attn": "cross_attn"}
-            norms = {"self_attn_layer_norm": "sub_attn" if side == "encoder" else "sub_self",
-                     "encoder_attn_layer_norm": "sub_cross", "final_layer_norm": "sub_ff"}  # fmt: skip
+            norms = {
+                "self_attn_layer_norm": "sub_attn" if side == "encoder" else "sub_self",
+                "encoder_attn_layer_norm": "sub_cross",
+                "final_layer_norm": "sub_ff",
+            }
             for name, tensor in layer.state_dict().items():
                 mod, _, rest = name.partition(".")
                 if mod in attn:
