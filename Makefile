@@ -7,12 +7,12 @@ PY := $(VENV)/bin/python
 RUN ?= runs/default
 BUNDLE ?= models/default
 
-.PHONY: install tools run model test lint test-slow bench bench-service bench-engines bench-fairness bench-slow-readers fuzz-long soak container-check compose-check clean
+.PHONY: install tools run model marian-demo test lint test-slow bench bench-service bench-engines bench-fairness bench-slow-readers fuzz-long soak container-check compose-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[export,service,dev,plot,loadtest,bench]'
+	$(PY) -m pip install --quiet -e '.[export,import,service,dev,plot,loadtest,bench]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -30,6 +30,16 @@ model: $(BUNDLE)/manifest.json
 # DEMO_ARGS=--once stops right after the translations.
 run: model
 	$(PY) -m service demo --bundle $(BUNDLE) $(DEMO_ARGS)
+
+# An OPUS-MT-shaped Marian directory (transformer-base size, RANDOM weights: not a translator),
+# imported with verification against transformers, then served with translations shown.
+MARIAN_DIR ?= runs/marian-demo-dir
+MARIAN_BUNDLE ?= models/marian-demo
+marian-demo: install
+	$(PY) benchmarks/marian_dirs.py --out $(MARIAN_DIR) --d-model 512 --layers 6 --heads 8 \
+		--ffn 2048 --vocab 32000
+	$(PY) -m export import-marian $(MARIAN_DIR) --out $(MARIAN_BUNDLE) --force
+	$(PY) -m service demo --bundle $(MARIAN_BUNDLE) --once
 
 # promtool (Debian's prometheus package), unpacked into .tools/ without installing the service.
 TOOLS := .tools

@@ -16,17 +16,30 @@ H = heads, Dh = head size, D = d_model, V = vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 # Added to the scores of masked keys. Large enough that exp() underflows to exactly 0 in fp32,
 # finite so that a row whose keys are all masked (a padding query) gives a uniform row, never NaN.
 MASK_VALUE = -1e9
 
 KV = tuple[Tensor, Tensor]  # (keys, values), each (B, H, T, Dh)
+
+# The feed-forward activations by ModelConfig.activation name. "swish" is SiLU (x·sigmoid(x));
+# "gelu" the exact (erf) GELU; "gelu_tanh" its tanh approximation.
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": torch.relu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+}
+POSITION_LAYOUTS = ("interleaved", "halves")
 
 
 @dataclass(frozen=True)
@@ -46,8 +59,26 @@ class ModelConfig:
     pad_id: int = 0
     bos_id: int = 2
     eos_id: int = 3
+    # The sinusoidal table's layout: sin/cos interleaved per dimension pair, or all sines then
+    # all cosines (Marian). Same frequencies either way.
+    positions: Literal["interleaved", "halves"] = "interleaved"
+    scale_embedding: bool = True  # embeddings × sqrt(d_model) before the positions are added
+    final_logits_bias: bool = False  # a learned (1, V) bias added to the output logits
+    activation: Literal["relu", "swish", "gelu", "gelu_tanh"] = "relu"  # feed-forward
+    layer_norm_eps: float = 1e-5
+    tgt_vocab_size: int = 0  # the decoder's own vocabulary size; 0: vocab_size (one vocabulary)
+    # Source and target embeddings are one matrix; None: as tie_embeddings (which, when the
+    # vocabulary is shared, ties all three matrices).
+    share_embeddings: bool | None = None
+    decoder_start_id: int | None = None  # the first decoder input; None: bos_id
 
     def __post_init__(self) -> None:
+        # None means "as before these fields existed"; resolved here so that to_dict records
+        # the value in use.
+        if self.share_embeddings is None:
+            object.__setattr__(self, "share_embeddings", self.tie_embeddings)
+        if self.decoder_start_id is None:
+            object.__setattr__(self, "decoder_start_id", self.bos_id)
         problems = []
         if self.d_model % self.n_heads:
             problems.append(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
@@ -58,12 +89,43 @@ class ModelConfig:
                 problems.append(f"{name} must be positive")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), not {self.dropout}")
+        problems += self._new_field_problems()
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+    def _new_field_problems(self) -> list[str]:
+        problems = []
+        if self.positions not in POSITION_LAYOUTS:
+            problems.append(f"positions must be one of {POSITION_LAYOUTS}, not {self.positions!r}")
+        if self.activation not in ACTIVATIONS:
+            problems.append(
+                f"activation must be one of {sorted(ACTIVATIONS)}, not {self.activation!r}"
+            )
+        if not self.layer_norm_eps > 0:
+            problems.append("layer_norm_eps must be positive")
+        if self.tgt_vocab_size < 0:
+            problems.append("tgt_vocab_size must be ≥ 0 (0: the source vocabulary)")
+        if self.share_embeddings and self.target_vocab != self.vocab_size:
+            problems.append("share_embeddings needs tgt_vocab_size 0 or equal to vocab_size")
+        last = self.target_vocab - 1
+        for name in ("pad_id", "eos_id", "decoder_start_id"):
+            if not 0 <= int(getattr(self, name)) <= last:
+                problems.append(f"{name} must be a target vocabulary id (0..{last})")
+        return problems
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def target_vocab(self) -> int:
+        """The decoder's vocabulary size (its embedding rows and the logits' width)."""
+        return self.tgt_vocab_size or self.vocab_size
+
+    @property
+    def start_id(self) -> int:
+        """The first decoder input of every row."""
+        return int(self.decoder_start_id if self.decoder_start_id is not None else self.bos_id)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,15 +177,20 @@ def causal_bias(length: int, device: torch.device | None = None) -> Tensor:
     return bias[None, None]
 
 
-def sinusoidal_positions(max_positions: int, d_model: int) -> Tensor:
-    """(max_positions, D): sin on even dimensions, cos on odd ones, wavelengths up to 10000·2π."""
+def sinusoidal_positions(max_positions: int, d_model: int, layout: str = "interleaved") -> Tensor:
+    """(max_positions, D), wavelengths up to 10000·2π: "interleaved" puts sin on even dimensions
+    and cos on odd ones; "halves" puts all sines first, then all cosines."""
     position = torch.arange(max_positions, dtype=torch.float32)[:, None]  # (L, 1)
     inv_freq = torch.exp(
         torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model)
     )  # (D/2,)
     table = torch.zeros(max_positions, d_model)
-    table[:, 0::2] = torch.sin(position * inv_freq)
-    table[:, 1::2] = torch.cos(position * inv_freq[: d_model // 2])
+    sin, cos = torch.sin(position * inv_freq), torch.cos(position * inv_freq[: d_model // 2])
+    if layout == "halves":
+        half = (d_model + 1) // 2
+        table[:, :half], table[:, half:] = sin, cos
+    else:
+        table[:, 0::2], table[:, 1::2] = sin, cos
     return table
 
 
@@ -219,24 +286,25 @@ class CachedSelfAttention(torch.autograd.Function):
 
 
 class FeedForward(nn.Module):
-    """Two linear maps with a ReLU between, the inner one wider."""
+    """Two linear maps with an activation (ModelConfig.activation) between, the inner wider."""
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float) -> None:
+    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str = "relu") -> None:
         super().__init__()
         self.w_1 = nn.Linear(d_model, d_ff)
         self.w_2 = nn.Linear(d_ff, d_model)
         self.dropout = nn.Dropout(dropout)
+        self.activation = ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.w_2(torch.relu(self.w_1(x))))
+        return self.dropout(self.w_2(self.activation(self.w_1(x))))
 
 
 class SubLayer(nn.Module):
     """Residual connection + LayerNorm around a sub-layer, post-norm (paper) or pre-norm."""
 
-    def __init__(self, d_model: int, dropout: float, norm: str) -> None:
+    def __init__(self, d_model: int, dropout: float, norm: str, eps: float = 1e-5) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(d_model)
+        self.norm = nn.LayerNorm(d_model, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.pre = norm == "pre"
 
@@ -254,9 +322,9 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
-        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
-        self.sub_attn = SubLayer(cfg.d_model, cfg.dropout, cfg.norm)
-        self.sub_ff = SubLayer(cfg.d_model, cfg.dropout, cfg.norm)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.activation)
+        self.sub_attn = SubLayer(cfg.d_model, cfg.dropout, cfg.norm, cfg.layer_norm_eps)
+        self.sub_ff = SubLayer(cfg.d_model, cfg.dropout, cfg.norm, cfg.layer_norm_eps)
 
     def forward(self, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
         h = self.sub_attn.input(x)
@@ -271,10 +339,10 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
         self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
-        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
-        self.sub_self = SubLayer(cfg.d_model, cfg.dropout, cfg.norm)
-        self.sub_cross = SubLayer(cfg.d_model, cfg.dropout, cfg.norm)
-        self.sub_ff = SubLayer(cfg.d_model, cfg.dropout, cfg.norm)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.activation)
+        self.sub_self = SubLayer(cfg.d_model, cfg.dropout, cfg.norm, cfg.layer_norm_eps)
+        self.sub_cross = SubLayer(cfg.d_model, cfg.dropout, cfg.norm, cfg.layer_norm_eps)
+        self.sub_ff = SubLayer(cfg.d_model, cfg.dropout, cfg.norm, cfg.layer_norm_eps)
 
     def forward(
         self,
@@ -340,12 +408,15 @@ class Transformer(nn.Module):
         self.src_embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
         self.tgt_embed = (
             self.src_embed
-            if cfg.tie_embeddings
-            else nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+            if cfg.share_embeddings
+            else nn.Embedding(cfg.target_vocab, cfg.d_model, padding_idx=cfg.pad_id)
         )
+        self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         self.positions: Tensor
         self.register_buffer(
-            "positions", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False
+            "positions",
+            sinusoidal_positions(cfg.max_positions, cfg.d_model, cfg.positions),
+            persistent=False,
         )
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
@@ -359,9 +430,13 @@ class Transformer(nn.Module):
         self.decoder_norm: nn.Module = (
             nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
         )
-        self.generator = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.generator = nn.Linear(cfg.d_model, cfg.target_vocab, bias=False)
         if cfg.tie_embeddings:
-            self.generator.weight = self.src_embed.weight
+            self.generator.weight = self.tgt_embed.weight
+        self.logits_bias: Tensor | None
+        self.register_buffer(
+            "logits_bias", torch.zeros(1, cfg.target_vocab) if cfg.final_logits_bias else None
+        )
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -372,15 +447,20 @@ class Transformer(nn.Module):
                 nn.init.zeros_(p)
         if self.cfg.tie_embeddings:
             # Tied weights serve as output projection too: keep logits at unit scale.
-            nn.init.normal_(self.src_embed.weight, std=self.cfg.d_model**-0.5)
+            nn.init.normal_(self.tgt_embed.weight, std=self.cfg.d_model**-0.5)
         with torch.no_grad():
             self.src_embed.weight[self.cfg.pad_id].zero_()
             self.tgt_embed.weight[self.cfg.pad_id].zero_()
 
     def embed(self, embedding: nn.Embedding, ids: Tensor, positions: Tensor) -> Tensor:
         """ids (B, T), positions (B, T) → (B, T, D): scaled embedding + sinusoidal position."""
-        x = embedding(ids) * math.sqrt(self.cfg.d_model) + self.positions[positions]
+        x = embedding(ids) * self.embed_scale + self.positions[positions]
         return self.embed_dropout(x)
+
+    def project(self, x: Tensor) -> Tensor:
+        """The decoder stack's output (B, T, D) → logits (B, T, V)."""
+        logits = self.generator(self.decoder_norm(x))
+        return logits if self.logits_bias is None else logits + self.logits_bias
 
     def encode(self, src: Tensor, src_mask: Tensor) -> EncoderOutput:
         """src (B, S) ids, src_mask (B, S) 1/0 → memory and every decoder layer's cross K/V."""
@@ -430,7 +510,7 @@ class Transformer(nn.Module):
             x, new_kv, _, cross_probs = layer(x, self_bias, kv, cross_bias, layer_past)
             present.append(new_kv)
             cross.append(cross_probs[:, :, 0, :])  # (B, H, S)
-        logits = self.generator(self.decoder_norm(x))[:, 0, :]  # (B, V)
+        logits = self.project(x)[:, 0, :]  # (B, V)
         return StepOutput(logits, present, cross)
 
     def decode_step_cached(
@@ -451,7 +531,7 @@ class Transformer(nn.Module):
             )
             present.append(new_kv)
             cross.append(cross_probs[:, :, 0, :])
-        logits = self.generator(self.decoder_norm(x))[:, 0, :]
+        logits = self.project(x)[:, 0, :]
         return StepOutput(logits, present, cross)
 
     def decode(
@@ -468,7 +548,7 @@ class Transformer(nn.Module):
         for layer, kv in zip(self.decoder_layers, enc.cross_kv, strict=True):
             x, _, _, cross_probs = layer(x, self_bias, kv, cross_bias)
             cross.append(cross_probs)
-        return self.generator(self.decoder_norm(x)), cross
+        return self.project(x), cross
 
     def forward(
         self, src: Tensor, src_mask: Tensor, tgt_in: Tensor, tgt_mask: Tensor
@@ -511,7 +591,7 @@ def greedy_decode(
         else torch.full((b,), int(max_len), device=device)
     )
     enc = model.encode(src, src_mask)
-    tokens = torch.full((b,), cfg.bos_id, dtype=torch.long, device=device)
+    tokens = torch.full((b,), cfg.start_id, dtype=torch.long, device=device)
     past = model.empty_past(b, device)
     self_mask = torch.ones(b, 1, dtype=torch.long, device=device)
     out: list[list[int]] = [[] for _ in range(b)]

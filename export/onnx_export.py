@@ -124,7 +124,7 @@ def _example_inputs(model: Transformer, batch: int = 2, src_len: int = 5, past: 
     self_kv = [torch.randn(batch, h, past, dh) for _ in range(2 * n)]
     cross_kv = [torch.randn(batch, h, src_len, dh) for _ in range(2 * n)]
     dec = (
-        torch.randint(4, cfg.vocab_size, (batch, 1)),
+        torch.randint(4, cfg.target_vocab, (batch, 1)),
         torch.full((batch, 1), past, dtype=torch.long),
         torch.ones(batch, past + 1, dtype=torch.long),
         mask,
@@ -169,7 +169,7 @@ def export_cached_decoder(model: Transformer, out_dir: Path, opset: int = OPSET)
     b, s, m = 2, 5, 6
     h, dh, n = cfg.n_heads, cfg.head_dim, len(model.decoder_layers)
     args = (
-        torch.randint(4, cfg.vocab_size, (b, 1)),
+        torch.randint(4, cfg.target_vocab, (b, 1)),
         torch.tensor([[0], [3]]),
         torch.ones(b, s, dtype=torch.long),
         *[torch.randn(b, h, m, dh) for _ in range(2 * n)],

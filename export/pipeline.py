@@ -26,7 +26,14 @@ from export.model import Transformer
 from export.onnx_export import OPSET, export_all
 from export.rundir import load_run, load_split
 from export.tokenizer import Tokenizer
-from export.verify import served, served_metrics, verify_fp32
+from export.verify import (
+    GreedyFn,
+    SentenceEncoder,
+    StepModel,
+    served,
+    served_metrics,
+    verify_fp32,
+)
 from service.bundle import (
     FORMAT,
     FORMAT_VERSION,
@@ -38,6 +45,7 @@ from service.bundle import (
     graph_io,
     load_bundle,
     sha256_file,
+    tokenizer_files,
     write_manifest,
 )
 
@@ -96,7 +104,7 @@ def _core_manifest(
 
 def _files(core: dict[str, Any]) -> list[str]:
     graphs = core["onnx"]["graphs"]
-    return [TOKENIZER_FILE, *(f for g in graphs.values() for f in g.values())]
+    return [*tokenizer_files(core["tokenizer"]), *(f for g in graphs.values() for f in g.values())]
 
 
 def _write_core(work: Path, core: dict[str, Any]) -> Bundle:
@@ -138,18 +146,19 @@ def _quantize_graphs(work: Path) -> None:
 
 
 def _verified(
-    model: Transformer,
+    model: StepModel,
     bundle: Bundle,
-    tok: Tokenizer,
+    tok: SentenceEncoder,
     pairs: list[Pair],
     limits: Limits,
     work: Path,
     out: Path,
+    greedy: GreedyFn | None = None,
 ) -> dict[str, Any]:
     """The verification record; when it fails, the graphs and the report are moved to
     <out>.failed and ExportError says so."""
     t = time.monotonic()
-    verification = verify_fp32(model, bundle, tok, pairs, limits)
+    verification = verify_fp32(model, bundle, tok, pairs, limits, greedy)
     verification["seconds"] = round(time.monotonic() - t, 1)
     log.info(
         "verification: max |Δ logits| %.2e, identical greedy tokens on %.2f%% of %d",

@@ -154,7 +154,7 @@ def collate(
     data: Encoded, idx: Sequence[int], cfg: ModelConfig, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     src, src_mask = pad([data.src[i] for i in idx], cfg.pad_id, device)
-    tgt_in, tgt_mask = pad([[cfg.bos_id, *data.tgt[i]] for i in idx], cfg.pad_id, device)
+    tgt_in, tgt_mask = pad([[cfg.start_id, *data.tgt[i]] for i in idx], cfg.pad_id, device)
     tgt_out, _ = pad([[*data.tgt[i], cfg.eos_id] for i in idx], cfg.pad_id, device)
     return src, src_mask, tgt_in, tgt_mask, tgt_out
 

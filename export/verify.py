@@ -18,14 +18,15 @@ encoded packed).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from export.data import Pair
-from export.model import Transformer
+from export.model import KV, EncoderOutput, ModelConfig, StepOutput, Transformer
 from export.tokenizer import Tokenizer
 from export.train import score, translate_ids
 from service.bundle import Bundle, Limits
@@ -34,6 +35,45 @@ from service.runtime import Runtime, RuntimeConfig
 
 LOGIT_TOLERANCE = 1e-4
 OPTIONAL_GRAPHS = ("decoder_kv", "encoder_packed")
+
+# Reference greedy decoding: tokenized sentences and each one's output limit → output ids
+# (eos excluded). Default: PyTorch's (export.train.translate_ids) on our own model.
+GreedyFn = Callable[[list[list[int]], list[int]], list[list[int]]]
+
+
+class StepModel(Protocol):
+    """What the grid compares the graphs with: our Transformer, or an imported model's own
+    library behind the same two calls (export.marian)."""
+
+    cfg: ModelConfig
+
+    def eval(self) -> Any: ...
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> EncoderOutput: ...
+
+    def decode_step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        past: list[KV],
+        self_mask: torch.Tensor,
+        cross_kv: list[KV],
+        src_mask: torch.Tensor,
+    ) -> StepOutput: ...
+
+    def empty_past(self, batch: int, device: torch.device | None = None) -> list[KV]: ...
+
+
+class SentenceEncoder(Protocol):
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+
+def _greedy(model: StepModel, greedy: GreedyFn | None) -> GreedyFn:
+    if greedy is not None:
+        return greedy
+    if not isinstance(model, Transformer):
+        raise TypeError("a reference other than our Transformer needs its own greedy function")
+    return partial(translate_ids, model)
 
 
 def served(bundle: Bundle, precision: str = "fp32", **settings: Any) -> Runtime:
@@ -72,18 +112,19 @@ def engine_translate(
 
 
 def greedy_agreement(
-    model: Transformer,
+    model: StepModel,
     rt: Runtime,
-    tok: Tokenizer,
+    tok: SentenceEncoder,
     pairs: list[Pair],
     limits: Limits,
     batch_size: int = 64,
     by_length: bool = True,
+    greedy: GreedyFn | None = None,
 ) -> dict[str, Any]:
-    """PyTorch's and the engine's greedy tokens on every test sentence: the share of sentences
-    with identical tokens, and the first mismatches."""
+    """The reference's (PyTorch's by default) and the engine's greedy tokens on every test
+    sentence: the share of sentences with identical tokens, and the first mismatches."""
     encoded = tok.encode_batch([p.source for p in pairs])
-    ref = translate_ids(model, encoded, [limits.target_limit(len(e)) for e in encoded])
+    ref = _greedy(model, greedy)(encoded, [limits.target_limit(len(e)) for e in encoded])
     got = engine_translate(rt, limits, encoded, batch_size, by_length)
     same = [a == b for a, b in zip(ref, got, strict=True)]
     mismatches = [
@@ -112,15 +153,20 @@ def served_metrics(
 
 
 def verify_fp32(
-    model: Transformer, bundle: Bundle, tok: Tokenizer, pairs: list[Pair], limits: Limits
+    model: StepModel,
+    bundle: Bundle,
+    tok: SentenceEncoder,
+    pairs: list[Pair],
+    limits: Limits,
+    greedy: GreedyFn | None = None,
 ) -> dict[str, Any]:
     """The whole verification of a bundle's fp32 graphs: the grid and greedy tokens through
     the concatenating decoder, then each optional graph the bundle has."""
     rt = served(bundle, kv_cache="concat", packing="off")
     grid = compare_grid(model, rt, limits.max_source_tokens)
-    agreement = greedy_agreement(model, rt, tok, pairs, limits)
+    agreement = greedy_agreement(model, rt, tok, pairs, limits, greedy=greedy)
     optional = {
-        part: verify_graph(part, model, bundle, tok, pairs, limits)
+        part: verify_graph(part, model, bundle, tok, pairs, limits, greedy)
         if bundle.has_graph("fp32", part)
         else None  # a bundle exported before a graph existed has no record of it
         for part in OPTIONAL_GRAPHS
@@ -139,11 +185,12 @@ def verify_fp32(
 
 def verify_graph(
     part: str,
-    model: Transformer,
+    model: StepModel,
     bundle: Bundle,
-    tok: Tokenizer,
+    tok: SentenceEncoder,
     pairs: list[Pair],
     limits: Limits,
+    greedy: GreedyFn | None = None,
 ) -> dict[str, Any]:
     """One optional graph against PyTorch, then greedy tokens on the whole test split with it.
 
@@ -155,12 +202,12 @@ def verify_graph(
         rt = served(bundle, kv_cache="inplace", packing="off")
         figures = compare_cached_mixed_ages(model, rt)
         worst = max(figures["logits"], figures["cross_attention"])
-        agreement = greedy_agreement(model, rt, tok, pairs, limits)
+        agreement = greedy_agreement(model, rt, tok, pairs, limits, greedy=greedy)
     elif part == "encoder_packed":
         rt = served(bundle, kv_cache="concat", packing="always")
         figures = compare_packed(model, rt, limits.max_source_tokens)
         worst = figures["cross_kv"]
-        agreement = greedy_agreement(model, rt, tok, pairs, limits, 8, by_length=False)
+        agreement = greedy_agreement(model, rt, tok, pairs, limits, 8, False, greedy)
     else:
         raise ValueError(f"no verification for graph {part!r}")
     return {
@@ -172,7 +219,12 @@ def verify_graph(
 
 
 def _max_diff(a: np.ndarray, b: torch.Tensor) -> float:
-    return float(np.abs(a - b.numpy()).max()) if a.size else 0.0
+    """max |a - b|, where -inf on both sides (a suppressed id) counts as equal."""
+    if not a.size:
+        return 0.0
+    ref = b.numpy()
+    both = np.isneginf(a) & np.isneginf(ref)
+    return float(np.abs(np.where(both, 0.0, a - np.where(both, 0.0, ref))).max())
 
 
 def _flat(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
@@ -181,7 +233,7 @@ def _flat(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]
 
 @torch.no_grad()
 def compare_packed(
-    model: Transformer,
+    model: StepModel,
     rt: Runtime,
     max_source: int,
     seed: int = 0,
@@ -212,7 +264,7 @@ def compare_packed(
 
 @torch.no_grad()
 def compare_cached_mixed_ages(
-    model: Transformer,
+    model: StepModel,
     rt: Runtime,
     seed: int = 0,
     ages: Sequence[int] = (5, 2, 0, 9),
@@ -234,7 +286,7 @@ def compare_cached_mixed_ages(
         past = model.empty_past(1)
         cross = [(k[i : i + 1], v[i : i + 1]) for k, v in enc.cross_kv]
         for t in range(age):
-            tok = torch.randint(4, cfg.vocab_size, (1,), generator=gen)
+            tok = torch.randint(4, cfg.target_vocab, (1,), generator=gen)
             past = model.decode_step(
                 tok, torch.tensor([t]), past, torch.ones(1, t + 1, dtype=torch.long), cross,
                 mask[i : i + 1],
@@ -246,7 +298,7 @@ def compare_cached_mixed_ages(
     positions = np.array(ages, np.int64)
     cross_np = [t.numpy() for t in _flat(enc.cross_kv)]
     for _ in range(steps):
-        tokens = torch.randint(4, cfg.vocab_size, (b,), generator=gen)
+        tokens = torch.randint(4, cfg.target_vocab, (b,), generator=gen)
         logits, attention = rt.step_inplace(
             tokens.numpy(), positions, mask.numpy(), caches, cross_np
         )
@@ -273,7 +325,7 @@ def compare_cached_mixed_ages(
 
 @torch.no_grad()
 def compare_grid(
-    model: Transformer,
+    model: StepModel,
     rt: Runtime,
     max_source: int,
     batches: Sequence[int] = (1, 3, 8),
@@ -303,7 +355,7 @@ def compare_grid(
             }
             past_t = model.empty_past(b)
             past_o: list[Any] = rt.empty_past(b)
-            tokens = torch.full((b,), cfg.bos_id, dtype=torch.long)
+            tokens = torch.full((b,), cfg.start_id, dtype=torch.long)
             logit_diff = attn_diff = 0.0
             for t in range(steps):
                 pos = torch.full((b,), t, dtype=torch.long)
@@ -316,7 +368,7 @@ def compare_grid(
                 for o, r in zip(attention, ref.cross_attentions, strict=True):
                     attn_diff = max(attn_diff, _max_diff(o, r))
                 past_t = ref.present  # each side feeds its own cache
-                tokens = torch.randint(4, cfg.vocab_size, (b,), generator=gen)
+                tokens = torch.randint(4, cfg.target_vocab, (b,), generator=gen)
             diffs |= {"logits": logit_diff, "cross_attention": attn_diff}
             worst = max(worst, logit_diff)
             cases.append({"batch": b, "source_length": s, "steps": steps, **diffs})
@@ -328,7 +380,7 @@ def compare_grid(
 
 @torch.no_grad()
 def compare_mixed_ages(
-    model: Transformer, rt: Runtime, gen: torch.Generator, ages: Sequence[int] = (5, 2, 0)
+    model: StepModel, rt: Runtime, gen: torch.Generator, ages: Sequence[int] = (5, 2, 0)
 ) -> dict[str, Any]:
     """Rows with past lengths `ages` share one Runtime.step, their caches left-padded and
     masked; each row's logits must equal that row decoded alone in PyTorch."""
@@ -344,8 +396,8 @@ def compare_mixed_ages(
         mask = torch.ones(1, s, dtype=torch.long)
         enc = model.encode(ids, mask)
         past = model.empty_past(1)
-        history = torch.randint(4, cfg.vocab_size, (age + 1,), generator=gen)
-        history[0] = cfg.bos_id
+        history = torch.randint(4, cfg.target_vocab, (age + 1,), generator=gen)
+        history[0] = cfg.start_id
         for t in range(age):  # build the row's own cache alone
             past = model.decode_step(
                 history[t : t + 1], torch.tensor([t]), past,

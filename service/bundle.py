@@ -1,9 +1,15 @@
 """The model bundle contract, defined once: the exporter writes bundles with it and the
 service loads them with it (no torch, no grpc here).
 
-A bundle is a directory holding the ONNX graphs, the tokenizer model and ``manifest.json``.
+A bundle is a directory holding the ONNX graphs, the tokenizer files and ``manifest.json``.
 The manifest records the format and its version, hyper-parameters and special ids, the
 output-length rule, every graph's file and input/output names, and every file's sha256.
+``tokenizer.type`` says which tokenizer the bundle carries: ``sentencepiece`` (our trainer's
+one model file) or ``marian`` (an imported Marian / OPUS-MT model's ``source.spm``,
+``target.spm``, ``vocab.json`` and, with separate vocabularies, ``target_vocab.json``).
+The optional ``generation`` holds how greedy decoding starts and what it never emits (an
+imported model's generation settings); bundles without it start from ``bos_id`` and may emit
+any id.
 ``load_bundle`` refuses a bundle whose manifest or checksums do not hold, naming every file at
 fault. Only ONNX graphs, JSON and the SentencePiece model are read from a bundle — no pickle,
 no code — and checksums are verified before anything is loaded.
@@ -40,6 +46,28 @@ GRAPH_FILES = {
     },
 }
 REQUIRED_KEYS = ("format", "format_version", "model", "tokenizer", "limits", "onnx", "files")
+TOKENIZER_TYPES = ("sentencepiece", "marian")
+# The marian tokenizer's files by role; target_vocab only with separate vocabularies.
+MARIAN_FILES = {
+    "source_spm": "source.spm",
+    "target_spm": "target.spm",
+    "vocab": "vocab.json",
+    "target_vocab": "target_vocab.json",
+}
+
+
+def tokenizer_files(spec: dict[str, Any]) -> list[str]:
+    """The files of a manifest's ``tokenizer`` (checksummed like every file)."""
+    if spec.get("type", "sentencepiece") == "marian":
+        return [f for f in (spec.get("files") or {}).values() if f]
+    return [spec.get("file", "")]
+
+
+def output_cap(max_length: int, forced_eos: bool) -> int:
+    """Output tokens (eos excluded) that transformers' generate allows under ``max_length``:
+    its length counts the decoder start token, and with ``forced_eos_token_id`` the last
+    position is eos, so the text gets max_length - 1, or max_length - 2 with a forced eos."""
+    return max_length - 1 - int(forced_eos)
 
 
 @dataclass(frozen=True)
@@ -155,13 +183,39 @@ class Bundle:
 
     @property
     def limits(self) -> Limits:
+        """The output-length rule; a generation ``max_length`` caps max_target_tokens too."""
         lim = self.manifest["limits"]
+        max_target = int(lim["max_target_tokens"])
+        gen = self.generation
+        if gen.get("max_length") is not None:
+            cap = output_cap(int(gen["max_length"]), bool(gen.get("forced_eos", False)))
+            max_target = min(max_target, cap)
         return Limits(
             int(lim["max_source_tokens"]),
-            int(lim["max_target_tokens"]),
+            max_target,
             float(lim["target_tokens_a"]),
             float(lim["target_tokens_b"]),
         )
+
+    @property
+    def generation(self) -> dict[str, Any]:
+        return dict(self.manifest.get("generation") or {})
+
+    @property
+    def target_vocab_size(self) -> int:
+        """The decoder's vocabulary (the logits' width): the model's own when separate."""
+        model = self.manifest["model"]
+        return int(model.get("tgt_vocab_size") or model["vocab_size"])
+
+    @property
+    def decoder_start_id(self) -> int:
+        """Every output row's first decoder input."""
+        return int(self.generation.get("decoder_start_id", self.manifest["model"]["bos_id"]))
+
+    @property
+    def suppressed_ids(self) -> list[int]:
+        """Ids never generated (their logits are -inf before the argmax)."""
+        return [int(i) for i in self.generation.get("suppressed_ids", [])]
 
     @property
     def precisions(self) -> list[str]:
@@ -251,7 +305,9 @@ def load_bundle(directory: str | Path) -> Bundle:
         f"{MANIFEST}: model lacks {k!r}" for k in _MODEL_KEYS if k not in manifest["model"]
     ]
     files = manifest["files"]
-    used = [manifest["tokenizer"].get("file", "")]
+    problems += _tokenizer_problems(manifest["tokenizer"])
+    problems += _generation_problems(manifest)
+    used = tokenizer_files(manifest["tokenizer"])
     for precision, graphs in manifest["onnx"].get("graphs", {}).items():
         for part in ("encoder", "decoder"):
             if part not in graphs:
@@ -283,3 +339,60 @@ def load_bundle(directory: str | Path) -> Bundle:
     if problems:
         raise BundleError(root, problems)
     return Bundle(root, manifest)
+
+
+def _tokenizer_problems(spec: Any) -> list[str]:
+    if not isinstance(spec, dict):
+        return [f"{MANIFEST}: tokenizer is not an object"]
+    kind = spec.get("type", "sentencepiece")
+    if kind not in TOKENIZER_TYPES:
+        return [f"{MANIFEST}: tokenizer.type {kind!r} is not one of {list(TOKENIZER_TYPES)}"]
+    if kind != "marian":
+        return []
+    problems = []
+    files = spec.get("files")
+    if not isinstance(files, dict):
+        return [f"{MANIFEST}: tokenizer.files is missing (the marian tokenizer's files)"]
+    problems += [
+        f"{MANIFEST}: tokenizer.files lacks {role!r}"
+        for role in ("source_spm", "target_spm", "vocab")
+        if not files.get(role)
+    ]
+    specials = spec.get("special_tokens")
+    if not (isinstance(specials, list) and all(isinstance(t, str) and t for t in specials)):
+        problems.append(f"{MANIFEST}: tokenizer.special_tokens must be a list of strings")
+    else:
+        problems += [
+            f"{MANIFEST}: tokenizer.{key} must be one of tokenizer.special_tokens"
+            for key in ("eos_token", "unk_token")
+            if spec.get(key) not in specials
+        ]
+    return problems
+
+
+def _generation_problems(manifest: dict[str, Any]) -> list[str]:
+    gen = manifest.get("generation")
+    if gen is None:
+        return []
+    if not isinstance(gen, dict):
+        return [f"{MANIFEST}: generation is not an object"]
+    model = manifest["model"]
+    vocab = int(model.get("tgt_vocab_size") or model.get("vocab_size", 0))
+    problems = []
+
+    def is_id(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab
+
+    if "decoder_start_id" in gen and not is_id(gen["decoder_start_id"]):
+        problems.append(f"{MANIFEST}: generation.decoder_start_id must be an id below {vocab}")
+    suppressed = gen.get("suppressed_ids", [])
+    if not (isinstance(suppressed, list) and all(is_id(i) for i in suppressed)):
+        problems.append(f"{MANIFEST}: generation.suppressed_ids must be a list of ids < {vocab}")
+    elif model.get("eos_id") in suppressed:
+        problems.append(f"{MANIFEST}: generation.suppressed_ids holds eos: no row could end")
+    length = gen.get("max_length")
+    if length is not None and not (isinstance(length, int) and output_cap(length, True) >= 1):
+        problems.append(f"{MANIFEST}: generation.max_length must be an integer ≥ 3 (or null)")
+    if not isinstance(gen.get("forced_eos", False), bool):
+        problems.append(f"{MANIFEST}: generation.forced_eos must be true or false")
+    return problems

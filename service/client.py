@@ -68,6 +68,7 @@ class TranslateOptions(TypedDict, total=False):
     scores: bool  # return token and sequence log-probabilities
     alignment: bool  # return the hard alignment
     request_id: str  # echoed in the server's logs and answer
+    target_language: str  # a multilingual model's target-language code, e.g. "fra"
 
 
 # gRPC's default 4 MiB receive limit is far too small once attention is requested: "all" returns
@@ -261,6 +262,7 @@ class TranslatorClient:
         scores: bool = False,
         alignment: bool = False,
         request_id: str = "",
+        target_language: str = "",
     ) -> pb.TranslateRequest:
         """Builds the request; rejects an unknown attention name before anything is sent."""
         if attention not in ATTENTION_MODES:
@@ -273,6 +275,7 @@ class TranslatorClient:
             return_pieces=pieces,
             return_scores=scores,
             return_alignment=alignment,
+            target_language=target_language,
         )
         if attention_layer is not None:  # proto3 `optional`: unset means the last layer
             options.attention_layer = attention_layer

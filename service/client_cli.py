@@ -109,6 +109,12 @@ def _option_args(parser: argparse.ArgumentParser) -> None:
         ("--alignment", "return the hard alignment (Pharaoh i-j pairs)"),
     ):
         parser.add_argument(flag, action="store_true", help=text)
+    parser.add_argument(
+        "--target-language",
+        default="",
+        metavar="CODE",
+        help="target language of a multilingual model, e.g. fra (see --info's target_languages)",
+    )
 
 
 def _connection_args(parser: argparse.ArgumentParser) -> None:
@@ -338,6 +344,7 @@ def run_translate(args: argparse.Namespace) -> int:
                 "pieces": pieces,
                 "scores": args.scores,
                 "alignment": args.alignment,
+                "target_language": args.target_language,
             }
             first = _print_translations(client, sentences, options, args)
         except _UsageError as err:

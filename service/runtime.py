@@ -233,8 +233,11 @@ class Runtime:
         self.n_heads = int(model["n_heads"])
         self.d_model = int(model["d_model"])
         self.head_dim = int(model["d_model"]) // self.n_heads
-        self.vocab_size = int(model["vocab_size"])
-        self.bos_id = int(model["bos_id"])
+        self.vocab_size = bundle.target_vocab_size
+        # Every row starts from the decoder start token (bos for our own models; pad for
+        # Marian's); the suppressed ids (Marian's pad) are never generated.
+        self.bos_id = bundle.decoder_start_id
+        self.suppressed = np.array(bundle.suppressed_ids, np.int64)
         self.eos_id = int(model["eos_id"])
         self.pad_id = int(model["pad_id"])
         self.threads = cfg.threads or usable_cores()
@@ -337,7 +340,14 @@ class Runtime:
         }
         outs = self.decoder.run(self.decoder_outputs, feeds)
         n = 2 * self.n_layers
-        return outs[0][:, 0, :], list(outs[1 : 1 + n]), list(outs[1 + n :]), cross
+        return self.suppress(outs[0][:, 0, :]), list(outs[1 : 1 + n]), list(outs[1 + n :]), cross
+
+    def suppress(self, logits: np.ndarray) -> np.ndarray:
+        """logits (B, V) with the ids that are never generated at -inf (transformers'
+        bad_words_ids for single tokens: the argmax and the scores both skip them)."""
+        if self.suppressed.size:
+            logits[:, self.suppressed] = -np.inf
+        return logits
 
     def _on_device(self, v: Cache) -> ort.OrtValue:
         if isinstance(v, ort.OrtValue):
@@ -369,7 +379,7 @@ class Runtime:
             binding.bind_output(name, self.device if 1 <= i <= n else "cpu", 0)
         self.decoder.run_with_iobinding(binding)
         outs = binding.get_outputs()
-        logits = host_array(outs[0])[:, 0, :]
+        logits = self.suppress(host_array(outs[0])[:, 0, :])
         return logits, list(outs[1 : 1 + n]), [host_array(o) for o in outs[1 + n :]], cross_dev
 
     def cache_buffers(self, capacity: int, length: int) -> list[np.ndarray]:
@@ -405,7 +415,7 @@ class Runtime:
             binding.bind_output(name, "cpu")
         self.decoder.run_with_iobinding(binding)
         outs = binding.get_outputs()[n:]  # binding order: caches, logits, attention
-        return host_array(outs[0])[:, 0, :], [host_array(o) for o in outs[1:]]
+        return self.suppress(host_array(outs[0])[:, 0, :]), [host_array(o) for o in outs[1:]]
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.n_heads, 0, self.head_dim)

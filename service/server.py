@@ -199,6 +199,7 @@ def request_options(o: pb.TranslateOptions) -> RequestOptions:
         pieces=o.return_pieces,
         scores=o.return_scores,
         alignment=o.return_alignment,
+        target_language=o.target_language,
     )
 
 
@@ -473,6 +474,8 @@ def model_info(info: ModelInfo) -> pb.ModelInfo:
         target_language=str(corpus.get("lang", "")),
         decode_lanes=info.lanes,
         threads_per_lane=info.threads,
+        target_languages=info.target_languages,
+        tokenizer=info.tokenizer,
         corpus=corpus_summary(corpus) if corpus else None,
         metrics=[test_metrics(p, m) for p, m in info.metrics.items()],
     )

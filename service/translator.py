@@ -11,12 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import sentencepiece as spm
-
 from service.bundle import Bundle, Limits
 from service.engine import AttentionMode, DecodeOptions, SentenceJob, SentenceResult
 from service.runtime import Runtime, RuntimeConfig, plan_lanes
 from service.scheduler import Observer, Scheduler, SchedulerConfig, Ticket
+from service.tokenizer import TextTokenizer, load_tokenizer
 
 _ATTENTION_MODES = frozenset(m.value for m in AttentionMode)
 MAX_REQUEST_ID = 128
@@ -26,6 +25,15 @@ MAX_REQUEST_ID = 128
 # each, with its tag and length.
 _REQUEST_ID_BYTES = 4 * MAX_REQUEST_ID + 4
 MAX_VIOLATIONS = 10  # listed in an error (the rest counted), so that it fits the metadata limit
+
+
+def language_code(target_language: str) -> str:
+    """A request's target language as the model's vocabulary writes it: "fra" → ">>fra<<"
+    (a code given with its brackets stays as it is); "" → ""."""
+    code = target_language.strip()
+    if not code or (code.startswith(">>") and code.endswith("<<")):
+        return code
+    return f">>{code}<<"
 
 
 class InvalidRequest(ValueError):
@@ -49,6 +57,7 @@ class RequestOptions:
     pieces: bool = False
     scores: bool = False
     alignment: bool = False
+    target_language: str = ""  # a code of the model's target_languages, with or without >> <<
 
 
 @dataclass
@@ -74,6 +83,8 @@ class ModelInfo:
     model_sha256: str  # of the decoder graph being served
     corpus: dict[str, Any]  # the manifest's corpus summary ({} where it has none)
     metrics: dict[str, dict[str, Any]]  # test metrics per precision
+    tokenizer: str  # the tokenizer kind: "sentencepiece" or "marian"
+    target_languages: list[str]  # codes a request may choose (without >> <<); [] for one
 
 
 class Translator:
@@ -94,11 +105,11 @@ class Translator:
         self.limits = bundle.limits
         self.max_sentences = max_sentences
         self.max_message_bytes = max_message_bytes
-        self.sp = spm.SentencePieceProcessor(model_file=str(bundle.tokenizer_path))
+        self.tok: TextTokenizer = load_tokenizer(bundle)
         # The longest piece in bytes bounds the text of a translation of T tokens; in characters,
         # the longest sentence that T source tokens can hold (longer ones are refused before
         # tokenizing, which would stall the event loop on megabytes of text).
-        pieces = [self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())]
+        pieces = self.tok.all_pieces()
         self.max_piece_bytes = max(len(p.encode("utf-8")) for p in pieces)
         self.max_piece_chars = max(len(p) for p in pieces)
         self.max_sentence_chars = self.limits.max_source_tokens * self.max_piece_chars
@@ -126,6 +137,8 @@ class Translator:
             model_sha256=self.bundle.sha256(decoder.name),
             corpus=m.get("corpus") or {},
             metrics=m.get("metrics") or {},
+            tokenizer=self.tok.kind,
+            target_languages=[c[2:-2] for c in self.tok.target_languages],
         )
 
     def start(self) -> None:
@@ -140,8 +153,13 @@ class Translator:
         for f in ticket.futures:
             f.result(timeout=60)
 
-    def encode(self, text: str) -> list[int]:
-        return [int(i) for i in self.sp.encode(text)]
+    def encode(self, text: str, target_language: str = "") -> list[int]:
+        """Token ids of a sentence; a target language's code goes in front, as a user of a
+        multilingual Marian model writes it (">>fra<< text")."""
+        if not text:
+            return []  # an empty sentence translates to an empty one, whatever the tokenizer
+        code = language_code(target_language)
+        return self.tok.encode(f"{code} {text}" if code else text)
 
     def validate(
         self, sentences: list[str], opts: RequestOptions, streaming: bool = False
@@ -161,7 +179,7 @@ class Translator:
         problems += self._option_problems(opts)
         encoded: list[list[int]] = []
         if len(sentences) <= self.max_sentences:
-            encoded = self._encode_all(sentences, problems)
+            encoded = self._encode_all(sentences, problems, opts.target_language)
         if not problems:
             problems += self._check_size(encoded, opts, streaming)
         if problems:
@@ -169,7 +187,7 @@ class Translator:
         return encoded
 
     def _option_problems(self, opts: RequestOptions) -> list[tuple[str, str]]:
-        problems = []
+        problems = self._language_problems(opts.target_language)
         lim = self.limits
         if not 0 <= opts.max_output_tokens <= lim.max_target_tokens:
             problems.append(
@@ -193,7 +211,30 @@ class Translator:
             )
         return problems
 
-    def _encode_all(self, sentences: list[str], problems: list[tuple[str, str]]) -> list[list[int]]:
+    def _language_problems(self, target_language: str) -> list[tuple[str, str]]:
+        if not target_language:
+            return []
+        codes = self.tok.target_languages
+        if not codes:
+            return [
+                (
+                    "options.target_language",
+                    "this model has no target-language codes: leave target_language empty",
+                )
+            ]
+        if language_code(target_language) not in codes:
+            shown = ", ".join(c[2:-2] for c in codes[:20]) + (", …" if len(codes) > 20 else "")
+            return [
+                (
+                    "options.target_language",
+                    f"unknown target language {target_language!r}; this model knows {shown}",
+                )
+            ]
+        return []
+
+    def _encode_all(
+        self, sentences: list[str], problems: list[tuple[str, str]], target_language: str = ""
+    ) -> list[list[int]]:
         """Every sentence's token ids; those over the source limit are added to problems (a
         sentence too long in characters is refused before tokenizing: no stall)."""
         lim = self.limits
@@ -210,7 +251,7 @@ class Translator:
                     )
                 )
                 continue
-            ids = self.encode(s)
+            ids = self.encode(s, target_language)
             if len(ids) > lim.max_source_tokens:
                 problems.append(
                     (
@@ -337,11 +378,11 @@ class Translator:
 
     def finish(self, job: SentenceJob, result: SentenceResult, opts: RequestOptions) -> Translation:
         """The decoded text and, if asked, the pieces of a finished sentence."""
-        text = self.sp.decode(result.token_ids).strip() if result.token_ids else ""
+        text = self.tok.decode(result.token_ids) if result.token_ids else ""
         src_pieces = tgt_pieces = None
         if opts.pieces:
-            src_pieces = [self.sp.id_to_piece(t) for t in job.source_ids]
-            tgt_pieces = [self.sp.id_to_piece(t) for t in result.token_ids]
+            src_pieces = self.tok.source_pieces(job.source_ids)
+            tgt_pieces = self.tok.target_pieces(result.token_ids)
         return Translation(result, text, src_pieces, tgt_pieces)
 
     def stop(self, timeout: float | None = None) -> bool:

@@ -154,3 +154,91 @@ def test_greedy_decode_respects_limits_and_returns_attention() -> None:
     assert attn[1].shape == (2, 4, 0, 6)
     if out[0]:
         torch.testing.assert_close(attn[0].sum(-1), torch.ones(2, 4, len(out[0])))
+
+
+def test_halves_layout_is_all_sines_then_all_cosines() -> None:
+    ours = sinusoidal_positions(50, 8)
+    halves = sinusoidal_positions(50, 8, "halves")
+    assert torch.equal(halves, torch.cat([ours[:, 0::2], ours[:, 1::2]], 1))
+
+
+def test_defaults_of_the_pretrained_model_fields_are_the_model_as_before() -> None:
+    """A config written before the fields existed loads with the old computation: shared and
+    tied embeddings, start at bos, and the same config after a round trip."""
+    old = {k: v for k, v in tiny().to_dict().items() if k in OLD_FIELDS}
+    cfg = ModelConfig.from_dict(old)
+    assert (cfg.share_embeddings, cfg.decoder_start_id, cfg.target_vocab) == (True, 2, 40)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert ModelConfig.from_dict({**old, "tie_embeddings": False}).share_embeddings is False
+    model = make_model(cfg)
+    assert model.logits_bias is None and "logits_bias" not in model.state_dict()
+
+
+OLD_FIELDS = (
+    "vocab_size", "d_model", "n_heads", "d_ff", "n_encoder_layers", "n_decoder_layers",
+    "dropout", "max_positions", "norm", "tie_embeddings", "pad_id", "bos_id", "eos_id",
+)  # fmt: skip
+
+
+def _logits(model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, 30, (2, 6), generator=gen)
+    tgt = torch.randint(4, 30, (2, 4), generator=gen)
+    with torch.no_grad():
+        return model(src, torch.ones(2, 6, dtype=torch.long), tgt, torch.ones(2, 4))[0]
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"positions": "halves"},
+        {"scale_embedding": False},
+        {"activation": "swish"},
+        {"activation": "gelu"},
+        {"activation": "gelu_tanh"},
+        {"layer_norm_eps": 1e-1},
+    ],
+)
+def test_every_pretrained_model_field_changes_the_computation(field: dict[str, object]) -> None:
+    torch.manual_seed(1)
+    base = make_model(tiny()).eval()
+    changed = make_model(tiny(**field)).eval()
+    changed.load_state_dict(base.state_dict())
+    assert not torch.allclose(_logits(base), _logits(changed), atol=1e-4)
+
+
+def test_final_logits_bias_is_added_to_every_logit() -> None:
+    torch.manual_seed(1)
+    base = make_model(tiny()).eval()
+    biased = make_model(tiny(final_logits_bias=True)).eval()
+    state = {**base.state_dict(), "logits_bias": torch.arange(40.0)[None]}
+    biased.load_state_dict(state)
+    torch.testing.assert_close(_logits(biased) - _logits(base), torch.arange(40.0).expand(2, 4, 40))
+
+
+def test_separate_target_vocabulary_and_start_token() -> None:
+    cfg = tiny(share_embeddings=False, tgt_vocab_size=25, decoder_start_id=24, pad_id=24)
+    model = make_model(cfg).eval()
+    assert model.tgt_embed.weight.shape == (25, 16) and model.src_embed.weight.shape == (40, 16)
+    assert model.generator.weight is model.tgt_embed.weight
+    src = torch.randint(4, 40, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    with torch.no_grad():
+        logits, _ = model(src, mask, torch.full((2, 1), 24), torch.ones(2, 1))
+        enc = model.encode(src, mask)
+        step = model.decode_step(
+            torch.full((2,), 24), torch.zeros(2, dtype=torch.long), model.empty_past(2),
+            torch.ones(2, 1, dtype=torch.long), enc.cross_kv, mask,
+        )  # fmt: skip
+    assert logits.shape == (2, 1, 25)
+    torch.testing.assert_close(step.logits, logits[:, 0])
+    # greedy decoding starts from decoder_start_id: its first step is that of token 24
+    out, _ = greedy_decode(model, src, mask, 1)
+    first = [[t] if t != cfg.eos_id else [] for t in logits[:, 0].argmax(-1).tolist()]
+    assert out == first
+    with pytest.raises(ValueError, match="share_embeddings needs"):
+        tiny(share_embeddings=True, tgt_vocab_size=25)
+    with pytest.raises(ValueError, match="decoder_start_id must be"):
+        tiny(tgt_vocab_size=25, share_embeddings=False, decoder_start_id=30)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        tiny(activation="mish")

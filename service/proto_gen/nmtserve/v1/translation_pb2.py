@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dnmtserve/v1/translation.proto\x12\x0bnmtserve.v1\"\xd6\x01\n\x10TranslateOptions\x12\x19\n\x11max_output_tokens\x18\x01 \x01(\r\x12-\n\tattention\x18\x02 \x01(\x0e\x32\x1a.nmtserve.v1.AttentionMode\x12\x1c\n\x0f\x61ttention_layer\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rreturn_pieces\x18\x05 \x01(\x08\x12\x15\n\rreturn_scores\x18\x06 \x01(\x08\x12\x18\n\x10return_alignment\x18\x07 \x01(\x08\x42\x12\n\x10_attention_layer\"i\n\x10TranslateRequest\x12\x11\n\tsentences\x18\x01 \x03(\t\x12.\n\x07options\x18\x02 \x01(\x0b\x32\x1d.nmtserve.v1.TranslateOptions\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"X\n\x11TranslateResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.nmtserve.v1.TranslationResult\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"+\n\x06Matrix\x12\r\n\x05shape\x18\x01 \x03(\r\x12\x12\n\x06values\x18\x02 \x03(\x02\x42\x02\x10\x01\"\x99\x02\n\x11TranslationResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x13\n\x0btranslation\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rsource_pieces\x18\x04 \x03(\t\x12\x15\n\rtarget_pieces\x18\x05 \x03(\t\x12\x17\n\x0ftoken_log_probs\x18\x06 \x03(\x02\x12\x19\n\x11sequence_log_prob\x18\x07 \x01(\x02\x12&\n\tattention\x18\x08 \x01(\x0b\x32\x13.nmtserve.v1.Matrix\x12\x11\n\talignment\x18\t \x03(\r\x12\x19\n\x11\x61lignment_pharaoh\x18\n \x01(\t\x12\x15\n\rfinish_reason\x18\x0b \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xb7\x04\n\tModelInfo\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x0f\n\x07\x64_model\x18\x03 \x01(\r\x12\r\n\x05heads\x18\x04 \x01(\r\x12\x16\n\x0e\x65ncoder_layers\x18\x05 \x01(\r\x12\x16\n\x0e\x64\x65\x63oder_layers\x18\x06 \x01(\r\x12\x19\n\x11max_source_tokens\x18\x07 \x01(\r\x12\x19\n\x11max_target_tokens\x18\x08 \x01(\r\x12\x17\n\x0ftarget_tokens_a\x18\t \x01(\x02\x12\x17\n\x0ftarget_tokens_b\x18\n \x01(\x02\x12!\n\x19max_sentences_per_request\x18\x0b \x01(\r\x12\x1a\n\x12\x65xecution_provider\x18\x0c \x01(\t\x12\x11\n\tprecision\x18\r \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x10 \x01(\t\x12\x17\n\x0fsource_language\x18\x11 \x01(\t\x12\x17\n\x0ftarget_language\x18\x12 \x01(\t\x12\x14\n\x0c\x64\x65\x63ode_lanes\x18\x13 \x01(\r\x12\x18\n\x10threads_per_lane\x18\x14 \x01(\r\x12*\n\x06\x63orpus\x18\x17 \x01(\x0b\x32\x1a.nmtserve.v1.CorpusSummary\x12)\n\x07metrics\x18\x18 \x03(\x0b\x32\x18.nmtserve.v1.TestMetricsJ\x04\x08\x0e\x10\x0fJ\x04\x08\x0f\x10\x10R\x0b\x63orpus_jsonR\x0cmetrics_json\"\x85\x02\n\rCorpusSummary\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x34\n\x05sizes\x18\x02 \x03(\x0b\x32%.nmtserve.v1.CorpusSummary.SizesEntry\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x34\n\x05\x66iles\x18\x04 \x03(\x0b\x32%.nmtserve.v1.CorpusSummary.FilesEntry\x12\x10\n\x08problems\x18\x05 \x01(\x04\x1a,\n\nSizesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x95\x02\n\x0bTestMetrics\x12\x11\n\tprecision\x18\x01 \x01(\t\x12\x11\n\tsentences\x18\x02 \x01(\r\x12\x13\n\x0b\x65xact_match\x18\x03 \x01(\x01\x12\x0c\n\x04\x62leu\x18\x04 \x01(\x01\x12\x15\n\rbleu_tokenize\x18\x05 \x01(\t\x12\x0c\n\x04\x63hrf\x18\x06 \x01(\x01\x12M\n\x14\x65xact_match_by_group\x18\x07 \x03(\x0b\x32/.nmtserve.v1.TestMetrics.ExactMatchByGroupEntry\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\x1a\x38\n\x16\x45xactMatchByGroupEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*u\n\rAttentionMode\x12\x12\n\x0e\x41TTENTION_NONE\x10\x00\x12\x1b\n\x17\x41TTENTION_LAYER_AVERAGE\x10\x01\x12\x19\n\x15\x41TTENTION_LAYER_HEADS\x10\x02\x12\x18\n\x14\x41TTENTION_ALL_LAYERS\x10\x03\x32\xf6\x01\n\nTranslator\x12J\n\tTranslate\x12\x1d.nmtserve.v1.TranslateRequest\x1a\x1e.nmtserve.v1.TranslateResponse\x12R\n\x0fTranslateStream\x12\x1d.nmtserve.v1.TranslateRequest\x1a\x1e.nmtserve.v1.TranslationResult0\x01\x12H\n\x0cGetModelInfo\x12 .nmtserve.v1.GetModelInfoRequest\x1a\x16.nmtserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dnmtserve/v1/translation.proto\x12\x0bnmtserve.v1\"\xef\x01\n\x10TranslateOptions\x12\x19\n\x11max_output_tokens\x18\x01 \x01(\r\x12-\n\tattention\x18\x02 \x01(\x0e\x32\x1a.nmtserve.v1.AttentionMode\x12\x1c\n\x0f\x61ttention_layer\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rreturn_pieces\x18\x05 \x01(\x08\x12\x15\n\rreturn_scores\x18\x06 \x01(\x08\x12\x18\n\x10return_alignment\x18\x07 \x01(\x08\x12\x17\n\x0ftarget_language\x18\x08 \x01(\tB\x12\n\x10_attention_layer\"i\n\x10TranslateRequest\x12\x11\n\tsentences\x18\x01 \x03(\t\x12.\n\x07options\x18\x02 \x01(\x0b\x32\x1d.nmtserve.v1.TranslateOptions\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"X\n\x11TranslateResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.nmtserve.v1.TranslationResult\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"+\n\x06Matrix\x12\r\n\x05shape\x18\x01 \x03(\r\x12\x12\n\x06values\x18\x02 \x03(\x02\x42\x02\x10\x01\"\x99\x02\n\x11TranslationResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x13\n\x0btranslation\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rsource_pieces\x18\x04 \x03(\t\x12\x15\n\rtarget_pieces\x18\x05 \x03(\t\x12\x17\n\x0ftoken_log_probs\x18\x06 \x03(\x02\x12\x19\n\x11sequence_log_prob\x18\x07 \x01(\x02\x12&\n\tattention\x18\x08 \x01(\x0b\x32\x13.nmtserve.v1.Matrix\x12\x11\n\talignment\x18\t \x03(\r\x12\x19\n\x11\x61lignment_pharaoh\x18\n \x01(\t\x12\x15\n\rfinish_reason\x18\x0b \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xe4\x04\n\tModelInfo\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x0f\n\x07\x64_model\x18\x03 \x01(\r\x12\r\n\x05heads\x18\x04 \x01(\r\x12\x16\n\x0e\x65ncoder_layers\x18\x05 \x01(\r\x12\x16\n\x0e\x64\x65\x63oder_layers\x18\x06 \x01(\r\x12\x19\n\x11max_source_tokens\x18\x07 \x01(\r\x12\x19\n\x11max_target_tokens\x18\x08 \x01(\r\x12\x17\n\x0ftarget_tokens_a\x18\t \x01(\x02\x12\x17\n\x0ftarget_tokens_b\x18\n \x01(\x02\x12!\n\x19max_sentences_per_request\x18\x0b \x01(\r\x12\x1a\n\x12\x65xecution_provider\x18\x0c \x01(\t\x12\x11\n\tprecision\x18\r \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x10 \x01(\t\x12\x17\n\x0fsource_language\x18\x11 \x01(\t\x12\x17\n\x0ftarget_language\x18\x12 \x01(\t\x12\x14\n\x0c\x64\x65\x63ode_lanes\x18\x13 \x01(\r\x12\x18\n\x10threads_per_lane\x18\x14 \x01(\r\x12\x18\n\x10target_languages\x18\x15 \x03(\t\x12\x11\n\ttokenizer\x18\x16 \x01(\t\x12*\n\x06\x63orpus\x18\x17 \x01(\x0b\x32\x1a.nmtserve.v1.CorpusSummary\x12)\n\x07metrics\x18\x18 \x03(\x0b\x32\x18.nmtserve.v1.TestMetricsJ\x04\x08\x0e\x10\x0fJ\x04\x08\x0f\x10\x10R\x0b\x63orpus_jsonR\x0cmetrics_json\"\x85\x02\n\rCorpusSummary\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x34\n\x05sizes\x18\x02 \x03(\x0b\x32%.nmtserve.v1.CorpusSummary.SizesEntry\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x34\n\x05\x66iles\x18\x04 \x03(\x0b\x32%.nmtserve.v1.CorpusSummary.FilesEntry\x12\x10\n\x08problems\x18\x05 \x01(\x04\x1a,\n\nSizesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x95\x02\n\x0bTestMetrics\x12\x11\n\tprecision\x18\x01 \x01(\t\x12\x11\n\tsentences\x18\x02 \x01(\r\x12\x13\n\x0b\x65xact_match\x18\x03 \x01(\x01\x12\x0c\n\x04\x62leu\x18\x04 \x01(\x01\x12\x15\n\rbleu_tokenize\x18\x05 \x01(\t\x12\x0c\n\x04\x63hrf\x18\x06 \x01(\x01\x12M\n\x14\x65xact_match_by_group\x18\x07 \x03(\x0b\x32/.nmtserve.v1.TestMetrics.ExactMatchByGroupEntry\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\x1a\x38\n\x16\x45xactMatchByGroupEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*u\n\rAttentionMode\x12\x12\n\x0e\x41TTENTION_NONE\x10\x00\x12\x1b\n\x17\x41TTENTION_LAYER_AVERAGE\x10\x01\x12\x19\n\x15\x41TTENTION_LAYER_HEADS\x10\x02\x12\x18\n\x14\x41TTENTION_ALL_LAYERS\x10\x03\x32\xf6\x01\n\nTranslator\x12J\n\tTranslate\x12\x1d.nmtserve.v1.TranslateRequest\x1a\x1e.nmtserve.v1.TranslateResponse\x12R\n\x0fTranslateStream\x12\x1d.nmtserve.v1.TranslateRequest\x1a\x1e.nmtserve.v1.TranslationResult0\x01\x12H\n\x0cGetModelInfo\x12 .nmtserve.v1.GetModelInfoRequest\x1a\x16.nmtserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,32 +39,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CORPUSSUMMARY_FILESENTRY']._serialized_options = b'8\001'
   _globals['_TESTMETRICS_EXACTMATCHBYGROUPENTRY']._loaded_options = None
   _globals['_TESTMETRICS_EXACTMATCHBYGROUPENTRY']._serialized_options = b'8\001'
-  _globals['_ATTENTIONMODE']._serialized_start=1926
-  _globals['_ATTENTIONMODE']._serialized_end=2043
+  _globals['_ATTENTIONMODE']._serialized_start=1996
+  _globals['_ATTENTIONMODE']._serialized_end=2113
   _globals['_TRANSLATEOPTIONS']._serialized_start=47
-  _globals['_TRANSLATEOPTIONS']._serialized_end=261
-  _globals['_TRANSLATEREQUEST']._serialized_start=263
-  _globals['_TRANSLATEREQUEST']._serialized_end=368
-  _globals['_TRANSLATERESPONSE']._serialized_start=370
-  _globals['_TRANSLATERESPONSE']._serialized_end=458
-  _globals['_MATRIX']._serialized_start=460
-  _globals['_MATRIX']._serialized_end=503
-  _globals['_TRANSLATIONRESULT']._serialized_start=506
-  _globals['_TRANSLATIONRESULT']._serialized_end=787
-  _globals['_GETMODELINFOREQUEST']._serialized_start=789
-  _globals['_GETMODELINFOREQUEST']._serialized_end=810
-  _globals['_MODELINFO']._serialized_start=813
-  _globals['_MODELINFO']._serialized_end=1380
-  _globals['_CORPUSSUMMARY']._serialized_start=1383
-  _globals['_CORPUSSUMMARY']._serialized_end=1644
-  _globals['_CORPUSSUMMARY_SIZESENTRY']._serialized_start=1554
-  _globals['_CORPUSSUMMARY_SIZESENTRY']._serialized_end=1598
-  _globals['_CORPUSSUMMARY_FILESENTRY']._serialized_start=1600
-  _globals['_CORPUSSUMMARY_FILESENTRY']._serialized_end=1644
-  _globals['_TESTMETRICS']._serialized_start=1647
-  _globals['_TESTMETRICS']._serialized_end=1924
-  _globals['_TESTMETRICS_EXACTMATCHBYGROUPENTRY']._serialized_start=1868
-  _globals['_TESTMETRICS_EXACTMATCHBYGROUPENTRY']._serialized_end=1924
-  _globals['_TRANSLATOR']._serialized_start=2046
-  _globals['_TRANSLATOR']._serialized_end=2292
+  _globals['_TRANSLATEOPTIONS']._serialized_end=286
+  _globals['_TRANSLATEREQUEST']._serialized_start=288
+  _globals['_TRANSLATEREQUEST']._serialized_end=393
+  _globals['_TRANSLATERESPONSE']._serialized_start=395
+  _globals['_TRANSLATERESPONSE']._serialized_end=483
+  _globals['_MATRIX']._serialized_start=485
+  _globals['_MATRIX']._serialized_end=528
+  _globals['_TRANSLATIONRESULT']._serialized_start=531
+  _globals['_TRANSLATIONRESULT']._serialized_end=812
+  _globals['_GETMODELINFOREQUEST']._serialized_start=814
+  _globals['_GETMODELINFOREQUEST']._serialized_end=835
+  _globals['_MODELINFO']._serialized_start=838
+  _globals['_MODELINFO']._serialized_end=1450
+  _globals['_CORPUSSUMMARY']._serialized_start=1453
+  _globals['_CORPUSSUMMARY']._serialized_end=1714
+  _globals['_CORPUSSUMMARY_SIZESENTRY']._serialized_start=1624
+  _globals['_CORPUSSUMMARY_SIZESENTRY']._serialized_end=1668
+  _globals['_CORPUSSUMMARY_FILESENTRY']._serialized_start=1670
+  _globals['_CORPUSSUMMARY_FILESENTRY']._serialized_end=1714
+  _globals['_TESTMETRICS']._serialized_start=1717
+  _globals['_TESTMETRICS']._serialized_end=1994
+  _globals['_TESTMETRICS_EXACTMATCHBYGROUPENTRY']._serialized_start=1938
+  _globals['_TESTMETRICS_EXACTMATCHBYGROUPENTRY']._serialized_end=1994
+  _globals['_TRANSLATOR']._serialized_start=2116
+  _globals['_TRANSLATOR']._serialized_end=2362
 # @@protoc_insertion_point(module_scope)

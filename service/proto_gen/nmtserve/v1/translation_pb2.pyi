@@ -19,20 +19,22 @@ ATTENTION_LAYER_HEADS: AttentionMode
 ATTENTION_ALL_LAYERS: AttentionMode
 
 class TranslateOptions(_message.Message):
-    __slots__ = ("max_output_tokens", "attention", "attention_layer", "return_pieces", "return_scores", "return_alignment")
+    __slots__ = ("max_output_tokens", "attention", "attention_layer", "return_pieces", "return_scores", "return_alignment", "target_language")
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_LAYER_FIELD_NUMBER: _ClassVar[int]
     RETURN_PIECES_FIELD_NUMBER: _ClassVar[int]
     RETURN_SCORES_FIELD_NUMBER: _ClassVar[int]
     RETURN_ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     max_output_tokens: int
     attention: AttentionMode
     attention_layer: int
     return_pieces: bool
     return_scores: bool
     return_alignment: bool
-    def __init__(self, max_output_tokens: _Optional[int] = ..., attention: _Optional[_Union[AttentionMode, str]] = ..., attention_layer: _Optional[int] = ..., return_pieces: _Optional[bool] = ..., return_scores: _Optional[bool] = ..., return_alignment: _Optional[bool] = ...) -> None: ...
+    target_language: str
+    def __init__(self, max_output_tokens: _Optional[int] = ..., attention: _Optional[_Union[AttentionMode, str]] = ..., attention_layer: _Optional[int] = ..., return_pieces: _Optional[bool] = ..., return_scores: _Optional[bool] = ..., return_alignment: _Optional[bool] = ..., target_language: _Optional[str] = ...) -> None: ...
 
 class TranslateRequest(_message.Message):
     __slots__ = ("sentences", "options", "request_id")
@@ -91,7 +93,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("format_version", "vocab_size", "d_model", "heads", "encoder_layers", "decoder_layers", "max_source_tokens", "max_target_tokens", "target_tokens_a", "target_tokens_b", "max_sentences_per_request", "execution_provider", "precision", "model_sha256", "source_language", "target_language", "decode_lanes", "threads_per_lane", "corpus", "metrics")
+    __slots__ = ("format_version", "vocab_size", "d_model", "heads", "encoder_layers", "decoder_layers", "max_source_tokens", "max_target_tokens", "target_tokens_a", "target_tokens_b", "max_sentences_per_request", "execution_provider", "precision", "model_sha256", "source_language", "target_language", "decode_lanes", "threads_per_lane", "target_languages", "tokenizer", "corpus", "metrics")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     D_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +112,8 @@ class ModelInfo(_message.Message):
     TARGET_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     DECODE_LANES_FIELD_NUMBER: _ClassVar[int]
     THREADS_PER_LANE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_LANGUAGES_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     CORPUS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     format_version: int
@@ -130,9 +134,11 @@ class ModelInfo(_message.Message):
     target_language: str
     decode_lanes: int
     threads_per_lane: int
+    target_languages: _containers.RepeatedScalarFieldContainer[str]
+    tokenizer: str
     corpus: CorpusSummary
     metrics: _containers.RepeatedCompositeFieldContainer[TestMetrics]
-    def __init__(self, format_version: _Optional[int] = ..., vocab_size: _Optional[int] = ..., d_model: _Optional[int] = ..., heads: _Optional[int] = ..., encoder_layers: _Optional[int] = ..., decoder_layers: _Optional[int] = ..., max_source_tokens: _Optional[int] = ..., max_target_tokens: _Optional[int] = ..., target_tokens_a: _Optional[float] = ..., target_tokens_b: _Optional[float] = ..., max_sentences_per_request: _Optional[int] = ..., execution_provider: _Optional[str] = ..., precision: _Optional[str] = ..., model_sha256: _Optional[str] = ..., source_language: _Optional[str] = ..., target_language: _Optional[str] = ..., decode_lanes: _Optional[int] = ..., threads_per_lane: _Optional[int] = ..., corpus: _Optional[_Union[CorpusSummary, _Mapping]] = ..., metrics: _Optional[_Iterable[_Union[TestMetrics, _Mapping]]] = ...) -> None: ...
+    def __init__(self, format_version: _Optional[int] = ..., vocab_size: _Optional[int] = ..., d_model: _Optional[int] = ..., heads: _Optional[int] = ..., encoder_layers: _Optional[int] = ..., decoder_layers: _Optional[int] = ..., max_source_tokens: _Optional[int] = ..., max_target_tokens: _Optional[int] = ..., target_tokens_a: _Optional[float] = ..., target_tokens_b: _Optional[float] = ..., max_sentences_per_request: _Optional[int] = ..., execution_provider: _Optional[str] = ..., precision: _Optional[str] = ..., model_sha256: _Optional[str] = ..., source_language: _Optional[str] = ..., target_language: _Optional[str] = ..., decode_lanes: _Optional[int] = ..., threads_per_lane: _Optional[int] = ..., target_languages: _Optional[_Iterable[str]] = ..., tokenizer: _Optional[str] = ..., corpus: _Optional[_Union[CorpusSummary, _Mapping]] = ..., metrics: _Optional[_Iterable[_Union[TestMetrics, _Mapping]]] = ...) -> None: ...
 
 class CorpusSummary(_message.Message):
     __slots__ = ("kind", "sizes", "seed", "files", "problems")
