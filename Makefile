@@ -39,7 +39,8 @@ marian-demo: install
 	$(PY) benchmarks/marian_dirs.py --out $(MARIAN_DIR) --d-model 512 --layers 6 --heads 8 \
 		--ffn 2048 --vocab 32000
 	$(PY) -m export import-marian $(MARIAN_DIR) --out $(MARIAN_BUNDLE) --force
-	$(PY) -m service demo --bundle $(MARIAN_BUNDLE) --once
+	$(PY) -m service demo --bundle $(MARIAN_BUNDLE) --once \
+		--sentence "the small house by the river" --sentence "a red boat"
 
 # promtool (Debian's prometheus package), unpacked into .tools/ without installing the service.
 TOOLS := .tools

@@ -25,53 +25,11 @@ from pathlib import Path
 from typing import Any
 
 WORDS = tuple(
-    [
-        "the",
-        "a",
-        "small",
-        "big",
-        "red",
-        "green",
-        "blue",
-        "house",
-        "tree",
-        "river",
-        "cat",
-        "dog",
-        "bird",
-        "fish",
-        "water",
-        "stone",
-        "light",
-        "dark",
-        "old",
-        "new",
-        "cold",
-        "warm",
-        "fast",
-        "slow",
-        "high",
-        "low",
-        "long",
-        "short",
-        "city",
-        "road",
-        "boat",
-        "book",
-        "hand",
-        "door",
-        "window",
-        "night",
-        "day",
-        "sun",
-        "moon",
-        "star",
-        "wind",
-        "rain",
-        "snow",
-        "field",
-        "hill",
-    ]
+    """
+    the a small big red green blue house tree river cat dog bird fish water stone light dark
+    old new cold warm fast slow high low long short city road boat book hand door window night
+    day sun moon star wind rain snow field hill
+    """.split()  # noqa: SIM905 (a word list)
 )
 
 
@@ -84,6 +42,7 @@ class MarianSpec:
     heads: int = 4
     ffn: int = 64
     vocab: int = 160  # SentencePiece pieces per side (the vocabulary adds specials and codes)
+    vocab_size: int = 0  # the model's vocabulary, padded with pieces no text produces (0: none)
     max_positions: int = 64
     activation: str = "swish"
     eos_first: bool = True  # eos = 0 (OPUS-MT); False puts <unk> first, so eos = 1
@@ -130,7 +89,10 @@ def _vocab(spm_path: Path, spec: MarianSpec, codes: bool) -> dict[str, int]:
     lang = [f">>{c}<<" for c in spec.languages] if codes else []
     pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
     ordinary = [p for p in pieces if p not in ("<unk>", "<s>", "</s>")]
-    return {p: i for i, p in enumerate([*first, *lang, *ordinary, "<pad>"])}
+    # A synthetic corpus supports a few thousand pieces; a real OPUS-MT vocabulary has ~60k
+    # entries (both sides' pieces), many of which one side's model never produces.
+    filler = [f"▁unused{i}" for i in range(spec.vocab_size - len(first + lang + ordinary) - 1)]
+    return {p: i for i, p in enumerate([*first, *lang, *ordinary, *filler, "<pad>"])}
 
 
 def build(out: Path, spec: MarianSpec = MarianSpec(), log: bool = False) -> Path:
@@ -229,13 +191,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--ffn", type=int, default=2048)
-    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument(
+        "--vocab", type=int, default=32000,
+        help="the model's vocabulary (SentencePiece pieces up to 4000, the rest unused entries)",
+    )  # fmt: skip
     p.add_argument("--max-positions", type=int, default=512)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--train-steps", type=int, default=0)
     a = p.parse_args(argv)
     spec = MarianSpec(
-        d_model=a.d_model, layers=a.layers, heads=a.heads, ffn=a.ffn, vocab=a.vocab,
+        d_model=a.d_model, layers=a.layers, heads=a.heads, ffn=a.ffn,
+        vocab=min(a.vocab, 4000), vocab_size=a.vocab,
         max_positions=a.max_positions, max_length=a.max_length, train_steps=a.train_steps,
     )  # fmt: skip
     build(Path(a.out), spec, log=True)
