@@ -542,24 +542,24 @@ class Engine:
             res.token_log_probs = list(row.log_probs)
             res.sequence_log_prob = float(sum(row.log_probs) + row.eos_log_prob)
         if opts.attention != AttentionMode.NONE:
-            s, n_layers, h = row.source_len, self.rt.n_layers, self.rt.n_heads
-            step_shape = {
-                AttentionMode.LAYER_AVERAGE: (s,),
-                AttentionMode.LAYER_HEADS: (h, s),
-                AttentionMode.ALL_LAYERS: (n_layers, h, s),
+            lead = {
+                AttentionMode.LAYER_AVERAGE: (),
+                AttentionMode.LAYER_HEADS: (self.rt.n_heads,),
+                AttentionMode.ALL_LAYERS: (self.rt.n_layers, self.rt.n_heads),
             }[opts.attention]
             # Steps stacked on the target axis, second to last: (T, S), (H, T, S), (L, H, T, S).
             res.attention = (
                 np.stack(row.attn, axis=-2)
                 if row.attn
-                else np.zeros((*step_shape[:-1], 0, s), np.float32)
+                else np.zeros((*lead, 0, row.source_len), np.float32)
             )
         if opts.alignment:
             res.alignment = list(row.align)
         return res
 
     def empty_result(self, job: SentenceJob) -> SentenceResult:
-        return empty_result(job, self.rt.n_layers, self.rt.n_heads)
+        """An empty source translates to an empty output without running the model."""
+        return self._result(Row(job, 0), "empty")
 
     def decode_all(self, jobs: list[SentenceJob], max_rows: int = 64) -> list[SentenceResult]:
         """Offline batched decoding (no scheduler): groups of similar source length, each run
@@ -621,24 +621,6 @@ def decode_all_lanes(
     done = [r for r in results if r is not None]
     assert len(done) == len(jobs), "a group was never decoded"
     return done
-
-
-def empty_result(job: SentenceJob, n_layers: int, n_heads: int) -> SentenceResult:
-    """An empty source translates to an empty output without running the model."""
-    opts = job.options
-    res = SentenceResult([], "empty")
-    if opts.scores:
-        res.token_log_probs, res.sequence_log_prob = [], 0.0
-    if opts.attention != AttentionMode.NONE:
-        shapes = {
-            AttentionMode.LAYER_AVERAGE: (0, 0),
-            AttentionMode.LAYER_HEADS: (n_heads, 0, 0),
-            AttentionMode.ALL_LAYERS: (n_layers, n_heads, 0, 0),
-        }
-        res.attention = np.zeros(shapes[opts.attention], np.float32)
-    if opts.alignment:
-        res.alignment = []
-    return res
 
 
 def _log_prob(logits: np.ndarray, token: int) -> float:
