@@ -1,9 +1,11 @@
 """Batched greedy decoding: the batch state as its own typed object, and one step at a time.
 
 ``Engine.start(jobs)`` encodes new sentences into a ``DecodeBatch``; ``Engine.admit(batch,
-jobs)`` lets them join a batch that is already decoding (their caches are left-padded and
-masked, so rows of different ages share one decoder call); ``Engine.step(batch)`` generates one
-token per row and returns the rows that finished, which leave the batch at once.
+jobs)`` lets them join a batch that is already decoding (masks keep rows of different ages
+apart in one decoder call); ``Engine.step(batch)`` generates one token per row and returns the
+rows that finished, which leave the batch at once. The self-attention cache has one class per
+layout, picked from the runtime's decoder graph: ``ConcatBatch`` (decoder.onnx: columns the
+rows share, left-padded) and ``InPlaceBatch`` (decoder_kv.onnx: buffers written in place).
 
 A finished (or dropped) row leaves a free *slot* behind instead of being cut out of the arrays
 at once: cutting copies the whole KV cache, and under a steady stream of requests that copy
@@ -13,12 +15,6 @@ leading cache columns that no row uses any more are cut off when they are a quar
 cache (each step's cost grows with the cache length: +30% from 17 to 50 columns). A
 free slot's row is computed and ignored; masks keep every row's result exactly what it would
 be decoded alone. Nothing here knows about gRPC or protobuf.
-
-With the in-place decoder (``Runtime.inplace``) the self-attention cache is not left-padded at
-all: each cache is a preallocated buffer (capacity, H, M, Dh) in which row b's history sits at
-positions 0..position-1 and the step writes the next key/value in place. A newcomer in a free
-slot starts at position 0 (nothing to copy), compaction moves only the live part of a few rows,
-and the step's cost no longer grows with the age of the oldest row.
 
 Encoding: with the packed encoder (``Runtime.packing``) a group of newcomers of mixed lengths is
 encoded as one row of its real tokens end to end, then scattered into the padded layout the
@@ -34,7 +30,9 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from dataclasses import dataclass, field
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+from typing import ClassVar, TypeVar
 
 import numpy as np
 
@@ -98,11 +96,6 @@ class Row:
     align: list[int] = field(default_factory=list)
     eos_log_prob: float = 0.0
 
-    @property
-    def wants_attention(self) -> bool:
-        o = self.job.options
-        return o.attention != AttentionMode.NONE or o.alignment
-
     def record_attention(self, cross_attn: list[np.ndarray], i: int) -> None:
         """Keeps this step's cross-attention (L × (B, H, S)) of row i, as far as asked."""
         o, s = self.job.options, self.source_len
@@ -115,10 +108,29 @@ class Row:
         if o.alignment:  # the last layer's head average, its most attended source position
             self.align.append(int(cross_attn[-1][i, :, :s].mean(axis=0).argmax()))
 
+    def take(
+        self, token: int, logits: np.ndarray, cross_attn: list[np.ndarray], i: int, eos: int
+    ) -> str | None:
+        """Adds this step's token (the step's row i; logits (V,)): why the row finished, if it
+        did."""
+        scores = self.job.options.scores
+        lp = _log_prob(logits, token) if scores else 0.0
+        if token == eos:
+            self.eos_log_prob = lp
+            return "eos"
+        self.tokens.append(token)
+        if scores:
+            self.log_probs.append(lp)
+        self.record_attention(cross_attn, i)
+        return "length" if len(self.tokens) >= self.job.limit else None
+
+
+_B = TypeVar("_B", bound="DecodeBatch")
+
 
 @dataclass
-class DecodeBatch:
-    """Decoder state of B slots: P cached self-attention columns, S source positions.
+class DecodeBatch(ABC):
+    """Decoder state of B slots and S source positions; the subclass lays out the cache.
 
     rows[i] is None where slot i is free: its arrays hold stale, masked data until a newcomer
     takes the slot or the batch is compacted."""
@@ -126,14 +138,40 @@ class DecodeBatch:
     rows: list[Row | None]
     tokens: np.ndarray  # (B,) the last token of each row
     positions: np.ndarray  # (B,) its position in its row
-    self_mask: np.ndarray  # (B, P) 1 where a cached slot belongs to the row
     src_mask: np.ndarray  # (B, S)
-    past: list[Cache]  # 2L × (B, H, P, Dh); on the device with IO binding
-    cross: list[Cache]  # 2L × (B, H, S, Dh); likewise
-    # In-place decoder: past is 2L buffers (capacity ≥ B, H, M, Dh), row b's history at
-    # positions 0..positions[b]-1, and self_mask has no columns. [] for a batch of newcomers
-    # that has not decoded yet and will join another batch's buffers.
-    inplace: bool = False
+    past: list[Cache]  # 2L self-attention caches, as the layout keeps them
+    cross: list[Cache]  # 2L × (B, H, S, Dh); on the device with IO binding
+    inplace: ClassVar[bool] = False
+
+    @classmethod
+    @abstractmethod
+    def fresh(
+        cls, rt: Runtime, rows: list[Row | None], src_mask: np.ndarray, cross: list[np.ndarray]
+    ) -> DecodeBatch:
+        """Rows just encoded, before their first step."""
+
+    @staticmethod
+    def _first_step(rt: Runtime, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens (BOS) and positions of n rows' first step."""
+        return np.full(n, rt.bos_id, np.int64), np.zeros(n, np.int64)
+
+    @property
+    def past_len(self) -> int:
+        """Cached self-attention columns the slots share (none where each row has its own)."""
+        return 0
+
+    @abstractmethod
+    def decode(self, rt: Runtime) -> tuple[np.ndarray, list[np.ndarray], DecodeBatch]:
+        """One decoder step → logits (B, V), cross attention L × (B, H, S), and the batch
+        holding the step's caches (its tokens and positions still this step's)."""
+
+    @abstractmethod
+    def reserve(self, rows: int, length: int) -> None:
+        """Room for `rows` rows of `length` positions, where the layout preallocates it."""
+
+    def _unused_columns(self, live: list[int]) -> int:
+        """Leading cache columns that no live row uses, where the slots share columns."""
+        return 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -143,10 +181,6 @@ class DecodeBatch:
         self.past = to_host(self.past)
         self.cross = to_host(self.cross)
         return self
-
-    @property
-    def past_len(self) -> int:
-        return int(self.self_mask.shape[1])
 
     @property
     def source_len(self) -> int:
@@ -164,63 +198,194 @@ class DecodeBatch:
     def live_rows(self) -> list[Row]:
         return [r for r in self.rows if r is not None]
 
+    @property
+    def padding_waste(self) -> float:
+        """Share of the (slot, source position) cells that carry no live row's data."""
+        cells = sum(r.source_len for r in self.live_rows())
+        return 1.0 - cells / max(len(self) * self.source_len, 1)
+
     def release(self, i: int) -> None:
         """Frees slot i: its row is no longer decoded (its arrays stay until reused)."""
         self.rows[i] = None
         self.positions[i] = 0  # a free slot must never walk past the position table
 
-    def filter(self, keep: list[int]) -> DecodeBatch:
-        """Only the slots at `keep`; the cache and source axes shrink to what the rows still
-        need."""
-        if self.inplace:
-            return self._filter_inplace(keep)
+    def advanced(self: _B, tokens: np.ndarray, done: list[int]) -> _B:
+        """The batch a step on: `tokens` the rows' new last tokens, every live row one position
+        further, the rows at `done` released."""
+        positions = self.positions + 1
+        positions[self.free] = 0
+        rows, tokens = list(self.rows), tokens.astype(np.int64)
+        out = replace(self, rows=rows, tokens=tokens, positions=positions)
+        for i in done:
+            out.release(i)
+        return out
+
+    def filter(self: _B, keep: list[int]) -> _B:
+        """Only the slots at `keep`; the source axis shrinks to what the rows still need (and
+        the layout's cache to what they use)."""
         self.host()
         idx = np.asarray(keep, dtype=np.int64)
         rows = [self.rows[i] for i in keep]
-        live = [i for i, r in enumerate(rows) if r is not None]
-        self_mask = self.self_mask[idx]
-        src_mask = self.src_mask[idx]
-        # Left-padded caches: drop leading columns no remaining row uses.
-        used = self_mask[live].any(axis=0)
-        start = int(np.argmax(used)) if used.any() else self_mask.shape[1]
-        s = max((r.source_len for r in rows if r is not None), default=0)
-        s = max(s, 1)
-        return DecodeBatch(
-            rows=rows,
-            tokens=self.tokens[idx],
-            positions=self.positions[idx],
-            self_mask=np.ascontiguousarray(self_mask[:, start:]),
-            src_mask=np.ascontiguousarray(src_mask[:, :s]),
-            past=[np.ascontiguousarray(p[idx][:, :, start:]) for p in to_host(self.past)],
-            cross=[np.ascontiguousarray(c[idx][:, :, :s]) for c in to_host(self.cross)],
-        )
-
-    def _filter_inplace(self, keep: list[int]) -> DecodeBatch:
-        """filter() for in-place buffers: kept rows move down to slots 0..len(keep)-1 (only
-        their used positions are copied); the buffers themselves are reused."""
-        assert keep == sorted(keep)
-        for dst, src in enumerate(keep):
-            n = int(self.positions[src])
-            if dst != src and n and self.rows[src] is not None:
-                for buf in self.past:  # dst < src: a row still to move is never overwritten
-                    buf[dst, :, :n] = buf[src, :, :n]
-        idx = np.asarray(keep, dtype=np.int64)
-        rows = [self.rows[i] for i in keep]
         s = max(max((r.source_len for r in rows if r is not None), default=0), 1)
-        return DecodeBatch(
+        return replace(
+            self,
             rows=rows,
             tokens=self.tokens[idx],
             positions=self.positions[idx],
-            self_mask=self.self_mask[idx],
             src_mask=np.ascontiguousarray(self.src_mask[idx][:, :s]),
-            past=self.past,
-            cross=[np.ascontiguousarray(c[idx][:, :, :s]) for c in to_host(self.cross)],
-            inplace=True,
+            cross=[np.ascontiguousarray(c[idx][:, :, :s]) for c in self.cross],
         )
 
-    def ensure_capacity(self, rows: int, length: int) -> None:
-        """In-place buffers: at least `rows` rows (doubling) and `length` positions."""
-        cap, m = (self.past[0].shape[0], self.past[0].shape[2]) if self.past else (0, 0)
+    def tidy(self) -> DecodeBatch | None:
+        """Compacts when it pays: a quarter of the slots free, or a quarter of the shared cache
+        columns (at least 8) unused by every row. Otherwise the batch as it is."""
+        live = self.live
+        if not live:
+            return None
+        if 4 * (len(self.rows) - len(live)) >= len(self.rows):
+            return self.filter(live)
+        if self._unused_columns(live) >= max(8, self.past_len // 4):
+            return self.filter(list(range(len(self.rows))))
+        return self
+
+    def widen_source(self, s: int) -> None:
+        """Right-pads the source axis to s positions (masked) so longer newcomers fit."""
+        if s <= self.source_len:
+            return
+        extra = s - self.source_len
+        self.src_mask = np.pad(self.src_mask, ((0, 0), (0, extra)))
+        self.cross = [np.pad(c, ((0, 0), (0, 0), (0, extra), (0, 0))) for c in to_host(self.cross)]
+
+    def place(self: _B, slot: int, other: _B, j: int) -> None:
+        """Puts row j of a fresh batch (not decoded yet) into free slot `slot`."""
+        row = other.rows[j]
+        assert row is not None and self.rows[slot] is None and other.past_len == 0
+        self.host()
+        s = row.source_len  # ≤ self.source_len (see widen_source)
+        self.rows[slot] = row
+        self.tokens[slot] = other.tokens[j]
+        self.positions[slot] = other.positions[j]
+        self.src_mask[slot] = 0
+        self.src_mask[slot, :s] = other.src_mask[j, :s]
+        for c, oc in zip(to_host(self.cross), to_host(other.cross), strict=True):
+            c[slot, :, :s] = oc[j, :, :s]
+            c[slot, :, s:] = 0
+
+    def concatenate(self: _B, other: _B) -> _B:
+        """Rows of self then other, the shorter source right-padded (the layout joins the
+        caches)."""
+        a, b = self.host(), other.host()
+        s = max(a.source_len, b.source_len)
+        return replace(
+            self,
+            rows=a.rows + b.rows,
+            tokens=np.concatenate([a.tokens, b.tokens]),
+            positions=np.concatenate([a.positions, b.positions]),
+            src_mask=_stack(a.src_mask, b.src_mask, s, 1, at_end=False),
+            cross=[_stack(x, y, s, 2, at_end=False) for x, y in zip(a.cross, b.cross, strict=True)],
+        )
+
+
+def _stack(x: np.ndarray, y: np.ndarray, width: int, axis: int, at_end: bool) -> np.ndarray:
+    """Stacks x over y along the batch axis, padding `axis` to width with zeros, on the left
+    (at_end: the data sits at the end, as in left-padded caches) or right."""
+    shape = list(x.shape)
+    shape[0] = x.shape[0] + y.shape[0]
+    shape[axis] = width
+    out = np.zeros(shape, x.dtype)
+    for part, rows in ((x, slice(0, x.shape[0])), (y, slice(x.shape[0], None))):
+        n = part.shape[axis]
+        span = slice(width - n, width) if at_end else slice(0, n)
+        index = [rows] + [slice(None)] * (x.ndim - 1)
+        index[axis] = span
+        out[tuple(index)] = part
+    return out
+
+
+@dataclass
+class ConcatBatch(DecodeBatch):
+    """decoder.onnx's cache: the slots share P columns, each row's history left-padded to the
+    oldest row's, and every step returns a new cache one column longer."""
+
+    # past: 2L × (B, H, P, Dh)
+    self_mask: np.ndarray = field(kw_only=True)  # (B, P) 1 where a cached column is the row's
+
+    @classmethod
+    def fresh(
+        cls, rt: Runtime, rows: list[Row | None], src_mask: np.ndarray, cross: list[np.ndarray]
+    ) -> ConcatBatch:
+        n, past = len(rows), rt.empty_past(len(rows))
+        empty = np.zeros((n, 0), np.int64)
+        return cls(rows, *cls._first_step(rt, n), src_mask, past, cross, self_mask=empty)
+
+    @property
+    def past_len(self) -> int:
+        return int(self.self_mask.shape[1])
+
+    def reserve(self, rows: int, length: int) -> None:
+        """Nothing to allocate: each step returns a new cache."""
+
+    def decode(self, rt: Runtime) -> tuple[np.ndarray, list[np.ndarray], ConcatBatch]:
+        self_mask = np.concatenate([self.self_mask, np.ones((len(self), 1), np.int64)], axis=1)
+        logits, past, cross_attn, cross = rt.step(
+            self.tokens, self.positions, self_mask, self.src_mask, self.past, self.cross
+        )
+        return logits, cross_attn, replace(self, self_mask=self_mask, past=past, cross=cross)
+
+    def _unused_columns(self, live: list[int]) -> int:
+        used = self.self_mask[live].any(axis=0)
+        return int(np.argmax(used)) if used.any() else 0
+
+    def filter(self, keep: list[int]) -> ConcatBatch:
+        """Also drops the leading cache columns that no remaining row uses."""
+        out = super().filter(keep)
+        idx = np.asarray(keep, dtype=np.int64)
+        self_mask = self.self_mask[idx]
+        used = self_mask[out.live].any(axis=0)
+        start = int(np.argmax(used)) if used.any() else self_mask.shape[1]
+        out.self_mask = np.ascontiguousarray(self_mask[:, start:])
+        out.past = [np.ascontiguousarray(p[idx][:, :, start:]) for p in to_host(self.past)]
+        return out
+
+    def place(self, slot: int, other: ConcatBatch, j: int) -> None:
+        super().place(slot, other, j)
+        self.self_mask[slot] = 0  # none of the cached columns is the newcomer's
+
+    def concatenate(self, other: ConcatBatch) -> ConcatBatch:
+        """The shorter past is left-padded."""
+        out = super().concatenate(other)
+        p = max(self.past_len, other.past_len)
+        out.self_mask = _stack(self.self_mask, other.self_mask, p, 1, at_end=True)
+        pairs = zip(to_host(self.past), to_host(other.past), strict=True)
+        out.past = [_stack(x, y, p, 2, at_end=True) for x, y in pairs]
+        return out
+
+
+@dataclass
+class InPlaceBatch(DecodeBatch):
+    """decoder_kv.onnx's cache: 2L preallocated buffers (capacity ≥ B, H, M, Dh), row b's
+    history at positions 0..positions[b]-1; the step writes the new key/value in place, so its
+    cost does not grow with the oldest row's age and a newcomer has nothing to copy."""
+
+    inplace: ClassVar[bool] = True
+
+    @classmethod
+    def fresh(
+        cls, rt: Runtime, rows: list[Row | None], src_mask: np.ndarray, cross: list[np.ndarray]
+    ) -> InPlaceBatch:
+        """Buffers of no rows yet: reserve() grows them (rows that join a batch take its)."""
+        first = cls._first_step(rt, len(rows))
+        return cls(rows, *first, src_mask, rt.cache_buffers(0, 0), cross)
+
+    def decode(self, rt: Runtime) -> tuple[np.ndarray, list[np.ndarray], InPlaceBatch]:
+        logits, cross_attn = rt.step_inplace(
+            self.tokens, self.positions, self.src_mask, self.past, self.cross
+        )
+        return logits, cross_attn, self
+
+    def reserve(self, rows: int, length: int) -> None:
+        """At least `rows` buffer rows (doubling) and `length` positions."""
+        cap, m = self.past[0].shape[0], self.past[0].shape[2]
         if rows <= cap and length <= m:
             return
         new_cap, new_m = max(rows, 2 * cap if rows > cap else cap), max(length, m)
@@ -232,94 +397,22 @@ class DecodeBatch:
             grown.append(g)
         self.past = grown
 
-    def compact(self) -> DecodeBatch | None:
-        """Drops free slots (None when no row is left) and unused cache columns."""
-        live = self.live
-        return self.filter(live) if live else None
+    def filter(self, keep: list[int]) -> InPlaceBatch:
+        """Kept rows move down to slots 0..len(keep)-1 (only their used positions are copied);
+        the buffers themselves are reused."""
+        assert keep == sorted(keep)
+        for dst, src in enumerate(keep):
+            n = int(self.positions[src])
+            if dst != src and n and self.rows[src] is not None:
+                for buf in self.past:  # dst < src: a row still to move is never overwritten
+                    buf[dst, :, :n] = buf[src, :, :n]
+        return super().filter(keep)
 
-    def tidy(self) -> DecodeBatch | None:
-        """Compacts when it pays: a quarter of the slots free, or a quarter of the cache columns
-        (at least 8) unused by every row. Otherwise the batch as it is."""
-        live = self.live
-        if not live:
-            return None
-        if 4 * (len(self.rows) - len(live)) >= len(self.rows):
-            return self.filter(live)
-        p = self.past_len
-        if p >= 8:
-            used = self.self_mask[live].any(axis=0)
-            if used.any() and int(np.argmax(used)) >= max(8, p // 4):
-                return self.filter(list(range(len(self.rows))))
-        return self
-
-    def widen_source(self, s: int) -> None:
-        """Right-pads the source axis to s positions (masked) so longer newcomers fit."""
-        if s <= self.source_len:
-            return
-        extra = s - self.source_len
-        self.src_mask = np.pad(self.src_mask, ((0, 0), (0, extra)))
-        self.cross = [np.pad(c, ((0, 0), (0, 0), (0, extra), (0, 0))) for c in to_host(self.cross)]
-
-    def place(self, slot: int, other: DecodeBatch, j: int) -> None:
-        """Puts row j of a fresh batch (no cached columns yet) into free slot `slot`."""
-        row = other.rows[j]
-        assert row is not None and self.rows[slot] is None and other.past_len == 0
-        self.host()
-        s = row.source_len  # ≤ self.source_len (see widen_source)
-        self.rows[slot] = row
-        self.tokens[slot] = other.tokens[j]
-        self.positions[slot] = other.positions[j]
-        self.self_mask[slot] = 0  # none of the cached columns is the newcomer's
-        self.src_mask[slot] = 0
-        self.src_mask[slot, :s] = other.src_mask[j, :s]
-        for c, oc in zip(to_host(self.cross), to_host(other.cross), strict=True):
-            c[slot, :, :s] = oc[j, :, :s]
-            c[slot, :, s:] = 0
-
-    @staticmethod
-    def concatenate(a: DecodeBatch, b: DecodeBatch) -> DecodeBatch:
-        """Rows of a then b; the shorter past is left-padded, the shorter source right-padded.
-        In-place buffers: b must not have decoded yet; its rows take a's next buffer rows."""
-        a, b = a.host(), b.host()
-        if a.inplace:
-            assert not b.positions.any(), "only fresh rows join in-place buffers"
-            a.ensure_capacity(len(a) + len(b), a.past[0].shape[2])
-        p = max(a.past_len, b.past_len)
-        s = max(a.source_len, b.source_len)
-
-        def join(x: np.ndarray, y: np.ndarray, width: int, axis: int, at_end: bool) -> np.ndarray:
-            """Stacks x over y along the batch axis, padding `axis` to width with zeros, on
-            the left (at_end: the data sits at the end, as in left-padded caches) or right."""
-            shape = list(x.shape)
-            shape[0] = x.shape[0] + y.shape[0]
-            shape[axis] = width
-            out = np.zeros(shape, x.dtype)
-            for part, rows in ((x, slice(0, x.shape[0])), (y, slice(x.shape[0], None))):
-                n = part.shape[axis]
-                span = slice(width - n, width) if at_end else slice(0, n)
-                index = [rows] + [slice(None)] * (x.ndim - 1)
-                index[axis] = span
-                out[tuple(index)] = part
-            return out
-
-        return DecodeBatch(
-            rows=a.rows + b.rows,
-            tokens=np.concatenate([a.tokens, b.tokens]),
-            positions=np.concatenate([a.positions, b.positions]),
-            self_mask=join(a.self_mask, b.self_mask, p, 1, at_end=True),
-            src_mask=join(a.src_mask, b.src_mask, s, 1, at_end=False),
-            past=a.past
-            if a.inplace
-            else [
-                join(x, y, p, 2, at_end=True)
-                for x, y in zip(to_host(a.past), to_host(b.past), strict=True)
-            ],
-            cross=[
-                join(x, y, s, 2, at_end=False)
-                for x, y in zip(to_host(a.cross), to_host(b.cross), strict=True)
-            ],
-            inplace=a.inplace,
-        )
+    def concatenate(self, other: InPlaceBatch) -> InPlaceBatch:
+        """other's rows, not decoded yet, take this batch's next buffer rows."""
+        assert not other.positions.any(), "only fresh rows join in-place buffers"
+        self.reserve(len(self) + len(other), self.past[0].shape[2])
+        return super().concatenate(other)
 
 
 @dataclass
@@ -345,6 +438,8 @@ class Engine:
         self.rt = runtime
         self.limits = limits
         self.capacity = capacity  # rows the in-place cache buffers are first allocated for
+        # The cache layout that the runtime's decoder graph takes, chosen once.
+        self.layout: type[DecodeBatch] = InPlaceBatch if runtime.inplace else ConcatBatch
         self.last_encode: EncodeStats | None = None  # figures of the latest encoder run
 
     def start(self, jobs: list[SentenceJob], cache: bool = True) -> DecodeBatch:
@@ -357,19 +452,10 @@ class Engine:
         for i, j in enumerate(jobs):
             ids[i, : len(j.source_ids)] = j.source_ids
             mask[i, : max(1, len(j.source_ids))] = 1
-        cross = self._encode(ids, mask)
-        batch = DecodeBatch(
-            rows=[Row(j, max(1, len(j.source_ids))) for j in jobs],
-            tokens=np.full(n, self.rt.bos_id, np.int64),
-            positions=np.zeros(n, np.int64),
-            self_mask=np.zeros((n, 0), np.int64),
-            src_mask=mask,
-            past=[] if self.rt.inplace else self.rt.empty_past(n),
-            cross=cross,
-            inplace=self.rt.inplace,
-        )
-        if self.rt.inplace and cache:
-            batch.past = self.rt.cache_buffers(max(n, self.capacity), self._cache_length(jobs))
+        rows: list[Row | None] = [Row(j, max(1, len(j.source_ids))) for j in jobs]
+        batch = self.layout.fresh(self.rt, rows, mask, self._encode(ids, mask))
+        if cache:
+            batch.reserve(max(n, self.capacity), self._cache_length(jobs))
         return batch
 
     def _encode(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
@@ -412,8 +498,7 @@ class Engine:
         new = self.start(jobs, cache=batch is None)
         if batch is None:
             return new
-        if batch.inplace:
-            batch.ensure_capacity(len(batch), self._cache_length(jobs))
+        batch.reserve(len(batch), self._cache_length(jobs))
         free = batch.free
         n = min(len(free), len(new))
         if n:
@@ -422,7 +507,7 @@ class Engine:
                 batch.place(free[k], new, k)
         if n == len(new):
             return batch
-        return DecodeBatch.concatenate(batch, new.filter(list(range(n, len(new)))) if n else new)
+        return batch.concatenate(new.filter(list(range(n, len(new)))) if n else new)
 
     def step(
         self, batch: DecodeBatch
@@ -433,65 +518,22 @@ class Engine:
         tidy = batch.tidy()
         if tidy is None:
             return [], None, StepStats(0, 0.0, 0.0)
-        batch = tidy
-        b = len(batch)
-        live = batch.live
-        if batch.inplace:
-            self_mask, present, cross = batch.self_mask, batch.past, batch.cross
-            logits, cross_attn = self.rt.step_inplace(
-                batch.tokens, batch.positions, batch.src_mask, batch.past, batch.cross
-            )
-        else:
-            self_mask = np.concatenate([batch.self_mask, np.ones((b, 1), np.int64)], axis=1)
-            logits, present, cross_attn, cross = self.rt.step(
-                batch.tokens, batch.positions, self_mask, batch.src_mask, batch.past, batch.cross
-            )
-        rows = batch.rows
+        live = tidy.live
+        logits, cross_attn, after = tidy.decode(self.rt)
         nxt = logits.argmax(axis=-1)  # (B,)
         finished: list[tuple[SentenceJob, SentenceResult]] = []
         done: list[int] = []
-        eos = self.rt.eos_id
-        source_cells = 0
         for i in live:
-            row = rows[i]
+            row = tidy.rows[i]
             assert row is not None
-            source_cells += row.source_len
-            opts = row.job.options
-            tok = int(nxt[i])
-            lp = _log_prob(logits[i], tok) if opts.scores else 0.0
-            if tok == eos:
-                row.eos_log_prob = lp
-                finished.append((row.job, self._result(row, "eos")))
+            reason = row.take(int(nxt[i]), logits[i], cross_attn, i, self.rt.eos_id)
+            if reason is not None:
+                finished.append((row.job, self._result(row, reason)))
                 done.append(i)
-                continue
-            row.tokens.append(tok)
-            if opts.scores:
-                row.log_probs.append(lp)
-            if row.wants_attention:
-                row.record_attention(cross_attn, i)
-            if len(row.tokens) >= row.job.limit:
-                finished.append((row.job, self._result(row, "length")))
-                done.append(i)
-        # Waste: source cells computed that carry no live row's data (padding and free slots).
-        waste = 1.0 - source_cells / max(b * batch.source_len, 1)
-        stats = StepStats(len(live), waste, time.perf_counter() - t0)
+        stats = StepStats(len(live), tidy.padding_waste, time.perf_counter() - t0)
         if len(done) == len(live):
             return finished, None, stats
-        positions = batch.positions + 1
-        positions[batch.free] = 0
-        nxt_batch = DecodeBatch(
-            rows=list(rows),
-            tokens=nxt.astype(np.int64),
-            positions=positions,
-            self_mask=self_mask,
-            src_mask=batch.src_mask,
-            past=present,
-            cross=cross,
-            inplace=batch.inplace,
-        )
-        for i in done:
-            nxt_batch.release(i)
-        return finished, nxt_batch, stats
+        return finished, after.advanced(nxt, done), stats
 
     def _result(self, row: Row, reason: str) -> SentenceResult:
         opts = row.job.options
@@ -500,24 +542,24 @@ class Engine:
             res.token_log_probs = list(row.log_probs)
             res.sequence_log_prob = float(sum(row.log_probs) + row.eos_log_prob)
         if opts.attention != AttentionMode.NONE:
-            s, n_layers, h = row.source_len, self.rt.n_layers, self.rt.n_heads
-            step_shape = {
-                AttentionMode.LAYER_AVERAGE: (s,),
-                AttentionMode.LAYER_HEADS: (h, s),
-                AttentionMode.ALL_LAYERS: (n_layers, h, s),
+            lead = {
+                AttentionMode.LAYER_AVERAGE: (),
+                AttentionMode.LAYER_HEADS: (self.rt.n_heads,),
+                AttentionMode.ALL_LAYERS: (self.rt.n_layers, self.rt.n_heads),
             }[opts.attention]
             # Steps stacked on the target axis, second to last: (T, S), (H, T, S), (L, H, T, S).
             res.attention = (
                 np.stack(row.attn, axis=-2)
                 if row.attn
-                else np.zeros((*step_shape[:-1], 0, s), np.float32)
+                else np.zeros((*lead, 0, row.source_len), np.float32)
             )
         if opts.alignment:
             res.alignment = list(row.align)
         return res
 
     def empty_result(self, job: SentenceJob) -> SentenceResult:
-        return empty_result(job, self.rt.n_layers, self.rt.n_heads)
+        """An empty source translates to an empty output without running the model."""
+        return self._result(Row(job, 0), "empty")
 
     def decode_all(self, jobs: list[SentenceJob], max_rows: int = 64) -> list[SentenceResult]:
         """Offline batched decoding (no scheduler): groups of similar source length, each run
@@ -579,24 +621,6 @@ def decode_all_lanes(
     done = [r for r in results if r is not None]
     assert len(done) == len(jobs), "a group was never decoded"
     return done
-
-
-def empty_result(job: SentenceJob, n_layers: int, n_heads: int) -> SentenceResult:
-    """An empty source translates to an empty output without running the model."""
-    opts = job.options
-    res = SentenceResult([], "empty")
-    if opts.scores:
-        res.token_log_probs, res.sequence_log_prob = [], 0.0
-    if opts.attention != AttentionMode.NONE:
-        shapes = {
-            AttentionMode.LAYER_AVERAGE: (0, 0),
-            AttentionMode.LAYER_HEADS: (n_heads, 0, 0),
-            AttentionMode.ALL_LAYERS: (n_layers, n_heads, 0, 0),
-        }
-        res.attention = np.zeros(shapes[opts.attention], np.float32)
-    if opts.alignment:
-        res.alignment = []
-    return res
 
 
 def _log_prob(logits: np.ndarray, token: int) -> float:

@@ -19,6 +19,11 @@ to its fair share of the work in flight: ceil((queued + rows in every lane) / la
 most ``max_batch_rows``. onnxruntime releases the GIL while it runs, so lanes decode in
 parallel, and the asyncio server stays responsive beside them.
 
+The decisions are pure functions: a lane's share (``fair_share``), whether a running batch
+takes a group now (``group_ready``) and which sentences (``choose``); threads, the lock and the
+clock stay in ``Scheduler``, whose admission (``_take``) waits when idle, reaps dead sentences
+and applies the choice.
+
 Every sentence ends through one path (``settle``): a result, an error, its deadline, or its
 cancellation. Futures may be cancelled by their owner at any moment; completing one that is
 already done is not an error. A sentence whose call is cancelled (``Ticket.cancel``) leaves the
@@ -219,6 +224,25 @@ def choose(
     return taken
 
 
+def fair_share(max_rows: int, queued: int, lane_rows: Sequence[int], lanes: int) -> int:
+    """The most rows a lane should hold: max_rows for the only lane; with several, an even
+    share of the work in flight (`queued` sentences and the rows of each lane still alive,
+    `lane_rows`), rounded up, 1..max_rows."""
+    if lanes == 1:
+        return max_rows
+    return max(1, min(max_rows, -(-(queued + sum(lane_rows)) // max(1, len(lane_rows)))))
+
+
+def group_ready(queued: int, free: int, waited: float, patience: float) -> bool:
+    """Whether a running batch with `free` rows (of its even share of max_batch_rows) takes
+    the `queued` sentences now. Each admission is an encoder run, and small encoder batches
+    cost up to 2.5x more per sentence, so it waits until half the free rows can be filled, or
+    the oldest sentence has `waited` the patience: max_wait_ms or two decoder steps, whichever
+    is longer (measured: +25% throughput on a d256 3+3 model at concurrency 64; a newcomer's
+    latency grows by at most two steps)."""
+    return queued >= max(1, free // 2) or waited >= patience
+
+
 class Scheduler:
     """The queue and its decode lanes: one engine per lane (``Scheduler.over`` makes them),
     or one engine for a single lane."""
@@ -317,14 +341,9 @@ class Scheduler:
         for job in jobs:
             job.cancelled.set()
         now = time.monotonic()
-        gone: list[_Pending] = []
+        ids = {id(j) for j in jobs}
         with self._cond:
-            ids = {id(j) for j in jobs}
-            for call in list(self._calls):
-                dead = [p for p in call.waiting if id(p.job) in ids]
-                if dead:
-                    self._remove(call, dead)
-                    gone += dead
+            gone = self._take_out(lambda job: id(job) in ids)
             if gone:
                 self.obs.queue_depth(self._queued)
         for p in gone:
@@ -439,24 +458,34 @@ class Scheduler:
                 self._fail(failed, e)
                 self.obs.failed(len(failed))
 
-    def _share(self, lane: _Lane) -> int:
+    def _share(self) -> int:
         """The most rows this lane should hold now: its fair share of the work in flight."""
-        if len(self._lanes) == 1:
-            return self.cfg.max_batch_rows
-        total = self._queued + sum(x.rows for x in self._lanes if x.alive)
-        alive = sum(1 for x in self._lanes if x.alive)
-        return max(1, min(self.cfg.max_batch_rows, -(-total // max(1, alive))))
+        alive = [x.rows for x in self._lanes if x.alive]
+        return fair_share(self.cfg.max_batch_rows, self._queued, alive, len(self._lanes))
 
     def _remove(self, call: _Call, gone: list[_Pending]) -> None:
         """Takes sentences out of a call's waiting list (with the lock held)."""
         ids = {id(p) for p in gone}
         call.waiting = deque(p for p in call.waiting if id(p) not in ids)
+        self._uncount(call, gone)
+        if not call.waiting:
+            self._calls.remove(call)
+
+    def _uncount(self, call: _Call, gone: list[_Pending]) -> None:
         n = sum(len(p.job.source_ids) for p in gone)
         call.tokens -= n
         self._queued -= len(gone)
         self._queued_tokens -= n
-        if not call.waiting:
-            self._calls.remove(call)
+
+    def _take_out(self, doomed: Callable[[SentenceJob], bool]) -> list[_Pending]:
+        """Takes the sentences whose job is doomed out of the queue (with the lock held)."""
+        out: list[_Pending] = []
+        for call in list(self._calls):
+            gone = [p for p in call.waiting if doomed(p.job)]
+            if gone:
+                self._remove(call, gone)
+                out += gone
+        return out
 
     def _take(self, lane: _Lane, batch: DecodeBatch | None) -> list[_Pending] | None:
         """Waits when idle, then picks sentences to admit: [] for none, None to exit."""
@@ -490,55 +519,51 @@ class Scheduler:
         """Sentences for this lane now, taken out of the queue (with the lock held). Expired
         and cancelled ones found on the way are moved to `dead`."""
         running = batch.live_rows() if batch is not None else []
-        rows = len(running)
-        share = self._share(lane)
-        if rows >= share or (rows and not self._stopping and not self._group_ready(lane, rows)):
+        share = self._share()
+        if not self._ready(lane, len(running), share):
             return []
         now = time.monotonic()
-        for call in list(self._calls):
-            gone = [p for p in call.waiting if p.job.expired(now) or p.job.cancelled.is_set()]
-            if gone:
-                self._remove(call, gone)
-                dead += gone
+        dead += self._take_out(lambda job: job.expired(now) or job.cancelled.is_set())
         calls = list(self._calls)
         taken = choose(
             [[len(p.job.source_ids) for p in c.waiting] for c in calls],
-            share - rows,
+            share - len(running),
             sum(r.source_len for r in running),
             self.cfg.max_batch_tokens,
-            running=bool(rows),
+            running=bool(running),
         )
-        chosen: list[_Pending] = []
-        for call, n in zip(calls, taken, strict=True):
-            if not n:
-                continue
-            got = [call.waiting.popleft() for _ in range(n)]
-            k = sum(len(p.job.source_ids) for p in got)
-            call.tokens -= k
-            self._queued -= n
-            self._queued_tokens -= k
-            chosen += got
-            self._calls.remove(call)
-            if call.waiting:  # a served call goes to the back of the turn order
-                self._calls.append(call)
-        lane.rows = rows + len(chosen)
+        chosen = self._dequeue(calls, taken)
+        lane.rows = len(running) + len(chosen)
         lane.admitting = chosen
         self.obs.queue_depth(self._queued)
         if self._calls and len(self._lanes) > 1:
             self._cond.notify()  # another lane may take what this one left
         return chosen
 
-    def _group_ready(self, lane: _Lane, rows: int) -> bool:
-        """A running batch takes newcomers in groups: each admission is an encoder run, and
-        small encoder batches cost up to 2.5x more per sentence. So it waits until half the
-        lane's free rows (of its even share of max_batch_rows) can be filled, or the oldest
-        sentence has waited max_wait_ms or two decoder steps, whichever is longer (measured:
-        +25% throughput on a d256 3+3 model at concurrency 64; a newcomer's latency grows by at
-        most two steps)."""
-        free = self._lane_rows - rows
+    def _ready(self, lane: _Lane, rows: int, share: int) -> bool:
+        """Whether the lane admits now (with the lock held): under its share, and empty, or
+        stopping, or with a group ready (``group_ready``)."""
+        if rows >= share:
+            return False
+        if not rows or self._stopping:
+            return True
         waited = time.monotonic() - min(c.oldest for c in self._calls)
         patience = max(self.cfg.max_wait_ms / 1e3, 2 * lane.step_s)
-        return self._queued >= max(1, free // 2) or waited >= patience
+        return group_ready(self._queued, self._lane_rows - rows, waited, patience)
+
+    def _dequeue(self, calls: list[_Call], taken: list[int]) -> list[_Pending]:
+        """The first taken[i] sentences of calls[i], out of the queue (with the lock held)."""
+        chosen: list[_Pending] = []
+        for call, n in zip(calls, taken, strict=True):
+            if not n:
+                continue
+            got = [call.waiting.popleft() for _ in range(n)]
+            self._uncount(call, got)
+            chosen += got
+            self._calls.remove(call)
+            if call.waiting:  # a served call goes to the back of the turn order
+                self._calls.append(call)
+        return chosen
 
     def _drop_dead(self, lane: _Lane, batch: DecodeBatch | None) -> DecodeBatch | None:
         """Rows whose caller cancelled or whose deadline passed leave the batch now."""

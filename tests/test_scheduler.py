@@ -13,7 +13,15 @@ import pytest
 from service.bundle import load_bundle
 from service.engine import EncodeStats, Engine, SentenceJob, StepStats
 from service.runtime import Runtime, RuntimeConfig
-from service.scheduler import Cancelled, Observer, Scheduler, SchedulerConfig, choose
+from service.scheduler import (
+    Cancelled,
+    Observer,
+    Scheduler,
+    SchedulerConfig,
+    choose,
+    fair_share,
+    group_ready,
+)
 from tests.doubles import Exact, ExactLength
 
 
@@ -165,6 +173,40 @@ def test_choose_takes_calls_in_turn() -> None:
     # an empty batch always takes the first, even over the budget
     assert choose([[20], [1]], 10, 0, 10, running=False) == [1, 0]
     assert choose([], 5, 0, 10, running=False) == []
+
+
+def test_choose_exact_choices() -> None:
+    # rows run out mid-round: the calls earlier in the turn order get the extra sentence
+    assert choose([[1, 1, 1], [1, 1], [1]], 4, 0, 100, running=True) == [2, 1, 1]
+    assert choose([[1]], 0, 0, 100, running=True) == [0]  # no free row: nothing
+    # a sentence that brings the batch exactly to the budget fits; one token more does not
+    assert choose([[4], [6]], 5, 0, 10, running=True) == [1, 1]
+    assert choose([[4], [7]], 5, 0, 10, running=True) == [1, 0]
+    # the running batch's tokens count against the budget
+    assert choose([[3, 3]], 10, 5, 10, running=True) == [1]
+    # a call whose sentence did not fit takes no more turns, even with a shorter one next
+    assert choose([[5, 1], [5, 1]], 10, 0, 9, running=True) == [2, 0]
+    # an empty batch takes an over-budget first sentence alone; then the budget binds
+    assert choose([[20, 1], [1]], 10, 0, 10, running=False) == [1, 0]
+    # calls with nothing left waiting (their sentences expired) are passed over
+    assert choose([[], [2], []], 3, 0, 10, running=True) == [0, 1, 0]
+
+
+def test_fair_share_of_rows() -> None:
+    assert fair_share(64, 500, [0], lanes=1) == 64  # the only lane may fill max_batch_rows
+    assert fair_share(64, 10, [20, 3], lanes=2) == 17  # (10 queued + 23 rows) / 2, rounded up
+    assert fair_share(64, 200, [0, 0], lanes=2) == 64  # never over max_batch_rows
+    assert fair_share(64, 0, [0, 0], lanes=2) == 1  # nothing in flight: still one row
+    assert fair_share(64, 9, [4], lanes=2) == 13  # a dead lane's share goes to the living
+
+
+def test_a_running_batch_takes_newcomers_in_groups() -> None:
+    # half the free rows can be filled, or the oldest has waited its patience
+    assert group_ready(queued=16, free=32, waited=0.0, patience=0.005)
+    assert not group_ready(queued=15, free=32, waited=0.0049, patience=0.005)
+    assert group_ready(queued=1, free=32, waited=0.005, patience=0.005)
+    assert group_ready(queued=1, free=1, waited=0.0, patience=0.005)  # one free row: one is a group
+    assert not group_ready(queued=0, free=0, waited=0.0, patience=0.005)
 
 
 def test_a_single_sentence_call_is_not_queued_behind_a_big_one(tiny_bundle: Path) -> None:
