@@ -122,7 +122,7 @@ def prepare_marian(model_name: str, work: Path) -> dict[str, Any]:
 
     shape = MARIAN[model_name]
     spec = MarianSpec(**shape, vocab=min(4000, shape["vocab_size"]), max_positions=512,
-                      max_length=512, train_steps=0)  # fmt: skip
+                      max_length=512, train_steps=0, init_std=0.02)  # fmt: skip
     directory = build(work / "marian", spec)
     subprocess.run([sys.executable, "-m", "export", "import-marian", str(directory), "--out",
                     str(work / "bundle"), "--int8"], check=True, cwd=REPO)  # fmt: skip

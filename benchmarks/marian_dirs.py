@@ -198,11 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-positions", type=int, default=512)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--train-steps", type=int, default=0)
+    p.add_argument(
+        "--init-std", type=float, default=0.02,
+        help="random weights' standard deviation (0.02: MarianConfig's, as OPUS-MT models carry)",
+    )  # fmt: skip
     a = p.parse_args(argv)
     spec = MarianSpec(
         d_model=a.d_model, layers=a.layers, heads=a.heads, ffn=a.ffn,
         vocab=min(a.vocab, 4000), vocab_size=a.vocab,
         max_positions=a.max_positions, max_length=a.max_length, train_steps=a.train_steps,
+        init_std=a.init_std,
     )  # fmt: skip
     build(Path(a.out), spec, log=True)
     print(f"wrote {a.out}: a MarianMTModel directory with RANDOM weights (not a translator)")

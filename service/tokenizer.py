@@ -90,6 +90,7 @@ class MarianTextTokenizer:
             else self.source_spm
         )
         self.inverse = {i: p for p, i in self.target_vocab.items()}
+        self.source_inverse = {i: p for p, i in self.vocab.items()}
         self.specials: list[str] = list(spec["special_tokens"])
         self.unk_id = self.vocab[spec["unk_token"]]
         self.eos_id = self.vocab[spec["eos_token"]]
@@ -123,8 +124,7 @@ class MarianTextTokenizer:
         return str(self.decode_spm.decode_pieces(pieces)).replace(SPIECE_UNDERLINE, " ").strip()
 
     def source_pieces(self, ids: list[int]) -> list[str]:
-        inverse = {i: p for p, i in self.vocab.items()}
-        return [inverse.get(i, "") for i in ids]
+        return [self.source_inverse.get(i, "") for i in ids]
 
     def target_pieces(self, ids: list[int]) -> list[str]:
         return [self.inverse.get(i, "") for i in ids]
