@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,16 +29,18 @@ from export.model import KV, EncoderOutput, ModelConfig, StepOutput, Transformer
 from export.onnx_export import OPSET
 from export.pipeline import (
     ExportError,
-    _core_manifest,
-    _export_graphs,
-    _export_record,
-    _quantize_graphs,
-    _verified,
-    _write_core,
+    core_manifest,
+    export_graphs,
+    export_record,
+    finished_manifest,
+    publish,
+    quantize_graphs,
+    scratch_dir,
+    verified,
+    write_core,
 )
 from export.verify import GreedyFn
-from service.bundle import GRAPH_FILES, MARIAN_FILES, Limits, file_entries, write_manifest
-from service.bundle import load_bundle as load_written_bundle
+from service.bundle import GRAPH_FILES, MARIAN_FILES, Limits
 from service.tokenizer import MarianTextTokenizer
 
 log = logging.getLogger("export.marian")
@@ -510,9 +511,7 @@ def import_marian(
     gen = generation_settings(hf, cfg)
     model = map_weights(hf, cfg)
     limits = Limits(cfg.max_positions, cfg.max_positions)  # generation max_length caps it too
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with scratch_dir(out) as work:
         for role, name in MARIAN_FILES.items():
             if role != "target_vocab" or d.target_vocab is not None:
                 shutil.copyfile(src / name, work / name)
@@ -521,32 +520,23 @@ def import_marian(
         tokenizer = check_tokenizer(ours, hf_tok, tokenizer_cases(ours.target_languages))
         if tokenizer["mismatches"]:
             raise MarianImportError(f"tokenizer ids differ from MarianTokenizer's: {tokenizer}")
-        _export_graphs(model, work, opset)
+        export_graphs(model, work, opset)
         graphs = {"fp32": dict(GRAPH_FILES["fp32"])}
         core = _marian_core(model, cfg, spec, gen, limits, opset, graphs)
-        bundle = _write_core(work, core)
+        bundle = write_core(work, core)
         limits = bundle.limits
         pairs = _sentences(ours.target_languages, limits, ours)
         reference = TransformersReference(hf, cfg, gen["suppressed_ids"])
         greedy = transformers_greedy(hf, gen, cfg.pad_id)
-        verification = _verified(
-            reference, bundle, _Encoder(ours), pairs, limits, work, out, greedy
-        )
+        verification = verified(reference, bundle, _Encoder(ours), pairs, limits, work, out, greedy)
         verification["reference"] = "transformers MarianMTModel (eager attention), generate()"
         verification["tokenizer"] = tokenizer
         if int8:
-            _quantize_graphs(work)
+            quantize_graphs(work)
             graphs["int8"] = dict(GRAPH_FILES["int8"])
-        manifest = _manifest(core, work, d, verification, int8)
-        write_manifest(work, manifest)
-        load_written_bundle(work)
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
+        manifest = finished_manifest(core, work, verification, _record(d, int8))
+        publish(work, out, manifest)
         return manifest
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def _marian_core(
@@ -555,33 +545,21 @@ def _marian_core(
 ) -> dict[str, Any]:  # fmt: skip
     """pipeline's core manifest with the Marian tokenizer and the generation settings."""
 
-    class Specials:  # what _core_manifest reads of a tokenizer
+    class Specials:  # what core_manifest reads of a tokenizer
         vocab_size = spec["vocab_size"]
 
         @staticmethod
         def special_ids() -> dict[str, int]:
             return {"pad": cfg.pad_id, "eos": cfg.eos_id, "decoder_start": cfg.start_id}
 
-    core = _core_manifest(model, Specials(), limits, opset, graphs)  # type: ignore[arg-type]
+    core = core_manifest(model, Specials(), limits, opset, graphs)  # type: ignore[arg-type]
     return {**core, "tokenizer": spec, "generation": gen}
 
 
-def _manifest(
-    core: dict[str, Any], work: Path, d: MarianDir, verification: dict[str, Any], int8: bool
-) -> dict[str, Any]:
-    import datetime as dt
-
+def _record(d: MarianDir, int8: bool) -> dict[str, Any]:
+    """The export record: the weights file and the libraries, transformers included."""
     import transformers
 
-    from export.pipeline import _files
-
-    record = _export_record(d.weights, int8)
-    record |= {"source": f"transformers MarianMTModel directory {d.path.name}",
-               "transformers": transformers.__version__}  # fmt: skip
-    return {
-        **core,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "files": file_entries(work, _files(core)),
-        "verification": verification,
-        "export": record,
-    }
+    record = export_record(d.weights, int8)
+    source = f"transformers MarianMTModel directory {d.path.name}"
+    return record | {"source": source, "transformers": transformers.__version__}

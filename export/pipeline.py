@@ -5,13 +5,16 @@ existing bundle is replaced only with ``force``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +74,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
         root.setLevel(level)
 
 
-def _core_manifest(
+def core_manifest(
     model: Transformer, tok: Tokenizer, limits: Limits, opset: int, graphs: dict[str, Any]
 ) -> dict[str, Any]:
     """What the service needs of a manifest (graphs is shared: int8 graphs join it later)."""
@@ -102,15 +105,45 @@ def _core_manifest(
     }
 
 
-def _files(core: dict[str, Any]) -> list[str]:
+def bundle_files(core: dict[str, Any]) -> list[str]:
     graphs = core["onnx"]["graphs"]
-    return [*tokenizer_files(core["tokenizer"]), *(f for g in graphs.values() for f in g.values())]
+    return [
+        *tokenizer_files(core["tokenizer"]),
+        *(f for g in graphs.values() for f in g.values()),
+    ]
 
 
-def _write_core(work: Path, core: dict[str, Any]) -> Bundle:
+def write_core(work: Path, core: dict[str, Any]) -> Bundle:
     """The manifest so far, loaded back as the service loads it."""
-    write_manifest(work, {**core, "files": file_entries(work, _files(core))})
+    write_manifest(work, {**core, "files": file_entries(work, bundle_files(core))})
     return load_bundle(work)
+
+
+@contextlib.contextmanager
+def scratch_dir(out: Path) -> Iterator[Path]:
+    """A scratch directory beside `out` (so that publishing is a rename), removed unless it
+    was published; a killed export leaves only this hidden directory behind."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield work
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def publish(work: Path, out: Path, manifest: dict[str, Any]) -> None:
+    """Writes the manifest, checks the bundle as the service will, and moves it to `out`: an
+    old bundle is renamed aside first and removed last, so a crash in between leaves one
+    whole bundle, never none. Readable by a service running as another user."""
+    write_manifest(work, manifest)
+    load_bundle(work)
+    work.chmod(0o755)  # mkdtemp's 0700 would lock out a service of another user
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    work.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_inputs(run_dir: Path, out: Path, checkpoint: Path, force: bool, opset: int) -> None:
@@ -127,7 +160,7 @@ def _check_inputs(run_dir: Path, out: Path, checkpoint: Path, force: bool, opset
         raise ExportError("cannot export:\n  - " + "\n  - ".join(problems))
 
 
-def _export_graphs(model: Transformer, work: Path, opset: int) -> None:
+def export_graphs(model: Transformer, work: Path, opset: int) -> None:
     t = time.monotonic()
     export_all(model, work, opset)
     for part, name in GRAPH_FILES["fp32"].items():
@@ -137,7 +170,7 @@ def _export_graphs(model: Transformer, work: Path, opset: int) -> None:
     log.info("exported and checked the graphs in %.1fs", time.monotonic() - t)
 
 
-def _quantize_graphs(work: Path) -> None:
+def quantize_graphs(work: Path) -> None:
     for part in GRAPH_FILES["int8"]:
         quantize_int8(work / GRAPH_FILES["fp32"][part], work / GRAPH_FILES["int8"][part])
         onnx.checker.check_model(
@@ -145,7 +178,7 @@ def _quantize_graphs(work: Path) -> None:
         )
 
 
-def _verified(
+def verified(
     model: StepModel,
     bundle: Bundle,
     tok: SentenceEncoder,
@@ -179,7 +212,7 @@ def _verified(
     return verification
 
 
-def _export_record(checkpoint: Path, int8: bool) -> dict[str, Any]:
+def export_record(checkpoint: Path, int8: bool) -> dict[str, Any]:
     """The manifest's ``export``: the checkpoint and the libraries that made the bundle."""
     return {
         "checkpoint": checkpoint.name,
@@ -214,58 +247,51 @@ def export_bundle(
         )
     limits = Limits(**run["limits"])
     pairs = load_split(run_dir, "test")
-
-    # 2. export into a scratch directory next to the output, so the final move is a rename
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        _export_graphs(model, work, opset)
+    with scratch_dir(out) as work:  # 2. export beside the output
+        export_graphs(model, work, opset)
         shutil.copyfile(run_dir / TOKENIZER_FILE, work / TOKENIZER_FILE)
-
         # 3. verify against PyTorch, through the service's own decode code (service.runtime
         #    and service.engine over the bundle as written so far)
         graphs = {"fp32": dict(GRAPH_FILES["fp32"])}
-        core = _core_manifest(model, tok, limits, opset, graphs)
-        bundle = _write_core(work, core)
-        verification = _verified(model, bundle, tok, pairs, limits, work, out)
-
+        core = core_manifest(model, tok, limits, opset, graphs)
+        bundle = write_core(work, core)
+        verification = verified(model, bundle, tok, pairs, limits, work, out)
         # 4. measure what will be served (the engine with the service's default settings)
         metrics = {"fp32": served_metrics(served(bundle), tok, pairs, limits, run["bleu_tokenize"])}
         if int8:
-            _quantize_graphs(work)
+            quantize_graphs(work)
             graphs["int8"] = dict(GRAPH_FILES["int8"])
-            bundle = _write_core(work, core)
+            bundle = write_core(work, core)
             metrics["int8"] = served_metrics(
                 served(bundle, "int8"), tok, pairs, limits, run["bleu_tokenize"]
             )
-
         # 5. the manifest, then the move into place
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            **{k: v for k, v in core.items() if k not in ("format", "format_version")},
-            "files": file_entries(work, _files(core)),
-            "corpus": run.get("corpus_summary", {}),
-            "training": {
-                "steps": state["step"],
-                "seconds": round(state["elapsed_s"], 1),
-                "best_dev": state.get("best"),
-                "config": state["train_config"],
-            },
-            "metrics": metrics,
-            "verification": verification,
-            "export": _export_record(checkpoint, int8),
+        manifest = finished_manifest(core, work, verification, export_record(checkpoint, int8))
+        manifest |= {"corpus": run.get("corpus_summary", {}), "metrics": metrics}
+        manifest["training"] = {
+            "steps": state["step"],
+            "seconds": round(state["elapsed_s"], 1),
+            "best_dev": state.get("best"),
+            "config": state["train_config"],
         }
-        write_manifest(work, manifest)
-        load_bundle(work)  # what the service will check
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
+        publish(work, out, manifest)
         return manifest
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
+
+
+def finished_manifest(
+    core: dict[str, Any], work: Path, verification: dict[str, Any], record: dict[str, Any]
+) -> dict[str, Any]:
+    """The core manifest with its creation time, every file's checksum, the verification
+    record and the export record."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **{k: v for k, v in core.items() if k not in ("format", "format_version")},
+        "files": file_entries(work, bundle_files(core)),
+        "verification": verification,
+        "export": record,
+    }
 
 
 def verify_bundle(bundle: Path, run_dir: Path, checkpoint: Path) -> dict[str, Any]:

@@ -131,6 +131,31 @@ def test_export_refuses_to_overwrite(tiny_run: Path, tiny_bundle: Path) -> None:
     assert (tiny_bundle / "manifest.json").read_bytes() == before
 
 
+def test_publish_swaps_bundles_whole_and_readable(tiny_bundle: Path, tmp_path: Path) -> None:
+    """A replacement bundle goes in by rename with the old one set aside, is readable by other
+    users, and a replacement that does not load leaves the old bundle as it was."""
+    from export.pipeline import publish
+
+    out = tmp_path / "models" / "tiny"
+    shutil.copytree(tiny_bundle, out)
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    before = sorted(p.name for p in out.iterdir())
+    broken = tmp_path / "models" / ".work-broken"
+    shutil.copytree(tiny_bundle, broken)
+    (broken / "encoder.onnx").write_bytes(b"not the graph the manifest describes")
+    with pytest.raises(BundleError):
+        publish(broken, out, manifest)
+    assert sorted(p.name for p in out.iterdir()) == before
+    load_bundle(out)  # the old bundle, whole
+    work = tmp_path / "models" / ".work"
+    shutil.copytree(tiny_bundle, work)
+    work.chmod(0o700)  # as mkdtemp makes it
+    publish(work, out, {**manifest, "created": "replaced"})
+    assert json.loads((out / "manifest.json").read_text())["created"] == "replaced"
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert sorted(p.name for p in out.parent.iterdir()) == [".work-broken", "tiny"]
+
+
 def test_a_failed_verification_writes_no_bundle(
     tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
