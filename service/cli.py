@@ -164,7 +164,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for s, r in zip(sentences, resp.results, strict=True):
             print(f"  {s}\n    → {r.translation}")
         print("\nFrom another terminal:")
-        print(f'  .venv/bin/python -m service translate --target {target} "five hundred and six"')
+        print(f'  .venv/bin/python -m service translate --target {target} "{sentences[0]}"')
         if args.metrics_port:
             print(f"  curl -s http://127.0.0.1:{args.metrics_port}/metrics | grep nmtserve_")
         if args.once:
