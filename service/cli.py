@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -164,7 +165,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for s, r in zip(sentences, resp.results, strict=True):
             print(f"  {s}\n    → {r.translation}")
         print("\nFrom another terminal:")
-        print(f'  .venv/bin/python -m service translate --target {target} "{sentences[0]}"')
+        example = shlex.quote(sentences[0])
+        print(f"  .venv/bin/python -m service translate --target {target} {example}")
         if args.metrics_port:
             print(f"  curl -s http://127.0.0.1:{args.metrics_port}/metrics | grep nmtserve_")
         if args.once:
