@@ -47,17 +47,18 @@ def flags_of(config: type) -> list[Field[Any]]:
 
 
 def problems(config: Any) -> list[str]:
-    """Each field outside its range or choices, named by its flag (NaN and infinity are
-    outside every range)."""
+    """Each field outside its range or choices, named by its flag (an internal setting by its
+    field name); NaN and infinity are outside every range."""
     out = []
     for f in fields(config):
         value = getattr(config, f.name)
+        name = flag(f.name) if f.metadata.get("help") else f.name
         lo, hi = f.metadata.get("range", (None, None))
         choices = f.metadata.get("choices", ())
         if choices and value not in choices:
-            out.append(f"{flag(f.name)} {value!r}: must be one of {', '.join(choices)}")
+            out.append(f"{name} {value!r}: must be one of {', '.join(choices)}")
         elif lo is not None and hi is not None and not lo <= value <= hi:  # False for NaN
-            out.append(f"{flag(f.name)} {value!r}: must be from {lo} to {hi}")
+            out.append(f"{name} {value!r}: must be from {lo} to {hi}")
     return out
 
 
