@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,10 @@ import grpc
 import pytest
 import yaml
 
+from service import client
 from service.client import TranslatorClient
+from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
+from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
 from tests.test_server_process import free_port, served, start, wait_serving
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,3 +207,99 @@ def test_three_replicas_round_robin_and_failover(tiny_bundle: Path) -> None:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(30)
+
+
+class Dns:
+    """A DNS server on 127.0.0.1 that answers every A query with `addresses` (what a headless
+    Service's name resolves to: the ready pods), and other queries with no record."""
+
+    def __init__(self) -> None:
+        self.addresses: list[str] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.port = int(self.sock.getsockname()[1])
+        self.closed = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.closed:
+            try:
+                query, peer = self.sock.recvfrom(512)
+            except TimeoutError:
+                continue
+            self.sock.sendto(self.answer(query), peer)
+
+    def answer(self, query: bytes) -> bytes:
+        end = 12  # the question's name: length-prefixed labels up to a zero byte
+        while query[end]:
+            end += query[end] + 1
+        qtype = struct.unpack(">H", query[end + 1 : end + 3])[0]
+        ips = self.addresses if qtype == 1 else []  # 1: A
+        header = struct.pack(
+            ">HHHHHH", struct.unpack(">H", query[:2])[0], 0x8180, 1, len(ips), 0, 0
+        )
+        # each answer points back at the question's name (offset 12), class IN, TTL 0
+        answers = [struct.pack(">HHHIH", 0xC00C, 1, 1, 0, 4) + socket.inet_aton(ip) for ip in ips]
+        return header + query[12 : end + 5] + b"".join(answers)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+AGE_S, AGE_GRACE_S = 2.0, 1.0
+
+
+def test_a_replica_added_gets_calls_within_the_connection_age(tiny_bundle: Path) -> None:
+    """Three replicas behind one DNS name (as a headless Service gives), a round_robin client
+    with the project's service config, then a fourth replica added to the name: the server
+    ends every connection after --max-connection-age-s, the client resolves the name again and
+    the fourth replica gets calls. Without a connection age the client never asks DNS again
+    while its connections live, and the fourth replica stays idle."""
+    dns, port = Dns(), free_port()
+    hosts = [f"127.0.0.{i}" for i in (2, 3, 4, 5)]
+    metrics = [free_port() for _ in hosts]
+    age = ("--max-connection-age-s", str(AGE_S), "--max-connection-age-grace-s", str(AGE_GRACE_S))
+
+    def replica(i: int) -> subprocess.Popen[str]:
+        proc, _ = start(
+            tiny_bundle, "--metrics-port", str(metrics[i]), *age, port=port, host=hosts[i]
+        )
+        return proc
+
+    procs = [replica(i) for i in range(3)]
+    options = [
+        ("grpc.service_config", client.SERVICE_CONFIG),
+        # gRPC's DNS resolver asks again at most every 30 s by default; a test cannot wait that
+        ("grpc.dns_min_time_between_resolutions_ms", 200),
+    ]
+    target = f"dns://127.0.0.1:{dns.port}/nmtserve.test:{port}"
+    request = pb.TranslateRequest(sentences=["twelve"])
+    try:
+        for proc, host in zip(procs, hosts, strict=False):
+            wait_serving(port, proc, host=host)
+        dns.addresses = hosts[:3]
+        with grpc.insecure_channel(target, options) as channel:
+            stub = pb_grpc.TranslatorStub(channel)
+            for _ in range(30):
+                assert stub.Translate(request, timeout=10).results[0].token_ids
+            assert all(served(m) > 0 for m in metrics[:3]), [served(m) for m in metrics]
+            procs.append(replica(3))
+            wait_serving(port, procs[3], host=hosts[3])
+            dns.addresses = hosts
+            added = time.monotonic()
+            # a connection lives AGE_S ± 10%, then AGE_GRACE_S at most for calls under way
+            bound = AGE_S * 1.1 + AGE_GRACE_S + 2.0
+            while served(metrics[3]) == 0:
+                assert time.monotonic() - added < bound, (
+                    f"no call reached the fourth replica in {bound} s"
+                )
+                stub.Translate(request, timeout=10)  # every call succeeds meanwhile
+                time.sleep(0.02)
+            print(f"the fourth replica's first call after {time.monotonic() - added:.1f} s")
+    finally:
+        dns.close()
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(30)
