@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from service.engine import EncodeStats, SentenceResult, StepStats
 from service.scheduler import Observer
@@ -40,6 +46,12 @@ class Metrics(Observer):
             "Bytes reserved by the calls in progress for results not yet received by their clients",
             registry=r,
         )
+        self.queue_clock = QueueClock()
+        r.register(self.queue_clock)
+        self._add_decoding(r)
+
+    def _add_decoding(self, r: CollectorRegistry) -> None:
+        """What the decode lanes do: admissions, steps, rows, encoder and decoder times."""
         self.batches = Counter(
             "nmtserve_batches",
             "Encoder runs: groups of sentences admitted into the decoding batch together",
@@ -81,6 +93,7 @@ class Metrics(Observer):
     # Observer hooks, called from the decode thread
     def queue_depth(self, n: int) -> None:
         self.queue.set(n)
+        self.queue_clock.depth(n)
 
     def admitted(self, stats: EncodeStats) -> None:
         self.batches.inc()
@@ -108,3 +121,47 @@ class Metrics(Observer):
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         """Starts the /metrics HTTP endpoint in a background thread."""
         start_http_server(port, addr=host, registry=self.registry)
+
+
+class QueueClock(Collector):
+    """How long sentences wait in the queue, the autoscaling signal (deploy/k8s): the sentence-
+    seconds spent waiting, all sentences together, and the sentences that left the queue, as
+    two counters. Over a window, the first's rate is the queue's time-averaged depth and the
+    ratio of the two rates is the mean wait of a sentence before decoding starts. A pod that
+    keeps up queues a sentence only for the scheduler's grouping (max_wait_ms or two decoder
+    steps); a pod that cannot keep up makes it wait longer and longer, whatever the model size,
+    which is what adding a pod cures. CPU use is no such signal: a decode lane keeps its core
+    busy while it holds a single sentence.
+
+    Fed by the scheduler's queue_depth hook, whose every call either adds sentences (a call
+    queued) or takes some away (admitted, cancelled, expired). The wait is integrated exactly
+    between changes and up to the moment of each scrape, so a stuck queue keeps counting."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._since = time.monotonic()
+        self._waited = 0.0  # sentence-seconds up to self._since
+        self._left = 0
+
+    def depth(self, n: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._waited += self._depth * (now - self._since)
+            self._left += max(0, self._depth - n)
+            self._depth, self._since = n, now
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        with self._lock:
+            waited = self._waited + self._depth * (time.monotonic() - self._since)
+            left = self._left
+        yield CounterMetricFamily(
+            "nmtserve_queue_wait_seconds",
+            "Seconds sentences spent waiting in the queue, all sentences together",
+            value=waited,
+        )
+        yield CounterMetricFamily(
+            "nmtserve_queue_exits",
+            "Sentences that left the queue: taken into a batch, cancelled or expired",
+            value=left,
+        )
