@@ -303,3 +303,28 @@ def test_a_replica_added_gets_calls_within_the_connection_age(tiny_bundle: Path)
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
             proc.wait(30)
+
+
+def test_health_command_is_light(tiny_bundle: Path) -> None:
+    """The container's HEALTHCHECK (`python -m service health`, every 10 s) loads gRPC and the
+    health messages, not the server, onnxruntime or numpy."""
+    proc, port = start(tiny_bundle)
+    command = [sys.executable, "-X", "importtime", "-m", "service", "health"]
+    try:
+        wait_serving(port, proc)
+        res = subprocess.run(
+            [*command, "--target", f"127.0.0.1:{port}"], capture_output=True, text=True, cwd=REPO
+        )
+        assert res.returncode == 0 and res.stdout == f"127.0.0.1:{port}: SERVING\n", res
+        imported = {
+            line.rsplit("|", 1)[1].strip() for line in res.stderr.splitlines() if "|" in line
+        }
+        assert "grpc_health.v1.health_pb2" in imported
+        assert not imported & {"service.server", "service.cli", "onnxruntime", "numpy"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    res = subprocess.run(
+        [*command, "--target", f"127.0.0.1:{port}"], capture_output=True, text=True
+    )
+    assert res.returncode == 1 and "UNAVAILABLE" in res.stderr
