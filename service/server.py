@@ -109,14 +109,16 @@ class ServerConfig:
     )
     max_connection_age_s: float = setting(
         60.0,
-        "seconds after which the server ends a client connection (GOAWAY, ±10% jitter), so that "
-        "clients resolve the service name again and spread over replicas added since (0: never)",
+        "seconds after which the server ends a client connection (GOAWAY, give or take a tenth), "
+        "so that clients resolve the service name again and spread over replicas added since "
+        "(0: never)",
         0,
         86400,
     )
     max_connection_age_grace_s: float = setting(
         30.0,
-        "seconds the calls on a connection past its age get to finish before it is closed",
+        "seconds the calls on a connection past its age get to finish before it is closed "
+        "(calls still running then are cut: keep it above the longest call)",
         0,
         86400,
     )
