@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 RUN ?= runs/default
 BUNDLE ?= models/default
 
-.PHONY: install tools run model marian-demo test lint test-slow bench bench-service bench-engines bench-fairness bench-slow-readers fuzz-long soak container-check compose-check clean
+.PHONY: install tools run model marian-demo test lint test-slow bench bench-service bench-engines bench-fairness bench-slow-readers fuzz-long soak container-check cuda-image-check compose-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -93,6 +93,11 @@ soak: model
 # Opt-in: build the Dockerfile on a debootstrapped Debian base, run, check, drain (needs root).
 container-check: model
 	PY=$(PY) BUNDLE=$(BUNDLE) deploy/container-check.sh
+
+# Opt-in: build (not run) the Dockerfile's cuda target on a Python-less Debian stand-in for the
+# CUDA base image (needs root, as container-check).
+cuda-image-check: model
+	BUNDLE=$(BUNDLE) deploy/cuda-image-check.sh
 
 # Opt-in, after container-check: three replicas + Prometheus + the load-test job, via compose.
 compose-check: tools

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BASE=${BASE:-nmtserve-base:bookworm}
 docker image inspect nmtserve:check >/dev/null 2>&1 || { echo "run make container-check first" >&2; exit 2; }
-docker tag nmtserve:check nmtserve:latest
+docker tag nmtserve:check nmtserve:0.1.0
 [ -x .tools/root/usr/bin/prometheus ] || make tools >/dev/null
 docker build -q -f deploy/prometheus/Dockerfile --build-arg BASE_IMAGE="$BASE" \
   -t nmtserve-prometheus:local . >/dev/null

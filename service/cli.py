@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from service.bundle import BundleError, load_bundle
+from service.healthcheck import add_health_args, cmd_health
 from service.logs import setup_logging
 from service.server import SETTINGS, Server, ServerConfig
 from service.settings import env_name, flag, flags_of
@@ -87,26 +88,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.error("cannot start: %s", e)
         return 2
     return server.exit_code
-
-
-def cmd_health(args: argparse.Namespace) -> int:
-    """Exit 0 when the server's grpc.health.v1 service answers SERVING (container HEALTHCHECK)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    try:
-        with grpc.insecure_channel(args.target) as ch:
-            status = (
-                health_pb2_grpc.HealthStub(ch)
-                .Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
-                .status
-            )
-    except grpc.RpcError as e:
-        print(f"{args.target}: {e.code().name}", file=sys.stderr)
-        return 1
-    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
-    print(f"{args.target}: {name}")
-    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -188,16 +169,6 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=9090, help="metrics port (0: off)")
     p.add_argument("--sentence", action="append", help="a sentence to show (repeatable)")
     p.add_argument("--once", action="store_true", help="stop after showing the translations")
-
-
-def add_health_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--target",
-        default=f"127.0.0.1:{os.environ.get('NMTSERVE_PORT', '50051')}",
-        help="host:port of the server (default: this host, port $NMTSERVE_PORT)",
-    )
-    p.add_argument("--service", default="", help="service name ('' = the whole server)")
-    p.add_argument("--timeout", type=float, default=3.0, help="seconds")
 
 
 def add_info_args(p: argparse.ArgumentParser) -> None:

@@ -212,6 +212,12 @@ def choose_graphs(bundle: Bundle, cfg: RuntimeConfig, provider: str) -> tuple[st
             f"kv_cache 'inplace': the bundle has no {cfg.precision} decoder_kv graph "
             "(re-export it with this version of `python -m export export`)"
         )
+    if cfg.precision == "int8" and provider == CUDA:
+        raise RuntimeError(
+            "int8 graphs with the CUDA provider: onnxruntime's CUDA provider has no kernels for "
+            "their quantized MatMuls, which would run on the CPU, copying every step's "
+            "activations through host memory; serve the fp32 graphs on CUDA (--precision fp32)"
+        )
     if cfg.kv_cache == "inplace" and provider == CUDA:
         raise RuntimeError(
             "kv_cache 'inplace' runs on the CPU provider only (onnxruntime's CUDA "
@@ -282,9 +288,18 @@ class Runtime:
         else:
             cache = "concatenated"
         packing = {"auto": "packed where cheaper than padded", "always": "packed", "off": "padded"}
+        # each session's providers in priority order: nodes the first cannot run fall back
+        sessions = {
+            "encoder": self.encoder,
+            "encoder_packed": self.packed_encoder,
+            "decoder_kv" if self.inplace else "decoder": self.decoder,
+        }
+        graphs = ", ".join(
+            f"{part} on {'+'.join(s.get_providers())}" for part, s in sessions.items() if s
+        )
         return (
-            f"execution provider {self.provider}, {self.cfg.precision} graphs, {self.threads} "
-            f"intra-op threads, KV cache {cache}, encoder {packing[self.packing]}"
+            f"execution provider {self.provider} ({graphs}), {self.cfg.precision} graphs, "
+            f"{self.threads} intra-op threads, KV cache {cache}, encoder {packing[self.packing]}"
         )
 
     def encode(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:

@@ -53,6 +53,7 @@ log = logging.getLogger("nmtserve.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name
 _DEADLINE_MARGIN_S = 0.01
 _QUIET_S = 0.25  # a draining server stops once no call has arrived for this long
+_STOP_FLOOR_S = 1.0  # gRPC's stop and the decode lanes' stop get at least this at the end
 
 # Request ids for calls that bring none: a random per-process prefix and a counter (unique per
 # server process, and cheaper per call than uuid4's system call for random bytes).
@@ -106,6 +107,21 @@ class ServerConfig:
         0,
         3600,
     )
+    max_connection_age_s: float = setting(
+        60.0,
+        "seconds after which the server ends a client connection (GOAWAY, give or take a tenth), "
+        "so that clients resolve the service name again and spread over replicas added since "
+        "(0: never)",
+        0,
+        86400,
+    )
+    max_connection_age_grace_s: float = setting(
+        30.0,
+        "seconds the calls on a connection past its age get to finish before it is closed "
+        "(calls still running then are cut: keep it above the longest call)",
+        0,
+        86400,
+    )
     tls_cert: str = setting("", "server certificate (PEM); with --tls-key enables TLS")
     tls_key: str = setting("", "server private key (PEM)")
     tls_client_ca: str = setting(
@@ -136,6 +152,11 @@ class ServerConfig:
             return kind(**{f.name: values.pop(f.name) for f in fields(kind) if f.name in values})
 
         return cls(runtime=take(RuntimeConfig), scheduler=take(SchedulerConfig), **values)
+
+    def longest_drain_s(self) -> float:
+        """From SIGTERM to exit at worst (``Server.drain``): the drain delay, the grace, and the
+        floor that gRPC's stop and the decode lanes' stop each get even with the grace spent."""
+        return self.drain_delay_s + self.grace_s + 2 * _STOP_FLOOR_S
 
 
 # Every class whose settings are serve flags, in --help order.
@@ -563,6 +584,11 @@ class Server:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
+        if cfg.max_connection_age_s:  # gRPC's default: connections live for ever
+            opts += [
+                ("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(cfg.max_connection_age_grace_s * 1000)),
+            ]
         interceptors: list[grpc.aio.ServerInterceptor] = []
         tokens = load_tokens(cfg.auth_tokens_file, cfg.auth_tokens)
         if tokens:
@@ -672,10 +698,10 @@ class Server:
                 log.info("refused %d call(s) while draining", sv.refused_draining)
         self.health.close()
         if self.grpc is not None:
-            await self.grpc.stop(max(1.0, end - time.monotonic()))
+            await self.grpc.stop(max(_STOP_FLOOR_S, end - time.monotonic()))
         if self.translator is not None:
             loop = asyncio.get_running_loop()
-            left = max(1.0, end - time.monotonic())
+            left = max(_STOP_FLOOR_S, end - time.monotonic())
             done = await loop.run_in_executor(None, self.translator.stop, left)
             if not done:
                 log.warning("decode lanes still busy after the grace period")

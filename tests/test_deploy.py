@@ -1,56 +1,113 @@
-"""Every deployment artefact checked by a real tool: hadolint, kubernetes-validate (strict),
-promtool, and the project's own consistency checks; plus three replicas behind round_robin."""
+"""Every deployment artefact checked by a real tool: hadolint, kubectl kustomize and
+kubernetes-validate (strict) on every rendered overlay, promtool on the alerts and the metrics
+adapter's query, and the project's own invariants (no replicas under an HPA, the pod outlives
+the server's longest drain, memory limits per model size against measured RSS, the autoscaling
+metric exported by the server); plus replicas behind round_robin, and a replica added behind
+one DNS name reached within the connection age."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import yaml
+from prometheus_client import generate_latest
 
+from service import client
 from service.client import TranslatorClient
+from service.metrics import Metrics
+from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
+from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
+from service.server import ServerConfig
+from service.settings import env_name
 from tests.test_server_process import free_port, served, start, wait_serving
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = REPO / "deploy" / "k8s" / "base"
-OVERLAY = REPO / "deploy" / "k8s" / "overlays" / "cuda"
+K8S = REPO / "deploy" / "k8s"
+BASE = K8S / "base"
+OVERLAYS = K8S / "overlays"
+VARIANTS = ["base", *sorted(p.name for p in OVERLAYS.iterdir())]
 PROM = REPO / "deploy" / "prometheus"
+ADAPTER = REPO / "deploy" / "prometheus-adapter" / "rules.yaml"
 K8S_VERSION = "1.33.0"
+METRIC = "nmtserve_queue_wait_seconds"  # the HPA's
 
 
 def tool(name: str) -> str:
-    """A tool from PATH, the venv, or .tools/ (where `make tools` unpacks promtool)."""
+    """A tool from the venv, .tools/ (where `make tools` unpacks promtool), or PATH."""
     for candidate in (
-        shutil.which(name),
         str(Path(sys.executable).parent / name),
         str(REPO / ".tools" / "root" / "usr" / "bin" / name),
+        shutil.which(name),
     ):
         if candidate and Path(candidate).is_file():
             return candidate
-    pytest.fail(f"{name} is not installed: run `make tools`")
+    pytest.fail(f"{name} is not installed: run `make install tools`")
 
 
-def manifests(directory: Path) -> list[dict[str, Any]]:
-    docs = []
-    for path in sorted(directory.glob("*.yaml")):
-        if path.name == "kustomization.yaml":
-            continue
-        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
-    return docs
+def kustomization(variant: str) -> Path:
+    return BASE if variant == "base" else OVERLAYS / variant
 
 
-def by_kind(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    for d in docs:
-        out.setdefault(d["kind"], []).append(d)
-    return out
+_RENDERED: dict[str, list[dict[str, Any]]] = {}
+
+
+def rendered(variant: str) -> list[dict[str, Any]]:
+    """`kubectl kustomize` of the base or an overlay: what `kubectl apply -k` would send."""
+    if variant not in _RENDERED:
+        out = subprocess.run(
+            [tool("kubectl"), "kustomize", str(kustomization(variant))],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        _RENDERED[variant] = [d for d in yaml.safe_load_all(out) if d]
+    return _RENDERED[variant]
+
+
+def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, f"{len(found)} {kind}s"
+    return found[0]
+
+
+def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def server(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container["env"]}
+
+
+def mib(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+def server_config(env: dict[str, str]) -> ServerConfig:
+    """The ServerConfig a pod's environment gives: its variables over the defaults."""
+    values: dict[str, Any] = {}
+    for f in fields(ServerConfig):
+        if env_name(f.name) in env:
+            kind: Any = type(f.default)  # the flag's type, as the command line converts it
+            values[f.name] = kind(env[env_name(f.name)])
+    return ServerConfig(**values)
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "deploy/prometheus/Dockerfile"])
@@ -63,90 +120,210 @@ def test_hadolint_clean(dockerfile: str) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def test_manifests_validate_strictly() -> None:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rendered_manifests_validate_strictly(variant: str) -> None:
     import kubernetes_validate
 
-    for d in manifests(BASE):
+    docs = rendered(variant)
+    assert {d["kind"] for d in docs} >= {"Deployment", "Service", "HorizontalPodAutoscaler"}
+    for d in docs:
         kubernetes_validate.validate(d, K8S_VERSION, strict=True)
 
 
-def merged_overlay() -> dict[str, Any]:
-    """The CUDA overlay's patch applied to the base Deployment (strategic merge, by name)."""
-    base = by_kind(manifests(BASE))["Deployment"][0]
-    patch = yaml.safe_load((OVERLAY / "deployment-cuda.yaml").read_text())
-
-    def merge(a: Any, b: Any) -> Any:
-        if isinstance(a, dict) and isinstance(b, dict):
-            return {k: merge(a.get(k), b[k]) if k in a else b[k] for k in b} | {
-                k: v for k, v in a.items() if k not in b
-            }
-        if isinstance(a, list) and isinstance(b, list) and all("name" in x for x in a + b):
-            names = {x["name"]: x for x in a}
-            for x in b:
-                names[x["name"]] = merge(names.get(x["name"], {}), x)
-            return list(names.values())
-        return b
-
-    return merge(base, patch)
-
-
-def test_cuda_overlay_validates() -> None:
-    import kubernetes_validate
-
-    dep = merged_overlay()
-    kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
-    c = dep["spec"]["template"]["spec"]["containers"][0]
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert {"name": "NMTSERVE_PROVIDER", "value": "cuda"} in c["env"]
-    assert any(e["name"] == "NMTSERVE_GRACE_S" for e in c["env"])  # base env kept
-
-
-def test_project_consistency() -> None:
-    kinds = by_kind(manifests(BASE))
-    dep = kinds["Deployment"][0]
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_project_consistency(variant: str) -> None:
+    docs = rendered(variant)
+    dep = one(docs, "Deployment")
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
     pod = dep["spec"]["template"]["spec"]
-    c = pod["containers"][0]
+    c = server(docs)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = env_of(c)
     assert ports["grpc"] == int(env["NMTSERVE_PORT"])
     assert ports["metrics"] == int(env["NMTSERVE_METRICS_PORT"])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"]["port"] == ports["grpc"], probe
-    # the pod outlives the preStop sleep and the server's whole drain
-    pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
-    drain = float(env["NMTSERVE_DRAIN_DELAY_S"]) + float(env["NMTSERVE_GRACE_S"])
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + drain
-    sc = c["securityContext"]
-    assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
-    assert sc["capabilities"]["drop"] == ["ALL"]
+    for container in pod["containers"] + pod.get("initContainers", []):
+        sc = container["securityContext"]
+        assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert container["resources"]["requests"] and container["resources"]["limits"]
+        # a versioned image: IfNotPresent never pulls a newer one under a tag it already has
+        name, _, tag = container["image"].rpartition(":")
+        assert name and tag and tag != "latest", container["image"]
+        assert container["imagePullPolicy"] == "IfNotPresent"
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert c["resources"]["requests"] and c["resources"]["limits"]
-    for svc in kinds["Service"]:
+    for svc in of_kind(docs, "Service"):
         assert svc["spec"]["selector"].items() <= labels.items(), svc["metadata"]["name"]
         for p in svc["spec"]["ports"]:
             assert p["targetPort"] in ports
-    assert any(s["spec"].get("clusterIP") == "None" for s in kinds["Service"])  # headless
-    pdb = kinds["PodDisruptionBudget"][0]
+    assert any(s["spec"].get("clusterIP") == "None" for s in of_kind(docs, "Service"))  # headless
+    pdb = one(docs, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    hpa = kinds["HorizontalPodAutoscaler"][0]
+    hpa = one(docs, "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
     assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]
+    # the HPA owns the count: a replicas field would reset it on every apply
+    assert "replicas" not in dep["spec"]
     # the image's own defaults agree with the manifests
     dockerfile = (REPO / "Dockerfile").read_text()
     assert "NMTSERVE_PORT=50051" in dockerfile and "EXPOSE 50051 9090" in dockerfile
     assert "USER 10001" in dockerfile and pod["securityContext"]["runAsUser"] == 10001
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_pod_outlives_the_longest_drain(variant: str) -> None:
+    """terminationGracePeriodSeconds covers the preStop sleep and the server's longest drain
+    (drain delay + grace + the floors of gRPC's and the decode lanes' stop), read from the
+    pod's environment over the server's defaults."""
+    docs = rendered(variant)
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    c = server(docs)
+    pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain = server_config(env_of(c)).longest_drain_s()
+    assert drain == 5 + 20 + 2  # the manifests' delay and grace, and the two 1 s floors
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + drain
+
+
+def test_cuda_overlay() -> None:
+    docs = rendered("cuda")
+    c = server(docs)
+    env = env_of(c)
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert env["NMTSERVE_PROVIDER"] == "cuda" and env["NMTSERVE_PRECISION"] == "fp32"
+    assert "NMTSERVE_GRACE_S" in env  # base env kept
+    # its own lane settings, not the CPU pods'
+    cpu = env_of(server(rendered("base")))
+    assert (env["NMTSERVE_LANES"], env["NMTSERVE_THREADS"]) != (
+        cpu["NMTSERVE_LANES"],
+        cpu["NMTSERVE_THREADS"],
+    )
+    assert c["image"].endswith("-cuda")
+
+
+def selectors(docs: list[dict[str, Any]]) -> list[dict[str, str]]:
+    out = [d["spec"]["selector"] for d in of_kind(docs, "Service")]
+    out += [
+        d["spec"]["selector"]["matchLabels"]
+        for d in docs
+        if d["kind"] in ("Deployment", "PodDisruptionBudget")
+    ]
+    return out
+
+
+@pytest.mark.parametrize("variant", ["cuda", "base-model"])
+def test_variants_deployed_together_select_only_their_own_pods(variant: str) -> None:
+    """An overlay meant to run beside the base (another provider, another model): no Service,
+    PDB or Deployment of either selects the other's pods, and no two objects share a name."""
+    mine, base = rendered(variant), rendered("base")
+    for a, b in ((mine, base), (base, mine)):
+        pod_labels = one(b, "Deployment")["spec"]["template"]["metadata"]["labels"]
+        for sel in selectors(a):
+            assert not sel.items() <= pod_labels.items(), sel
+    names = {(d["kind"], d["metadata"]["name"]) for d in base}
+    assert not names & {(d["kind"], d["metadata"]["name"]) for d in mine}
+    hpa = one(mine, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == one(mine, "Deployment")["metadata"]["name"]
+
+
+def test_autoscaling_on_the_queue_wait_through_the_adapter() -> None:
+    """The HPA scales on the mean queue wait per pod (a custom metric), which the adapter's
+    rule serves under that name from the two counters the server exports; CPU only in the
+    fallback overlay."""
+    hpa = one(rendered("base"), "HorizontalPodAutoscaler")
+    assert [(m["type"], m["pods"]["metric"]["name"]) for m in hpa["spec"]["metrics"]] == [
+        ("Pods", METRIC)
+    ]
+    rules = yaml.safe_load(ADAPTER.read_text())["rules"]
+    assert [r["name"]["as"] for r in rules] == [METRIC]
+    exported = generate_latest(Metrics().registry).decode()
+    for series in re.findall(
+        r"(nmtserve_\w+)\{", rules[0]["metricsQuery"] + rules[0]["seriesQuery"]
+    ):
+        assert f"\n{series} " in exported, f"{series} is not exported by the server"
+    fallback = one(rendered("cpu-autoscaling"), "HorizontalPodAutoscaler")
+    assert [m["resource"]["name"] for m in fallback["spec"]["metrics"]] == ["cpu"]
+
+
+def test_adapter_query_evaluates_to_the_mean_wait(tmp_path: Path) -> None:
+    """The adapter's query, its templates filled as the adapter fills them for one pod,
+    evaluated by promtool: 5 s of waiting per second over 1 sentence leaving per second."""
+    query = yaml.safe_load(ADAPTER.read_text())["rules"][0]["metricsQuery"]
+    query = query.replace("<<.GroupBy>>", "namespace, pod")
+    query = query.replace("<<.LabelMatchers>>", 'namespace="default",pod=~"nmtserve-.*"')
+    rule = {"groups": [{"name": "adapter", "rules": [{"record": "adapter:wait", "expr": query}]}]}
+    (tmp_path / "adapter.yml").write_text(yaml.safe_dump(rule))
+    pod = 'namespace="default",pod="nmtserve-abc"'
+    case = {
+        "rule_files": ["adapter.yml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": f"nmtserve_queue_wait_seconds_total{{{pod}}}", "values": "0+300x10"},
+                    {"series": f"nmtserve_queue_exits_total{{{pod}}}", "values": "0+60x10"},
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": "adapter:wait",
+                        "eval_time": "5m",
+                        "exp_samples": [{"labels": f"adapter:wait{{{pod}}}", "value": 5}],
+                    }
+                ],
+            }
+        ],
+    }
+    (tmp_path / "adapter_test.yml").write_text(yaml.safe_dump(case))
+    res = subprocess.run(
+        [tool("promtool"), "test", "rules", "adapter_test.yml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0 and "SUCCESS" in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+def readme_resources() -> list[dict[str, str]]:
+    """The README's table of measured RSS and the manifests' memory per model size."""
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("| model | bundle | RSS serving") :].split("\n\n")[0].splitlines()
+    head = [h.strip() for h in table[0].strip("|").split("|")]
+    return [
+        dict(zip(head, (c.strip(" `") for c in row.strip("|").split("|")), strict=True))
+        for row in table[2:]
+    ]
+
+
+def test_memory_per_model_size_against_measured_rss() -> None:
+    """Each model size's manifests ask for at least its measured peak RSS and are limited to
+    a quarter more than that peak plus the result buffer the pod allows."""
+    rows = readme_resources()
+    assert {r["model"].split()[0] for r in rows} == {"default", "small", "base"}
+    for row in rows:
+        variant = row["manifests"].removeprefix("deploy/k8s/").removeprefix("overlays/")
+        c = server(rendered(variant))
+        requests, limits = c["resources"]["requests"], c["resources"]["limits"]
+        assert (requests["memory"], limits["memory"]) == (
+            row["memory request"],
+            row["memory limit"],
+        )
+        peak = float(row["peak RSS under load (MiB)"])
+        buffer = server_config(env_of(c)).result_buffer_bytes / 2**20
+        assert mib(requests["memory"]) >= peak, row
+        assert mib(limits["memory"]) >= 1.25 * (peak + buffer), row
+
+
 def test_kustomizations_list_existing_files() -> None:
-    for k in (BASE, OVERLAY):
+    for variant in VARIANTS:
+        k = kustomization(variant)
         spec = yaml.safe_load((k / "kustomization.yaml").read_text())
         for res in spec.get("resources", []):
             assert (k / res).exists(), f"{k}: {res}"
         for patch in spec.get("patches", []):
-            assert (k / patch["path"]).is_file()
+            assert "patch" in patch or (k / patch["path"]).is_file()
 
 
 def test_promtool_config_and_rules() -> None:
@@ -162,6 +339,19 @@ def test_promtool_config_and_rules() -> None:
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "SUCCESS" in res.stdout + res.stderr
+    # a test case for each alert
+    alerts = {
+        r["alert"]
+        for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"]
+        for r in g["rules"]
+        if "alert" in r
+    }
+    tests = yaml.safe_load((PROM / "alerts_test.yml").read_text())["tests"]
+    tested = {
+        a["alertname"] for t in tests for a in t.get("alert_rule_test", []) if a["exp_alerts"]
+    }
+    assert alerts == tested
+    assert {"NmtserveTargetDown", "NmtserveMetricsAbsent", "NmtserveQueueSaturated"} <= alerts
 
 
 def test_compose_file_is_consistent() -> None:
@@ -171,6 +361,14 @@ def test_compose_file_is_consistent() -> None:
     prom = yaml.safe_load((PROM / "prometheus.yml").read_text())
     static = prom["scrape_configs"][0]["static_configs"][0]["targets"]
     assert sorted(static) == sorted(f"{r}:9090" for r in replicas)
+    for name in replicas:
+        r = spec["services"][name]
+        env = r["environment"]
+        # a CPU limit, and lanes × threads to match it (not every host core per replica)
+        assert int(env["NMTSERVE_LANES"]) * int(env["NMTSERVE_THREADS"]) == r["cpus"]
+        assert r["mem_limit"] and not r["image"].endswith(":latest")
+        grace = float(r["stop_grace_period"].removesuffix("s"))
+        assert grace > server_config({k: str(v) for k, v in env.items()}).longest_drain_s()
 
 
 def test_three_replicas_round_robin_and_failover(tiny_bundle: Path) -> None:
@@ -201,3 +399,124 @@ def test_three_replicas_round_robin_and_failover(tiny_bundle: Path) -> None:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(30)
+
+
+class Dns:
+    """A DNS server on 127.0.0.1 that answers every A query with `addresses` (what a headless
+    Service's name resolves to: the ready pods), and other queries with no record."""
+
+    def __init__(self) -> None:
+        self.addresses: list[str] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.port = int(self.sock.getsockname()[1])
+        self.closed = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.closed:
+            try:
+                query, peer = self.sock.recvfrom(512)
+            except TimeoutError:
+                continue
+            self.sock.sendto(self.answer(query), peer)
+
+    def answer(self, query: bytes) -> bytes:
+        end = 12  # the question's name: length-prefixed labels up to a zero byte
+        while query[end]:
+            end += query[end] + 1
+        qtype = struct.unpack(">H", query[end + 1 : end + 3])[0]
+        ips = self.addresses if qtype == 1 else []  # 1: A
+        header = struct.pack(
+            ">HHHHHH", struct.unpack(">H", query[:2])[0], 0x8180, 1, len(ips), 0, 0
+        )
+        # each answer points back at the question's name (offset 12), class IN, TTL 0
+        answers = [struct.pack(">HHHIH", 0xC00C, 1, 1, 0, 4) + socket.inet_aton(ip) for ip in ips]
+        return header + query[12 : end + 5] + b"".join(answers)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+AGE_S, AGE_GRACE_S = 2.0, 1.0
+
+
+def test_a_replica_added_gets_calls_within_the_connection_age(tiny_bundle: Path) -> None:
+    """Three replicas behind one DNS name (as a headless Service gives), a round_robin client
+    with the project's service config, then a fourth replica added to the name: the server
+    ends every connection after --max-connection-age-s, the client resolves the name again and
+    the fourth replica gets calls. Without a connection age the client never asks DNS again
+    while its connections live, and the fourth replica stays idle."""
+    dns, port = Dns(), free_port()
+    hosts = [f"127.0.0.{i}" for i in (2, 3, 4, 5)]
+    metrics = [free_port() for _ in hosts]
+    age = ("--max-connection-age-s", str(AGE_S), "--max-connection-age-grace-s", str(AGE_GRACE_S))
+
+    def replica(i: int) -> subprocess.Popen[str]:
+        proc, _ = start(
+            tiny_bundle, "--metrics-port", str(metrics[i]), *age, port=port, host=hosts[i]
+        )
+        return proc
+
+    procs = [replica(i) for i in range(3)]
+    options = [
+        ("grpc.service_config", client.SERVICE_CONFIG),
+        # gRPC's DNS resolver asks again at most every 30 s by default; a test cannot wait that
+        ("grpc.dns_min_time_between_resolutions_ms", 200),
+    ]
+    target = f"dns://127.0.0.1:{dns.port}/nmtserve.test:{port}"
+    request = pb.TranslateRequest(sentences=["twelve"])
+    try:
+        for proc, host in zip(procs, hosts, strict=False):
+            wait_serving(port, proc, host=host)
+        dns.addresses = hosts[:3]
+        with grpc.insecure_channel(target, options) as channel:
+            stub = pb_grpc.TranslatorStub(channel)
+            for _ in range(30):
+                assert stub.Translate(request, timeout=10).results[0].token_ids
+            assert all(served(m) > 0 for m in metrics[:3]), [served(m) for m in metrics]
+            procs.append(replica(3))
+            wait_serving(port, procs[3], host=hosts[3])
+            dns.addresses = hosts
+            added = time.monotonic()
+            # a connection lives AGE_S ± 10%, then AGE_GRACE_S at most for calls under way
+            bound = AGE_S * 1.1 + AGE_GRACE_S + 2.0
+            while served(metrics[3]) == 0:
+                assert time.monotonic() - added < bound, (
+                    f"no call reached the fourth replica in {bound} s"
+                )
+                stub.Translate(request, timeout=10)  # every call succeeds meanwhile
+                time.sleep(0.02)
+            print(f"the fourth replica's first call after {time.monotonic() - added:.1f} s")
+    finally:
+        dns.close()
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(30)
+
+
+def test_health_command_is_light(tiny_bundle: Path) -> None:
+    """The container's HEALTHCHECK (`python -m service health`, every 10 s) loads gRPC and the
+    health messages, not the server, onnxruntime or numpy."""
+    proc, port = start(tiny_bundle)
+    command = [sys.executable, "-X", "importtime", "-m", "service", "health"]
+    try:
+        wait_serving(port, proc)
+        res = subprocess.run(
+            [*command, "--target", f"127.0.0.1:{port}"], capture_output=True, text=True, cwd=REPO
+        )
+        assert res.returncode == 0 and res.stdout == f"127.0.0.1:{port}: SERVING\n", res
+        imported = {
+            line.rsplit("|", 1)[1].strip() for line in res.stderr.splitlines() if "|" in line
+        }
+        assert "grpc_health.v1.health_pb2" in imported
+        assert not imported & {"service.server", "service.cli", "onnxruntime", "numpy"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    res = subprocess.run(
+        [*command, "--target", f"127.0.0.1:{port}"], capture_output=True, text=True
+    )
+    assert res.returncode == 1 and "UNAVAILABLE" in res.stderr

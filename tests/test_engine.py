@@ -343,3 +343,24 @@ def test_a_graph_whose_names_differ_from_the_manifest_is_refused(
         Runtime(load_bundle(out), RuntimeConfig("cpu", "fp32", 1))
     assert "encoder.onnx: its outputs differ from manifest.json's onnx.io.encoder" in str(err.value)
     assert "onnx.io.encoder.outputs are not the contract's" in str(err.value)
+
+
+def test_int8_graphs_are_refused_with_cuda(tiny_bundle: Path) -> None:
+    """onnxruntime's CUDA provider has no kernels for the int8 graphs' quantized MatMuls: they
+    would silently run on the CPU. The choice the runtime makes once its first session tells
+    it the provider (here given CUDA, as a GPU machine's session would report)."""
+    from service.runtime import CPU, CUDA, choose_graphs
+
+    b = load_bundle(tiny_bundle)
+    with pytest.raises(RuntimeError, match=r"int8 graphs with the CUDA provider.*--precision fp32"):
+        choose_graphs(b, RuntimeConfig("cuda", "int8"), CUDA)
+    assert choose_graphs(b, RuntimeConfig("cuda", "fp32"), CUDA) == ("auto", False)
+    assert choose_graphs(b, RuntimeConfig("cpu", "int8"), CPU) == ("auto", True)
+
+
+def test_start_up_log_names_each_graphs_provider(tiny_bundle: Path) -> None:
+    rt = Runtime(load_bundle(tiny_bundle), RuntimeConfig("cpu", "int8", 1))
+    assert rt.describe().startswith(
+        "execution provider CPUExecutionProvider (encoder on CPUExecutionProvider, "
+        "encoder_packed on CPUExecutionProvider, decoder_kv on CPUExecutionProvider), int8 graphs"
+    )

@@ -141,3 +141,43 @@ def test_ten_times_capacity(tiny_bundle: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(60) == 0, output(proc)
+
+
+def counter(metrics_port: int, name: str) -> float:
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        match = re.search(rf"^{name} (\S+)$", r.read().decode(), re.M)
+    assert match, f"no {name} in /metrics"
+    return float(match.group(1))
+
+
+def test_queue_wait_counts_the_wait_of_each_sentence(tiny_bundle: Path) -> None:
+    """The autoscaling signal: one call of 4 sentences on a server that decodes one row at a
+    time, each step taking ≥ STEP s. The k-th sentence waits for the k before it, so the queue
+    holds 6 sentence-decodes of waiting in all (0 + 1 + 2 + 3), and every sentence leaves it."""
+    step, metrics_port = 0.05, free_port()
+    proc, port = start(
+        tiny_bundle,
+        *("--metrics-port", str(metrics_port), "--lanes", "1", "--max-batch-rows", "1"),
+        step_s=step,
+    )
+    try:
+        wait_serving(port, proc)
+        # (the warm-up's sentences went through the queue too)
+        waited0 = counter(metrics_port, "nmtserve_queue_wait_seconds_total")
+        left0 = counter(metrics_port, "nmtserve_queue_exits_total")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            t = time.monotonic()
+            response = pb_grpc.TranslatorStub(ch).Translate(
+                pb.TranslateRequest(sentences=["seven"] * 4), timeout=30
+            )
+            elapsed = time.monotonic() - t
+        decode = step * len(response.results[0].token_ids)  # one sentence's decoding, at least
+        waited = counter(metrics_port, "nmtserve_queue_wait_seconds_total") - waited0
+        assert counter(metrics_port, "nmtserve_queue_exits_total") - left0 == 4
+        # at least 6 decodes; at most 6 quarters of the whole call (4 decodes and the rest)
+        assert 6 * decode <= waited <= 1.5 * elapsed, (decode, waited, elapsed)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        print(output(proc)[-2000:] if proc.returncode else "")

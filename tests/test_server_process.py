@@ -45,17 +45,17 @@ def output(proc: subprocess.Popen[str]) -> str:
 
 
 def start(
-    bundle: Path, *args: str, port: int = 0, step_s: float = 0.0
+    bundle: Path, *args: str, port: int = 0, step_s: float = 0.0, host: str = "127.0.0.1"
 ) -> tuple[subprocess.Popen[str], int]:
-    """`python -m service serve` on 127.0.0.1; step_s > 0: every decoder step takes at least
-    that long (tests.doubles.slow_server)."""
+    """`python -m service serve` on host (a loopback address); step_s > 0: every decoder step
+    takes at least that long (tests.doubles.slow_server)."""
     port = port or free_port()
     launcher = ("-m", "tests.doubles", str(step_s)) if step_s else ("-m", "service")
     log = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 - lives with the server
     proc = subprocess.Popen(
         [
             *(sys.executable, *launcher, "serve", "--bundle", str(bundle)),
-            *("--host", "127.0.0.1", "--port", str(port), *args),
+            *("--host", host, "--port", str(port), *args),
         ],
         cwd=REPO,
         stdout=log,
@@ -67,9 +67,11 @@ def start(
     return proc, port
 
 
-def wait_serving(port: int, proc: subprocess.Popen[str], timeout: float = 60) -> None:
+def wait_serving(
+    port: int, proc: subprocess.Popen[str], timeout: float = 60, host: str = "127.0.0.1"
+) -> None:
     try:
-        client.wait_serving(f"127.0.0.1:{port}", proc, timeout)
+        client.wait_serving(f"{host}:{port}", proc, timeout)
     except RuntimeError as e:
         raise AssertionError(f"{e}\n{output(proc)}") from e
 
