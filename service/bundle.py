@@ -280,18 +280,13 @@ _MODEL_KEYS = ("vocab_size", "d_model", "n_heads", "n_decoder_layers", "bos_id",
 def load_bundle(directory: str | Path) -> Bundle:
     """Reads manifest.json, checks its format and fields, then every file's sha256."""
     root = Path(directory)
-    path = root / MANIFEST
-    if not root.is_dir():
-        raise BundleError(root, ["the bundle directory does not exist"])
-    if not path.is_file():
-        raise BundleError(root, [f"{MANIFEST} is missing"])
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(root, [f"{MANIFEST} is not valid JSON: {e}"]) from e
-    if not isinstance(manifest, dict):
-        raise BundleError(root, [f"{MANIFEST} is not a JSON object"])
+    manifest = _read_manifest(root)
     problems = [f"{MANIFEST} lacks {k!r}" for k in REQUIRED_KEYS if k not in manifest]
+    problems += [
+        f"{MANIFEST}: {k} is not a JSON object"
+        for k in ("model", "files", "onnx", "tokenizer", "limits")
+        if k in manifest and not isinstance(manifest[k], dict)
+    ]
     if problems:
         raise BundleError(root, problems)
     if manifest["format"] != FORMAT:
@@ -304,20 +299,46 @@ def load_bundle(directory: str | Path) -> Bundle:
     problems += [
         f"{MANIFEST}: model lacks {k!r}" for k in _MODEL_KEYS if k not in manifest["model"]
     ]
-    files = manifest["files"]
     problems += _tokenizer_problems(manifest["tokenizer"])
     problems += _generation_problems(manifest)
-    used = tokenizer_files(manifest["tokenizer"])
-    for precision, graphs in manifest["onnx"].get("graphs", {}).items():
+    graph_problems, used = _graph_problems(manifest["onnx"])
+    problems += graph_problems
+    problems += _file_problems(
+        root, manifest["files"], tokenizer_files(manifest["tokenizer"]) + used
+    )
+    if problems:
+        raise BundleError(root, problems)
+    return Bundle(root, manifest)
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(root, ["the bundle directory does not exist"])
+    if not path.is_file():
+        raise BundleError(root, [f"{MANIFEST} is missing"])
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(root, [f"{MANIFEST} is not valid JSON: {e}"]) from e
+    if not isinstance(manifest, dict):
+        raise BundleError(root, [f"{MANIFEST} is not a JSON object"])
+    return manifest
+
+
+def _graph_problems(onnx: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """What is wrong with the graph lists and their recorded IO names, and the graph files."""
+    problems: list[str] = []
+    used: list[str] = []
+    graphs_of = onnx.get("graphs", {})
+    for precision, graphs in graphs_of.items():
         for part in ("encoder", "decoder"):
             if part not in graphs:
                 problems.append(f"{MANIFEST}: {precision} graphs lack the {part}")
-            else:
-                used.append(graphs[part])
-        used += [f for part, f in graphs.items() if part not in ("encoder", "decoder")]
-    io = manifest["onnx"].get("io")
+        used += list(graphs.values())
+    io = onnx.get("io")
     if io is not None:  # recorded since 2026-12-04; older bundles follow GraphIO
-        parts = {p for graphs in manifest["onnx"].get("graphs", {}).values() for p in graphs}
+        parts = {p for graphs in graphs_of.values() for p in graphs}
         problems += [
             f"{MANIFEST}: onnx.io lacks the {part} graph's input and output names"
             for part in sorted(parts)
@@ -327,18 +348,21 @@ def load_bundle(directory: str | Path) -> Bundle:
                 and all(isinstance(io[part].get(k), list) for k in ("inputs", "outputs"))
             )
         ]
-    problems += [f"{name}: used but not listed in {MANIFEST}" for name in used if name not in files]
+    return problems, used
+
+
+def _file_problems(root: Path, files: dict[str, Any], used: list[str]) -> list[str]:
+    """Files used but not listed; listed files outside the bundle, missing, or changed."""
+    problems = [f"{name}: used but not listed in {MANIFEST}" for name in used if name not in files]
     for name, entry in sorted(files.items()):
         f = root / name
         if Path(name).is_absolute() or ".." in Path(name).parts:
             problems.append(f"{name}: file names must stay inside the bundle")
         elif not f.is_file():
             problems.append(f"{name}: missing")
-        elif sha256_file(f) != entry.get("sha256"):
+        elif not isinstance(entry, dict) or sha256_file(f) != entry.get("sha256"):
             problems.append(f"{name}: sha256 does not match {MANIFEST} (corrupt or replaced)")
-    if problems:
-        raise BundleError(root, problems)
-    return Bundle(root, manifest)
+    return problems
 
 
 def _tokenizer_problems(spec: Any) -> list[str]:
