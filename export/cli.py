@@ -4,6 +4,7 @@
     python -m export evaluate --run runs/default --split test     # BLEU / chrF / exact match
     python -m export export   --run runs/default --out models/default [--int8] [--force]
     python -m export verify   --run runs/default --bundle models/default
+    python -m export import-marian /path/to/opus-mt-en-de --out models/opus-mt-en-de [--int8]
 
 A *run directory* holds everything training made: ``run.json`` (corpus, model, training and
 length settings), ``tokenizer.model``, ``data/{dev,test}.jsonl``, ``checkpoint_{best,last}.pt``
@@ -611,6 +612,10 @@ def _checkpoint_commands(sub: Any) -> None:
     p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
     p.add_argument("--force", action="store_true", help="replace an existing directory")
     p.set_defaults(func=cmd_ct2)
+
+
+def _import_command(sub: Any) -> None:
+    """import-marian: a pretrained checkpoint into a verified bundle."""
     p = sub.add_parser(
         "import-marian",
         help="import a Marian / OPUS-MT (MarianMTModel) directory into a verified bundle",
@@ -654,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     _training_args(p)
     p.set_defaults(func=cmd_train)
     _checkpoint_commands(sub)
+    _import_command(sub)
     return parser
 
 
