@@ -378,6 +378,10 @@ def cmd_import_marian(args: argparse.Namespace) -> int:
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # a checkpoint this importer's checks missed: no traceback, exit 1
+        log.debug("import failed", exc_info=True)
+        print(f"error: import failed ({type(e).__name__}: {e}); nothing written", file=sys.stderr)
+        return 1
     ver = manifest["verification"]
     tok = ver["tokenizer"]
     print(f"bundle written to {args.out}")

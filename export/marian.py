@@ -33,6 +33,7 @@ from export.pipeline import (
     export_graphs,
     export_record,
     finished_manifest,
+    out_problems,
     publish,
     quantize_graphs,
     scratch_dir,
@@ -137,6 +138,7 @@ def read_dir(path: Path) -> MarianDir:
             "not a Marian model"
         )
     tok_cfg = _json(path / TOKENIZER_CONFIG, problems, required=False)
+    _json(path / GENERATION, problems, required=False)  # transformers reads it; refuse garbage
     for name in ("source.spm", "target.spm"):
         if not (path / name).is_file():
             problems.append(f"{path / name}: missing")
@@ -171,6 +173,9 @@ def model_config(d: MarianDir) -> ModelConfig:
     eos = c.get("eos_token_id", 0)
     if not isinstance(eos, int):
         problems.append(f"{where}: eos_token_id {eos!r} is not a single id")
+    problems += _shape_problems(c, where)
+    if problems:
+        raise MarianImportError("cannot import:\n  - " + "\n  - ".join(problems))
     shared = bool(c.get("share_encoder_decoder_embeddings", True))
     vocab = int(c.get("vocab_size", 58101))
     target = vocab if shared else int(c.get("decoder_vocab_size") or vocab)
@@ -195,6 +200,26 @@ def model_config(d: MarianDir) -> ModelConfig:
         except (ValueError, TypeError) as e:
             problems.append(f"{where}: {e}")
     raise MarianImportError("cannot import:\n  - " + "\n  - ".join(problems))
+
+
+# Bounds on the shapes a config may ask for, checked before any model is built: beyond any
+# translation model, small enough that a hostile config.json cannot exhaust memory.
+SHAPE_BOUNDS = {
+    "vocab_size": (1, 1 << 20), "decoder_vocab_size": (1, 1 << 20), "d_model": (1, 1 << 15),
+    "encoder_layers": (1, 256), "decoder_layers": (1, 256), "encoder_attention_heads": (1, 256),
+    "decoder_attention_heads": (1, 256), "encoder_ffn_dim": (1, 1 << 17),
+    "decoder_ffn_dim": (1, 1 << 17), "max_position_embeddings": (16, 1 << 16),
+    "pad_token_id": (0, 1 << 20), "decoder_start_token_id": (0, 1 << 20),
+}  # fmt: skip
+
+
+def _shape_problems(c: dict[str, Any], where: Path) -> list[str]:
+    """Every size and id field present must be an integer within its bounds."""
+    return [
+        f"{where}: {k} is {c[k]!r}; it must be an integer from {lo} to {hi}"
+        for k, (lo, hi) in SHAPE_BOUNDS.items()
+        if c.get(k) is not None and (type(c[k]) is not int or not lo <= c[k] <= hi)
+    ]
 
 
 def _vocab_problems(d: MarianDir, vocab: int, target: int) -> list[str]:
@@ -244,13 +269,30 @@ def load_transformers(d: MarianDir) -> tuple[Any, Any]:
     except Exception as e:
         raise MarianImportError(f"{d.weights}: transformers cannot load it ({e})") from e
     missing = [k for k in info.get("missing_keys", []) if "embed_positions" not in k]
+    if "final_logits_bias" not in _weight_names(d.weights):  # a buffer: not in missing_keys
+        missing.append("final_logits_bias")
     if missing:
         raise MarianImportError(f"{d.weights}: lacks weights {sorted(missing)[:10]}")
+    unexpected = list(info.get("unexpected_keys", []))
+    if unexpected:  # weights of a computation MarianMTModel (and we) would not run
+        raise MarianImportError(
+            f"{d.weights}: weights MarianMTModel does not use {unexpected[:10]}"
+        )
     try:
         tok = MarianTokenizer.from_pretrained(str(d.path), local_files_only=True)
     except Exception as e:
         raise MarianImportError(f"{d.path}: MarianTokenizer cannot load it ({e})") from e
     return hf.eval(), tok
+
+
+def _weight_names(path: Path) -> set[str]:
+    """The tensor names a weights file holds, without loading the tensors where it can."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return set(f.keys())
+    return set(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def generation_settings(hf: Any, cfg: ModelConfig) -> dict[str, Any]:
@@ -267,6 +309,12 @@ def generation_settings(hf: Any, cfg: ModelConfig) -> dict[str, Any]:
     bad = gen.get("bad_words_ids") or []
     if any(len(seq) != 1 for seq in bad):
         problems.append(f"{where}: bad_words_ids holds sequences longer than one token")
+    eos = gen.get("eos_token_id", cfg.eos_id)
+    if eos != cfg.eos_id:  # a list, or another id: rows we serve would not end where its do
+        problems.append(f"{where}: eos_token_id {eos!r} is not {CONFIG}'s single eos {cfg.eos_id}")
+    length = gen.get("max_length")
+    if length is not None and (type(length) is not int or length < 3):
+        problems.append(f"{where}: max_length {length!r} is not an integer ≥ 3")
     forced = gen.get("forced_eos_token_id")
     if forced not in (None, cfg.eos_id):
         problems.append(f"{where}: forced_eos_token_id {forced!r} is not eos {cfg.eos_id}")
@@ -316,6 +364,9 @@ def map_weights(hf: Any, cfg: ModelConfig) -> Transformer:
     if missing:
         raise MarianImportError(f"{hf.name_or_path}: no weights for {missing[:10]}")
     model.load_state_dict({k: src[k].detach().clone() for k in target}, strict=True)
+    bad = [k for k, v in model.state_dict().items() if not torch.isfinite(v).all()]
+    if bad:  # NaN logits compare as "no difference" nowhere; refuse them here
+        raise MarianImportError(f"{hf.name_or_path}: weights that are not finite: {bad[:10]}")
     table = m.encoder.embed_positions.weight.detach()
     if not torch.equal(table, m.decoder.embed_positions.weight.detach()):
         raise MarianImportError("the encoder's and decoder's position tables differ")
@@ -503,8 +554,9 @@ def import_marian(
     src: Path, out: Path, int8: bool = False, force: bool = False, opset: int = OPSET
 ) -> dict[str, Any]:
     """Reads, validates, maps, exports, verifies and writes; see the module docstring."""
-    if out.exists() and not force:
-        raise MarianImportError(f"{out} exists; --force to replace it")
+    problems = out_problems(out, force, [src])
+    if problems:
+        raise MarianImportError("cannot import:\n  - " + "\n  - ".join(problems))
     d = read_dir(src)
     cfg = model_config(d)
     hf, hf_tok = load_transformers(d)

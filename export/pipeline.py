@@ -146,16 +146,37 @@ def publish(work: Path, out: Path, manifest: dict[str, Any]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def out_problems(out: Path, force: bool, inputs: list[Path]) -> list[str]:
+    """What makes --out unusable, found before any work: a link, something that is not a
+    directory (it or its parent, or an old <out>.failed), an existing bundle without force,
+    or a path that overlaps the inputs (replacing it would delete them)."""
+    problems = []
+    failed = out.parent / f"{out.name}.failed"
+    if out.is_symlink():
+        problems.append(f"{out} is a symbolic link: give the directory itself")
+    elif out.exists() and not out.is_dir():
+        problems.append(f"{out} exists and is not a directory")
+    elif out.exists() and not force:
+        problems.append(f"{out} exists; --force to replace it")
+    for p in (out.parent, failed):
+        if p.exists() and not p.is_dir():
+            problems.append(f"{p} exists and is not a directory")
+    real = out.resolve()
+    for i in inputs:
+        src = i.resolve()
+        if real == src or real in src.parents or src in real.parents:
+            problems.append(f"{out} overlaps the input {i}: replacing it would delete that")
+    return problems
+
+
 def _check_inputs(run_dir: Path, out: Path, checkpoint: Path, force: bool, opset: int) -> None:
     """Every problem with the export's inputs at once, before any work."""
-    problems = []
+    problems = out_problems(out, force, [run_dir])
     if opset < 17:
         problems.append(f"opset {opset} is older than 17")
     for need in (run_dir / TOKENIZER_FILE, run_dir / "data" / "test.jsonl", checkpoint):
         if not need.is_file():
             problems.append(f"{need} is missing")
-    if out.exists() and not force:
-        problems.append(f"{out} exists; --force to replace it")
     if problems:
         raise ExportError("cannot export:\n  - " + "\n  - ".join(problems))
 

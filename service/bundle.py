@@ -57,10 +57,17 @@ MARIAN_FILES = {
 
 
 def tokenizer_files(spec: dict[str, Any]) -> list[str]:
-    """The files of a manifest's ``tokenizer`` (checksummed like every file)."""
+    """The files of a manifest's ``tokenizer`` (checksummed like every file); none where the
+    spec is malformed (its own check says why)."""
     if spec.get("type", "sentencepiece") == "marian":
-        return [f for f in (spec.get("files") or {}).values() if f]
-    return [spec.get("file", "")]
+        files = spec.get("files")
+        return (
+            [f for f in files.values() if isinstance(f, str) and f]
+            if isinstance(files, dict)
+            else []
+        )
+    file = spec.get("file")
+    return [file] if isinstance(file, str) and file else []
 
 
 def output_cap(max_length: int, forced_eos: bool) -> int:
@@ -296,9 +303,7 @@ def load_bundle(directory: str | Path) -> Bundle:
             f"{MANIFEST}: format_version {manifest['format_version']!r} is not supported "
             f"(this server reads {list(SUPPORTED_FORMAT_VERSIONS)})"
         )
-    problems += [
-        f"{MANIFEST}: model lacks {k!r}" for k in _MODEL_KEYS if k not in manifest["model"]
-    ]
+    problems += _model_problems(manifest["model"]) + _limit_problems(manifest)
     problems += _tokenizer_problems(manifest["tokenizer"])
     problems += _generation_problems(manifest)
     graph_problems, used = _graph_problems(manifest["onnx"])
@@ -309,6 +314,49 @@ def load_bundle(directory: str | Path) -> Bundle:
     if problems:
         raise BundleError(root, problems)
     return Bundle(root, manifest)
+
+
+def _is_int(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+# Bounds on a model's shapes: far beyond any translation model, small enough that nothing the
+# service allocates from them can exhaust memory before the graphs are even opened.
+_MODEL_BOUNDS = {"vocab_size": 1 << 20, "d_model": 1 << 15, "n_heads": 256,
+                 "n_decoder_layers": 256, "max_positions": 1 << 16}  # fmt: skip
+
+
+def _model_problems(model: dict[str, Any]) -> list[str]:
+    problems = [f"{MANIFEST}: model lacks {k!r}" for k in _MODEL_KEYS if k not in model]
+    for key, hi in _MODEL_BOUNDS.items():
+        if key in model and not _is_int(model[key], 1, hi):
+            problems.append(f"{MANIFEST}: model.{key} must be an integer from 1 to {hi}")
+    vocab: int = model.get("vocab_size", 0)
+    if not _is_int(vocab, 1, 1 << 20):
+        return problems
+    for key in ("bos_id", "eos_id", "pad_id"):
+        if key in model and not _is_int(model[key], 0, vocab - 1):
+            problems.append(f"{MANIFEST}: model.{key} must be an id below {vocab}")
+    return problems
+
+
+def _limit_problems(manifest: dict[str, Any]) -> list[str]:
+    """The length limits: numbers within the model's positions (a decoder row feeds its
+    outputs at positions 0..max_target_tokens-1), so nothing is sized beyond the model."""
+    lim = manifest["limits"]
+    positions = manifest["model"].get("max_positions", lim.get("max_positions"))
+    if not _is_int(positions, 1, 1 << 16):
+        positions = 1 << 16  # its own check names it; bound the limits all the same
+    problems = []
+    for key, hi in (("max_source_tokens", positions), ("max_target_tokens", positions)):
+        if not _is_int(lim.get(key), 1, hi):
+            problems.append(f"{MANIFEST}: limits.{key} must be an integer from 1 to {hi} "
+                            "(the model's positions)")  # fmt: skip
+    for key in ("target_tokens_a", "target_tokens_b"):
+        v = lim.get(key)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1e6:
+            problems.append(f"{MANIFEST}: limits.{key} must be a number from 0 to 1e6")
+    return problems
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:

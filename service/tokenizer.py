@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import sentencepiece as spm
 
-from service.bundle import Bundle
+from service.bundle import Bundle, BundleError
 
 SPIECE_UNDERLINE = "▁"
 _LANGUAGE_CODE = re.compile(r">>.+<<")
@@ -75,14 +75,22 @@ class MarianTextTokenizer:
 
     kind = "marian"
 
-    def __init__(self, directory: Path, spec: dict[str, Any]) -> None:
+    def __init__(
+        self, directory: Path, spec: dict[str, Any], sizes: tuple[int, int] | None = None
+    ) -> None:
+        """sizes: the model's source and target vocabularies, which every id must be below
+        (else BundleError naming the file)."""
         files = spec["files"]
         self.source_spm = spm.SentencePieceProcessor(
             model_file=str(directory / files["source_spm"])
         )
-        self.vocab: dict[str, int] = _load_vocab(directory / files["vocab"])
         target = files.get("target_vocab")
-        self.target_vocab = _load_vocab(directory / target) if target else self.vocab
+        source_size, target_size = sizes or (1 << 62, 1 << 62)
+        self.vocab: dict[str, int] = _load_vocab(directory, files["vocab"], source_size)
+        self.target_vocab = _load_vocab(directory, target, target_size) if target else self.vocab
+        missing = [spec[k] for k in ("eos_token", "unk_token") if spec[k] not in self.vocab]
+        if missing:
+            raise BundleError(directory, [f"{files['vocab']}: lacks {missing}"])
         # transformers decodes a shared vocabulary with source.spm, separate ones with target.spm
         self.decode_spm = (
             spm.SentencePieceProcessor(model_file=str(directory / files["target_spm"]))
@@ -133,14 +141,31 @@ class MarianTextTokenizer:
         return [*self.vocab, *self.target_vocab]
 
 
-def _load_vocab(path: Path) -> dict[str, int]:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return {str(k): int(v) for k, v in data.items()}
+def _load_vocab(directory: Path, name: str, size: int) -> dict[str, int]:
+    """A vocab.json: piece → id, every id an integer below the model's vocabulary size."""
+    try:
+        data = json.loads((directory / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError included
+        raise BundleError(directory, [f"{name}: not a readable JSON file ({e})"]) from e
+    if not isinstance(data, dict):
+        raise BundleError(directory, [f"{name}: not a JSON object of piece → id"])
+    bad = [k for k, v in data.items() if type(v) is not int or not 0 <= v < size]
+    if bad:
+        shown = ", ".join(repr(k) for k in bad[:5]) + (
+            f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        )
+        raise BundleError(directory, [f"{name}: ids must be integers below {size}: {shown}"])
+    return {str(k): v for k, v in data.items()}
 
 
 def load_tokenizer(bundle: Bundle) -> TextTokenizer:
     """The bundle's tokenizer, by the manifest's ``tokenizer.type``."""
     spec = bundle.manifest["tokenizer"]
     if spec.get("type", "sentencepiece") == "marian":
-        return MarianTextTokenizer(bundle.directory, spec)
+        sizes = (int(bundle.model["vocab_size"]), bundle.target_vocab_size)
+        tok = MarianTextTokenizer(bundle.directory, spec, sizes)
+        if tok.eos_id != int(bundle.model["eos_id"]):
+            problem = f"tokenizer.eos_token is id {tok.eos_id}, the model's eos_id is "
+            raise BundleError(bundle.directory, [problem + str(bundle.model["eos_id"])])
+        return tok
     return SentencePieceTokenizer(bundle.tokenizer_path)

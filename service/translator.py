@@ -224,10 +224,12 @@ class Translator:
             ]
         if language_code(target_language) not in codes:
             shown = ", ".join(c[2:-2] for c in codes[:20]) + (", …" if len(codes) > 20 else "")
+            # at most 40 characters of it: the whole error must fit gRPC's metadata limit
+            given = repr(target_language[:40]) + ("…" if len(target_language) > 40 else "")
             return [
                 (
                     "options.target_language",
-                    f"unknown target language {target_language!r}; this model knows {shown}",
+                    f"unknown target language {given}; this model knows {shown}",
                 )
             ]
         return []

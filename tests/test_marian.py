@@ -198,6 +198,45 @@ def test_manifest_records_the_verification_and_generation(bundles: dict[str, Pat
     assert "target_vocab.json" in sep["files"]
 
 
+def _edited_bundle(src: Path, dst: Path, vocab: dict[str, Any] | None = None,
+                   limits: dict[str, Any] | None = None) -> Path:  # fmt: skip
+    """A copy of a bundle with vocab.json entries or limits changed, its checksums fixed up,
+    so that only the edited field is wrong."""
+    from service.bundle import sha256_file
+
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    if vocab:
+        _edit_json(dst / "vocab.json", **vocab)
+        manifest["files"]["vocab.json"]["sha256"] = sha256_file(dst / "vocab.json")
+    manifest["limits"].update(limits or {})
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("vocab", "limits", "says"),
+    [
+        ({"▁the": 10**6}, None, "vocab.json: ids must be integers below 162: '▁the'"),
+        ({"▁the": -5}, None, "vocab.json: ids must be integers below 162: '▁the'"),
+        (None, {"max_target_tokens": 10**9}, "limits.max_target_tokens must be an integer from 1"),
+        (None, {"target_tokens_a": float("nan")}, "limits.target_tokens_a must be a number"),
+    ],
+)
+def test_a_hand_edited_bundle_is_refused_naming_the_field(
+    vocab: dict[str, Any] | None, limits: dict[str, Any] | None, says: str,
+    bundles: dict[str, Path], tmp_path: Path,
+) -> None:  # fmt: skip
+    """Found by the hostile review: out-of-range vocabulary ids served (INTERNAL on every call,
+    or silently wrong ids), and a huge output limit made the server allocate terabytes."""
+    from service.bundle import BundleError
+
+    b = _edited_bundle(bundles["multi"], tmp_path / "b", vocab, limits)
+    with pytest.raises(BundleError) as e:
+        load_tokenizer(load_bundle(b))
+    assert says in str(e.value)
+
+
 def _edit_json(path: Path, **changes: Any) -> None:
     data = json.loads(path.read_text())
     data.update(changes)
@@ -224,7 +263,66 @@ BAD = {
         "vocab.json: 163 entries",
     ),
     "broken json": (lambda d: (d / "config.json").write_text("{"), "config.json: not valid JSON"),
+    # found by the hostile review: each was imported, or ended in a traceback
+    "generation eos list": (
+        lambda d: _edit_json(d / "generation_config.json", eos_token_id=[0, 65]),
+        "generation_config.json: eos_token_id [0, 65] is not config.json's single eos 0",
+    ),
+    "generation max_length 0": (
+        lambda d: _edit_json(d / "generation_config.json", max_length=0),
+        "generation_config.json: max_length 0 is not an integer ≥ 3",
+    ),
+    "generation broken json": (
+        lambda d: (d / "generation_config.json").write_text("{nope"),
+        "generation_config.json: not valid JSON",
+    ),
+    "huge layers": (
+        lambda d: _edit_json(d / "config.json", encoder_layers=10**9),
+        "config.json: encoder_layers is 1000000000; it must be an integer from 1 to 256",
+    ),
+    "nan weights": (lambda d: _spoil_weights(d, nan="final_logits_bias"), "not finite"),
+    "no logits bias": (lambda d: _spoil_weights(d, drop="final_logits_bias"), "final_logits_bias"),
+    "extra weights": (
+        lambda d: _spoil_weights(d, add="model.encoder.layernorm_embedding.weight"),
+        "weights MarianMTModel ignores",
+    ),
 }
+
+
+def _spoil_weights(d: Path, nan: str = "", drop: str = "", add: str = "") -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(d / "model.safetensors"))
+    if nan:
+        weights[nan][..., 0] = float("nan")
+    weights.pop(drop, None)
+    if add:
+        weights[add] = torch.ones(4)
+    save_file(weights, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("where", ["source", "inside source", "file", "parent file", "failed file"])
+def test_an_unusable_out_is_refused_before_any_work(
+    where: str, dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--out that would delete the input, or that cannot take a bundle: refused up front,
+    the input left as it was."""
+    d = tmp_path / "dir"
+    shutil.copytree(dirs["multi"], d)
+    out = {"source": d, "inside source": d / "bundle"}.get(where, tmp_path / "out" / "bundle")
+    if where == "file":
+        out = tmp_path / "bundle-file"
+        out.write_text("an operator's file")
+    elif where == "parent file":
+        (tmp_path / "out").write_text("an operator's file")
+    elif where == "failed file":
+        out.parent.mkdir()
+        (out.parent / "bundle.failed").write_text("an operator's file")
+    before = sorted(p.name for p in d.iterdir())
+    assert export_main(["import-marian", str(d), "--out", str(out), "--force"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot import:") and "Traceback" not in err, err
+    assert sorted(p.name for p in d.iterdir()) == before
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
