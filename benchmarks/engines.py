@@ -289,8 +289,10 @@ def run_worker(args: argparse.Namespace, prep: dict[str, Any], engine: str, batc
     """One engine at one batch size, in a process of its own."""
     flags = ["--src-len", str(args.src_len), "--tokens", str(args.tokens),
              "--threads", str(args.threads), "--repeats", str(args.repeats)]  # fmt: skip
+    job = Path(prep["work"]) / "worker.json"  # a file: a vocabulary is too long for argv
+    job.write_text(json.dumps([prep, engine, batch]))
     proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps([prep, engine, batch]), *flags],
+        [sys.executable, __file__, "--worker", str(job), *flags],
         capture_output=True, text=True, cwd=REPO,
         env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
     )  # fmt: skip
@@ -364,7 +366,7 @@ def main() -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        prep, engine, batch = json.loads(args.worker)
+        prep, engine, batch = json.loads(Path(args.worker).read_text())
         res = run_engine(engine, prep, batch, args.src_len, args.tokens, args.threads,
                          args.repeats)  # fmt: skip
         print("RESULT " + json.dumps(res))

@@ -106,6 +106,15 @@ class SchedulerConfig:
         64,
     )
 
+    max_failed_batches: int = setting(
+        5,
+        "decode batches failing in a row in one lane that stop the server (NOT_SERVING, exit 1): "
+        "a fault that fails every batch, such as a sticky CUDA error, restarts the process "
+        "instead of failing every call",
+        1,
+        1_000_000,
+    )
+
     def __post_init__(self) -> None:
         over = self.max_call_tokens > self.max_queue_tokens
         check(self, "--max-call-tokens must not exceed --max-queue-tokens" if over else "")
@@ -175,6 +184,7 @@ class _Lane:
         self.admitting: list[_Pending] = []  # taken from the queue, not yet in its batch
         self.thread: threading.Thread | None = None
         self.alive = True
+        self.failed_in_a_row = 0  # batches failed since its last good step
 
 
 class Observer:
@@ -439,6 +449,7 @@ class Scheduler:
                 if batch is None:
                     continue
                 done, batch, stats = engine.step(batch)
+                lane.failed_in_a_row = 0
                 lane.step_s = 0.9 * lane.step_s + 0.1 * stats.seconds
                 self.obs.stepped(stats)
                 for job, res in done:
@@ -457,6 +468,10 @@ class Scheduler:
                 batch = None
                 self._fail(failed, e)
                 self.obs.failed(len(failed))
+                lane.failed_in_a_row += 1
+                if lane.failed_in_a_row >= self.cfg.max_failed_batches:  # not one batch's fault
+                    n = lane.failed_in_a_row
+                    raise RuntimeError(f"{n} decode batches failed in a row, the last: {e}") from e
 
     def _share(self) -> int:
         """The most rows this lane should hold now: its fair share of the work in flight."""

@@ -261,3 +261,47 @@ class Dropped(Observer):
 
     def dropped(self, reason: str) -> None:
         self.reasons.append(reason)
+
+
+def test_batches_failing_in_a_row_stop_the_lane(tiny_bundle: Path) -> None:
+    """A fault that fails every batch (a sticky CUDA error) must not leave a server that says
+    SERVING and fails every call: after max_failed_batches failures in a row the lane dies,
+    on_fatal is told (the server turns NOT_SERVING and exits 1), and calls are refused. Fewer
+    failures, with a good step between, only fail their own batches."""
+    from service.scheduler import DecoderFailed
+    from tests.doubles import before_each_step
+
+    b = load_bundle(tiny_bundle)
+    engine = Engine(Runtime(b, RuntimeConfig("cpu", "fp32", 1)), b.limits)
+    fatal: list[BaseException] = []
+    cfg = SchedulerConfig(max_batch_rows=4, max_wait_ms=1.0, max_failed_batches=3)
+    sched = Scheduler(engine, cfg, None, fatal.append)
+    sched.start()
+    failing = [True]
+
+    def hook() -> None:
+        if failing[0]:
+            raise RuntimeError("sticky device fault")
+
+    try:
+        with before_each_step(sched, hook):
+            for _ in range(2):  # two failures, then a good batch: the count starts again
+                with pytest.raises(RuntimeError, match="sticky device fault"):
+                    sched.submit([SentenceJob([5, 6, 7], 4)]).futures[0].result(timeout=30)
+            failing[0] = False
+            assert sched.submit([SentenceJob([5, 6, 7], 4)]).futures[0].result(timeout=30)
+            failing[0] = True
+            for _ in range(2):
+                with pytest.raises(RuntimeError, match="sticky device fault"):
+                    sched.submit([SentenceJob([5, 6, 7], 4)]).futures[0].result(timeout=30)
+            assert not fatal
+            with pytest.raises(RuntimeError, match="sticky device fault"):
+                sched.submit([SentenceJob([5, 6, 7], 4)]).futures[0].result(timeout=30)
+            deadline = time.monotonic() + 10
+            while not fatal and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(fatal) == 1 and "3 decode batches failed in a row" in str(fatal[0])
+            with pytest.raises(DecoderFailed, match="decode lane 0 died"):
+                sched.submit([SentenceJob([5, 6, 7], 4)])
+    finally:
+        sched.stop(10)
