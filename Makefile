@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 RUN ?= runs/default
 BUNDLE ?= models/default
 
-.PHONY: install tools run model marian-demo test lint test-slow bench bench-service bench-engines bench-fairness bench-slow-readers fuzz-long soak container-check cuda-image-check compose-check clean
+.PHONY: install tools run model marian-demo test lint test-slow bench bench-service bench-engines bench-marian bench-fairness bench-slow-readers fuzz-long soak container-check cuda-image-check compose-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,11 @@ bench-slow-readers: model
 	$(PY) benchmarks/slow_readers.py --bundle $(BUNDLE) --streams 100
 
 bench: bench-engines bench-service
+
+# Our import of Marian models against CTranslate2's converter, three interleaved rounds (~15 min).
+bench-marian: install
+	$(PY) benchmarks/engines.py --model marian-small --batches 1,8,32 --rounds 3
+	$(PY) benchmarks/engines.py --model marian-base --batches 1,8,32 --rounds 3
 
 # Engine benchmark: PyTorch, our onnxruntime decoding and CTranslate2 on the same weights
 # (the default model and a Transformer-base configuration); tables in benchmarks/RESULTS.md.
