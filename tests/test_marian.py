@@ -284,7 +284,7 @@ BAD = {
     "no logits bias": (lambda d: _spoil_weights(d, drop="final_logits_bias"), "final_logits_bias"),
     "extra weights": (
         lambda d: _spoil_weights(d, add="model.encoder.layernorm_embedding.weight"),
-        "weights MarianMTModel ignores",
+        "weights MarianMTModel does not use",
     ),
 }
 
