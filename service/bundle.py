@@ -264,6 +264,10 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def file_entries(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     """``files`` of a manifest: each file's sha256 and size."""
     return {
@@ -402,10 +406,13 @@ def _graph_problems(onnx: dict[str, Any]) -> tuple[list[str], list[str]]:
 def _file_problems(root: Path, files: dict[str, Any], used: list[str]) -> list[str]:
     """Files used but not listed; listed files outside the bundle, missing, or changed."""
     problems = [f"{name}: used but not listed in {MANIFEST}" for name in used if name not in files]
+    inside = root.resolve()
     for name, entry in sorted(files.items()):
         f = root / name
         if Path(name).is_absolute() or ".." in Path(name).parts:
             problems.append(f"{name}: file names must stay inside the bundle")
+        elif inside not in f.resolve().parents:  # a link may point only within the bundle
+            problems.append(f"{name}: a link to {f.resolve()}, outside the bundle")
         elif not f.is_file():
             problems.append(f"{name}: missing")
         elif not isinstance(entry, dict) or sha256_file(f) != entry.get("sha256"):

@@ -42,7 +42,7 @@ from typing import TypeAlias
 import numpy as np
 import onnxruntime as ort
 
-from service.bundle import Bundle, BundleError, graph_io
+from service.bundle import Bundle, BundleError, graph_io, sha256_bytes
 from service.settings import check, setting
 
 log = logging.getLogger("nmtserve.runtime")
@@ -254,7 +254,17 @@ class Runtime:
             """A graph's session, its input and output names checked (they are fed and read
             by name: the contract's GraphIO, which the manifest records)."""
             path = bundle.graph(cfg.precision, part)
-            session = ort.InferenceSession(str(path), opts, providers=providers)
+            name = bundle.manifest["onnx"]["graphs"][cfg.precision][part]
+            # From its bytes, not its path: onnxruntime then cannot follow the graph to
+            # external data files that the manifest does not list and no checksum covers.
+            data = path.read_bytes()
+            if sha256_bytes(data) != bundle.sha256(name):  # changed since it was checked
+                raise BundleError(bundle.directory, [f"{name}: sha256 does not match"])
+            try:
+                session = ort.InferenceSession(data, opts, providers=providers)
+            except Exception as e:  # onnxruntime's own errors are no RuntimeError subclass
+                why = f"{name}: onnxruntime cannot load it ({type(e).__name__}: {e})"
+                raise BundleError(bundle.directory, [why]) from e
             check_io(bundle, cfg.precision, part, session)
             return session
 

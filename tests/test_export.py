@@ -270,3 +270,44 @@ def test_train_on_a_user_tsv_reports_bad_lines(
     assert len(skipped) == 2 and f"{tsv}:11:" in skipped[0] and f"{tsv}:62:" in skipped[1]
     run = json.loads((tmp_path / "skip" / "run.json").read_text())
     assert run["corpus_summary"]["problems"] == 2 and run["bleu_tokenize"] == "13a"
+
+
+def _checksummed(bundle: Path, name: str) -> None:
+    """Fixes up the manifest's sha256 of a file edited on purpose."""
+    from service.bundle import sha256_file
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"][name]["sha256"] = sha256_file(bundle / name)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_external_data_and_links_outside_the_bundle_are_refused(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """Every byte served is checksummed: a graph whose weights sit in an external-data file the
+    manifest does not list is refused when onnxruntime opens it, and a listed file that is a
+    link to outside the bundle is refused by the validator (both were loaded before)."""
+    from service.runtime import Runtime, RuntimeConfig
+
+    external = tmp_path / "external"
+    shutil.copytree(tiny_bundle, external)
+    graph = onnx.load(str(external / "encoder.onnx"))
+    onnx.save_model(graph, str(external / "encoder.onnx"), save_as_external_data=True,
+                    location="weights.bin", size_threshold=0)  # fmt: skip
+    _checksummed(external, "encoder.onnx")
+    with pytest.raises(BundleError, match=r"encoder.onnx: onnxruntime cannot load it"):
+        Runtime(load_bundle(external), RuntimeConfig("cpu", "fp32", 1))
+
+    linked = tmp_path / "linked"
+    shutil.copytree(tiny_bundle, linked)
+    outside = tmp_path / "tokenizer-elsewhere.model"
+    shutil.move(linked / "tokenizer.model", outside)
+    (linked / "tokenizer.model").symlink_to(outside)
+    with pytest.raises(BundleError, match=r"tokenizer.model: a link to .*, outside the bundle"):
+        load_bundle(linked)
+    inside = tmp_path / "inside"  # a link within the bundle (as volume mounts make) is fine
+    shutil.copytree(tiny_bundle, inside)
+    (inside / "data").mkdir()
+    shutil.move(inside / "tokenizer.model", inside / "data" / "tokenizer.model")
+    (inside / "tokenizer.model").symlink_to(Path("data") / "tokenizer.model")
+    load_bundle(inside)
