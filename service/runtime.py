@@ -399,13 +399,23 @@ class Runtime:
         for name, v in zip(self.cross_names, cross_dev, strict=True):
             binding.bind_ortvalue_input(name, v)
         n = 2 * self.n_layers
-        for i, name in enumerate(self.decoder_outputs):
-            # logits and attention weights come to the host; the new cache stays put
-            binding.bind_output(name, self.device if 1 <= i <= n else "cpu", 0)
+        logits = self._bind_logits(binding, len(tokens))
+        for name in self.decoder_outputs[1:]:
+            # the new cache stays put; the (small) attention weights come to the host
+            binding.bind_output(name, self.device if name in self.present_names else "cpu", 0)
         self.decoder.run_with_iobinding(binding)
         outs = binding.get_outputs()
-        logits = self.suppress(host_array(outs[0])[:, 0, :])
-        return logits, list(outs[1 : 1 + n]), [host_array(o) for o in outs[1 + n :]], cross_dev
+        attention = [host_array(o) for o in outs[1 + n :]]
+        return self.suppress(logits), list(outs[1 : 1 + n]), attention, cross_dev
+
+    def _bind_logits(self, binding: ort.IOBinding, rows: int) -> np.ndarray:
+        """Binds the logits output to a new host array: onnxruntime writes (or copies from the
+        device) straight into it, the step's one copy of (B, V) floats, instead of into memory
+        of its own that would then be copied again. Returns the (B, V) view, suppressed ids
+        masked after the run (see ``suppress``)."""
+        buf = np.empty((rows, 1, self.vocab_size), np.float32)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+        return buf[:, 0, :]
 
     def cache_buffers(self, capacity: int, length: int) -> list[np.ndarray]:
         """2L zeroed buffers (capacity, H, length, Dh) for the in-place decoder."""
@@ -435,12 +445,12 @@ class Runtime:
             binding.bind_output(present, "cpu", 0, np.float32, shape, view.ctypes.data)
         for name, v in zip(self.cross_names, to_host(cross), strict=True):
             binding.bind_cpu_input(name, np.ascontiguousarray(v))
-        binding.bind_output("logits", "cpu")
+        logits = self._bind_logits(binding, b)
         for name in self.attention_names:
             binding.bind_output(name, "cpu")
         self.decoder.run_with_iobinding(binding)
-        outs = binding.get_outputs()[n:]  # binding order: caches, logits, attention
-        return self.suppress(host_array(outs[0])[:, 0, :]), [host_array(o) for o in outs[1:]]
+        outs = binding.get_outputs()[n + 1 :]  # binding order: caches, logits, attention
+        return self.suppress(logits), [host_array(o) for o in outs]
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.n_heads, 0, self.head_dim)
