@@ -51,14 +51,22 @@ class Corpus:
 
 
 def load_corpus(path: str | None) -> Corpus:
+    """One source per line, or "source<TAB>reference" on every line (then the answers are
+    scored). A corpus with references on some lines only is refused, naming the lines without:
+    it would otherwise lose its quality check for the whole run without a word."""
     lines = (Path(path) if path else BUILTIN_CORPUS).read_text(encoding="utf-8").splitlines()
-    rows = [line.split("\t") for line in lines if line.strip()]
+    rows = [(n, line.split("\t")) for n, line in enumerate(lines, 1) if line.strip()]
     if not rows:
         raise ValueError(f"{path}: no sentences")
     tokenize = "13a" if path else "char"
-    if all(len(r) >= 2 for r in rows):
-        return Corpus([r[0] for r in rows], [r[1] for r in rows], tokenize)
-    return Corpus([r[0] for r in rows], None, tokenize)
+    bare = [n for n, r in rows if len(r) < 2]
+    if not bare:
+        return Corpus([r[0] for _, r in rows], [r[1] for _, r in rows], tokenize)
+    if len(bare) < len(rows):
+        shown = ", ".join(map(str, bare[:10])) + (" …" if len(bare) > 10 else "")
+        raise ValueError(f"{path}: {len(bare)} line(s) without a tab and reference ({shown}); "
+                         "give every line a reference, or none")  # fmt: skip
+    return Corpus([r[0] for _, r in rows], None, tokenize)
 
 
 def percentiles(values: list[float], qs: tuple[float, ...] = QUANTILES) -> dict[str, float]:
@@ -199,12 +207,22 @@ async def run_load(s: Settings, corpus: Corpus) -> Run:
     return run
 
 
+def _window(run: Run, s: Settings) -> float:
+    """Seconds the throughput is counted over, after the warm-up: a closed loop's whole run;
+    an open loop's sending period (its schedule), not the wait for the last late answers,
+    which would make a slow server's throughput look lower than what it was offered."""
+    end = run.ended - run.started
+    if s.rate > 0:
+        end = s.duration or max((r.scheduled for r in run.records), default=0.0) + 1 / s.rate
+    return max(end - s.warmup, 1e-9)
+
+
 def summarize(run: Run, s: Settings, corpus: Corpus) -> dict[str, Any]:
     """The figures, over the calls scheduled after the warm-up."""
     measured = [r for r in run.records if r.scheduled >= s.warmup]
-    window = max(run.ended - run.started - s.warmup, 1e-9)
     ok = [r for r in measured if r.code == "OK"]
-    lat_ms = [r.latency * 1000 for r in measured]
+    failed = [r.latency * 1000 for r in measured if r.code != "OK"]
+    window = _window(run, s)
     out: dict[str, Any] = {
         "mode": "closed" if s.concurrency else "open",
         "concurrency": s.concurrency or None,
@@ -218,7 +236,9 @@ def summarize(run: Run, s: Settings, corpus: Corpus) -> dict[str, Any]:
         "calls_per_s": len(ok) / window,
         "sentences_per_s": sum(len(r.indices) for r in ok) / window,
         "tokens_per_s": sum(r.tokens for r in ok) / window,
-        "latency_ms": percentiles(lat_ms),
+        # answered calls only: fast refusals under overload would make latency look better
+        "latency_ms": percentiles([r.latency * 1000 for r in ok]),
+        "failed_latency_ms": percentiles(failed) if failed else None,
         "errors": dict(Counter(r.code for r in measured if r.code != "OK")),
     }
     if corpus.references is not None and ok:
@@ -255,7 +275,7 @@ def markdown(summary: dict[str, Any]) -> str:
         f"targets {', '.join(summary['targets'])}",
         "",
         "| calls | calls/s | sentences/s | tokens/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms "
-        "| errors |",
+        "| errors |",  # latency: answered calls
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         f"| {summary['calls']} | {summary['calls_per_s']:.1f} | {summary['sentences_per_s']:.1f} "
         f"| {summary['tokens_per_s']:.1f} | {lat['p50']:.1f} | {lat['p90']:.1f} | {lat['p99']:.1f} "
@@ -263,6 +283,10 @@ def markdown(summary: dict[str, Any]) -> str:
         + (", ".join(f"{k} {v}" for k, v in sorted(summary["errors"].items())) or "none")
         + " |",
     ]
+    failed = summary.get("failed_latency_ms")
+    if failed:
+        rows += ["", f"Failed calls (not in the latency columns): p50 {failed['p50']:.1f} ms, "
+                 f"p99 {failed['p99']:.1f} ms, max {failed['max']:.1f} ms"]  # fmt: skip
     q = summary.get("quality")
     if q:
         extra = (
@@ -339,6 +363,10 @@ def run_loadtest(args: argparse.Namespace) -> int:
         return 2
     run = asyncio.run(run_load(s, corpus))
     summary = summarize(run, s, corpus)
+    if not summary["calls"]:
+        print(f"error: no call was measured: all {len(run.records)} were sent within the "
+              f"{s.warmup:g} s warm-up; lower --warmup or send more", file=sys.stderr)  # fmt: skip
+        return 1
     print(markdown(summary))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
