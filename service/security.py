@@ -58,9 +58,10 @@ def load_tokens(file: str = "", inline: str = "") -> list[bytes]:
 
 
 def token_ok(header: str, tokens: list[bytes]) -> bool:
-    if not header.startswith("Bearer "):
+    scheme, _, credentials = header.strip().partition(" ")
+    if scheme.lower() != "bearer":  # RFC 7235: the scheme is case-insensitive
         return False
-    given = header[len("Bearer ") :].strip().encode("utf-8")
+    given = credentials.strip().encode("utf-8")
     ok = False
     for t in tokens:  # no early exit: the time taken does not depend on which token matched
         ok |= hmac.compare_digest(given, t)
@@ -91,10 +92,13 @@ def _denying(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
-    def __init__(self, tokens: list[bytes]) -> None:
+    def __init__(self, tokens: list[bytes], refused: Callable[[str], None] | None = None) -> None:
+        """refused(method): told of every call refused here (the request metrics count them;
+        the servicer never sees them)."""
         if not tokens:
             raise ValueError("TokenAuth needs at least one token")
         self.tokens = tokens
+        self.refused = refused
 
     async def intercept_service(
         self,
@@ -112,6 +116,8 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         if token_ok(header, self.tokens):
             return handler
         reason = "missing bearer token" if not header else "invalid bearer token"
+        if self.refused is not None:
+            self.refused(method.rsplit("/", 1)[-1])
         return _denying(handler, f"{reason}: send 'authorization: Bearer <token>'")
 
 

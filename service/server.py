@@ -592,7 +592,8 @@ class Server:
         interceptors: list[grpc.aio.ServerInterceptor] = []
         tokens = load_tokens(cfg.auth_tokens_file, cfg.auth_tokens)
         if tokens:
-            interceptors.append(TokenAuth(tokens))
+            refused = self.metrics.requests.labels
+            interceptors.append(TokenAuth(tokens, lambda m: refused(m, "UNAUTHENTICATED").inc()))
         auth = f"on, {len(tokens)} bearer token(s) accepted" if tokens else "off (no tokens)"
         log.info("authentication: %s", auth)
         if bool(cfg.tls_cert) != bool(cfg.tls_key):

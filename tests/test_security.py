@@ -178,6 +178,13 @@ def test_health_needs_no_token_but_everything_else_does(token_server) -> None:
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         md = (("authorization", "Bearer another-token-0123456789"),)
         assert stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=md).heads == 4
+        md = (("authorization", "bEaReR another-token-0123456789"),)  # RFC 7235: any case
+        assert stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=md).heads == 4
+    # refused calls count in the request metrics (the servicer never sees them)
+    registry = token_server.server.metrics.registry
+    for method in ("GetModelInfo", "TranslateStream"):
+        labels = {"method": method, "code": "UNAUTHENTICATED"}
+        assert registry.get_sample_value("nmtserve_requests_total", labels) == 1
 
 
 def test_token_helpers(tmp_path: Path) -> None:
@@ -186,7 +193,8 @@ def test_token_helpers(tmp_path: Path) -> None:
     tokens = load_tokens(str(f), "second-token-0123456789, ")
     assert tokens == [b"first-token-0123456789", b"second-token-0123456789"]
     assert token_ok("Bearer second-token-0123456789", tokens)
-    assert not token_ok("bearer second-token-0123456789", tokens)
+    assert token_ok("bearer second-token-0123456789", tokens)  # the scheme is case-insensitive
+    assert not token_ok("Basic second-token-0123456789", tokens)
     assert not token_ok("Bearer second-token-012345678", tokens)
     assert not token_ok("", tokens)
     with pytest.raises(ValueError, match="at least 16"):
