@@ -338,12 +338,19 @@ def _decode(raw: bytes) -> tuple[str | None, str | None]:
         return None, f"invalid UTF-8 at byte {exc.start} of the line"
 
 
+_CR_HINT = "old Mac line endings? save the file with LF or CRLF line endings"
+
+
 def _side_faults(side: str, text: str, max_chars: int) -> list[str]:
     """Why one side of a pair cannot be used (none: it can). A TAB inside a sentence is a
     fault because splits are saved as TSV (:func:`write_tsv`)."""
     faults = [f"empty {side}"] if not text else []
     if "\t" in text:
         faults.append(f"{side} contains a TAB character")
+    if "\r" in text:
+        faults.append(f"{side} contains a carriage return ({_CR_HINT})")
+    if "\ufeff" in text:
+        faults.append(f"{side} contains a byte-order mark (U+FEFF; files joined together?)")
     if len(text) > max_chars:
         faults.append(f"{side} is {len(text)} characters long, over the limit of {max_chars}")
     return faults
@@ -369,6 +376,8 @@ def _tsv_line(name: str, lineno: int, raw: bytes, max_chars: int) -> Pair | Corp
         return CorpusProblem(name, lineno, bad or "invalid UTF-8")
     if not text.strip():
         return CorpusProblem(name, lineno, "empty line")
+    if "\r" in text.strip():  # before the columns: a CR-only file is one line of many columns
+        return CorpusProblem(name, lineno, f"carriage return inside the line ({_CR_HINT})")
     columns = text.split("\t")
     if len(columns) != 2:
         return CorpusProblem(

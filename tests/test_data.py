@@ -186,6 +186,41 @@ def test_read_tsv_fail_lists_every_problem(tmp_path: Path) -> None:
     assert "found 1" in reasons[8]
 
 
+def test_stray_carriage_returns_and_byte_order_marks_are_reported_by_line(
+    tmp_path: Path,
+) -> None:
+    """A CR inside a line, a BOM in the middle of a file (files joined together) and old-Mac
+    (CR-only) line endings each get a line-numbered report naming the character, instead of
+    being kept inside sentences or reported as a column count."""
+    path = tmp_path / "odd.tsv"
+    path.write_bytes(
+        b"hello\thallo\n"  # 1 ok
+        b"good\rmorning\tguten morgen\n"  # 2 CR inside the source
+        + "\ufeffthanks\tdanke\n".encode()  # 3 a BOM at a line start, mid-file
+        + b"bye\ttsch\xc3\xbcss\r\n"  # 4 ok: CRLF
+    )
+    with pytest.raises(CorpusError) as info:
+        read_tsv(path)
+    reasons = {p.line: p.reason for p in info.value.problems}
+    assert sorted(reasons) == [2, 3]
+    assert reasons[2].startswith("carriage return inside the line (old Mac line endings?")
+    assert reasons[3] == "source contains a byte-order mark (U+FEFF; files joined together?)"
+    mac = tmp_path / "mac.tsv"
+    mac.write_bytes(b"one\teins\rtwo\tzwei\rthree\tdrei\r")
+    with pytest.raises(CorpusError) as info:
+        read_tsv(mac)
+    [problem] = info.value.problems
+    assert problem.line == 1 and problem.reason.startswith("carriage return inside the line")
+    src, tgt = tmp_path / "src.txt", tmp_path / "tgt.txt"
+    src.write_bytes(b"one\ntw\ro\n")
+    tgt.write_bytes(b"eins\nzwei\n")
+    with pytest.raises(CorpusError) as info:
+        read_parallel(src, tgt)
+    [problem] = info.value.problems
+    assert (problem.path, problem.line) == (str(src), 2)
+    assert problem.reason.startswith("source contains a carriage return")
+
+
 def test_read_tsv_skip_returns_good_pairs_and_problems(tmp_path: Path) -> None:
     path = tmp_path / "bad.tsv"
     _write_bad_tsv(path)
