@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.channels import credentials, server_name_option
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
 
@@ -209,6 +210,7 @@ class TranslatorClient:
         token: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
         """Opens the channel.
 
@@ -220,6 +222,8 @@ class TranslatorClient:
         tls_ca: PEM file of the CA that signed the server's certificate; switches to TLS.
         token: sent as `authorization: Bearer <token>` metadata on every call.
         tls_cert, tls_key: the client's own certificate and key (PEM), for mutual TLS.
+        tls_server_name: the name the server's certificate must carry, where it is not the
+        target's host.
         """
         self.target = target
         self.channel_target = resolve_target(target)
@@ -227,26 +231,14 @@ class TranslatorClient:
         self.options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", _MAX_RECEIVE_BYTES),
             ("grpc.service_config", SERVICE_CONFIG),
+            *server_name_option(tls_server_name),
         ]
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
-        if bool(tls_cert) != bool(tls_key):
-            raise ValueError("tls_cert and tls_key go together")
-        if tls_ca is not None or tls_cert:
-
-            def read(path: str | None) -> bytes | None:
-                if not path:
-                    return None
-                with open(path, "rb") as f:
-                    return f.read()
-
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=read(tls_ca),
-                private_key=read(tls_key),
-                certificate_chain=read(tls_cert),
-            )
-            self._channel = grpc.secure_channel(self.channel_target, credentials, self.options)
+        creds = credentials(tls_ca, tls_cert, tls_key)
+        if creds is not None:
+            self._channel = grpc.secure_channel(self.channel_target, creds, self.options)
         else:
             self._channel = grpc.insecure_channel(self.channel_target, self.options)
         self._stub = pb_grpc.TranslatorStub(self._channel)

@@ -23,6 +23,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from service.channels import add_tls_args
 from service.client import (
     ATTENTION_MODES,
     DEFAULT_TARGET,
@@ -126,12 +127,12 @@ def _connection_args(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="deadline per request (default: 30; 0 = none)",
     )
-    for flag, text in (
-        ("--tls-ca", "CA certificate of the server: connect with TLS"),
-        ("--tls-cert", "client certificate, for servers that need mutual TLS"),
-        ("--tls-key", "the client certificate's private key"),
-    ):
-        parser.add_argument(flag, metavar="PEM", help=text)
+    add_tls_args(parser)
+    add_token_arg(parser)
+
+
+def add_token_arg(parser: argparse.ArgumentParser) -> None:
+    """--token, defaulting to the environment (every client command that calls the model)."""
     parser.add_argument(
         "--token",
         default=None,
@@ -326,6 +327,7 @@ def run_translate(args: argparse.Namespace) -> int:
             token=token,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
+            tls_server_name=args.tls_server_name,
         )
     except (ValueError, OSError) as err:  # a malformed target, an unreadable CA file
         print(f"error: {err}", file=sys.stderr)

@@ -11,6 +11,8 @@ import argparse
 import os
 import sys
 
+from service.channels import add_tls_args, credentials, server_name_option
+
 
 def add_health_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -20,6 +22,7 @@ def add_health_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--service", default="", help="service name ('' = the whole server)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    add_tls_args(p, env_prefix="NMTSERVE_HEALTH_")  # health needs TLS, never a token
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -28,7 +31,18 @@ def cmd_health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     try:
-        with grpc.insecure_channel(args.target) as ch:
+        creds = credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    except (ValueError, OSError) as e:
+        print(f"{args.target}: {e}", file=sys.stderr)
+        return 1
+    options = server_name_option(args.tls_server_name)
+    channel = (
+        grpc.secure_channel(args.target, creds, options)
+        if creds is not None
+        else grpc.insecure_channel(args.target, options)
+    )
+    try:
+        with channel as ch:
             status = (
                 health_pb2_grpc.HealthStub(ch)
                 .Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)

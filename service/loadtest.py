@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import time
@@ -34,7 +35,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from service.client import resolve_target
+from service.channels import add_tls_args, credentials, server_name_option
+from service.client import TOKEN_ENV, resolve_target
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
 
@@ -108,6 +110,11 @@ class Settings:
     timeout: float = 30.0
     seed: int = 1
     progress: bool = True
+    tls_ca: str | None = None  # TLS (and mutual TLS) as the translate command has it
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_server_name: str | None = None
+    token: str | None = None  # sent as authorization: Bearer <token>
 
     def __post_init__(self) -> None:
         if (self.concurrency > 0) == (self.rate > 0):
@@ -121,6 +128,7 @@ class Settings:
 async def _call(
     stub: pb_grpc.TranslatorStub,
     timeout: float,
+    metadata: tuple[tuple[str, str], ...],
     corpus: Corpus,
     run: Run,
     scheduled_at: float,
@@ -130,7 +138,7 @@ async def _call(
     send time."""
     request = pb.TranslateRequest(sentences=[corpus.sources[i] for i in idx])
     try:
-        resp = await stub.Translate(request, timeout=timeout)
+        resp = await stub.Translate(request, timeout=timeout, metadata=metadata)
         code, texts = "OK", [r.translation for r in resp.results]
         tokens = sum(len(r.token_ids) for r in resp.results)
     except grpc.aio.AioRpcError as e:
@@ -165,8 +173,17 @@ async def run_load(s: Settings, corpus: Corpus) -> Run:
             return False
         return not (s.duration and now - run.started >= s.duration)
 
-    async with grpc.aio.insecure_channel(resolve_target(s.targets), options=options) as ch:
-        call = partial(_call, pb_grpc.TranslatorStub(ch), s.timeout, corpus, run)
+    options += server_name_option(s.tls_server_name)
+    creds = credentials(s.tls_ca, s.tls_cert, s.tls_key)
+    target = resolve_target(s.targets)
+    channel = (
+        grpc.aio.secure_channel(target, creds, options=options)
+        if creds is not None
+        else grpc.aio.insecure_channel(target, options=options)
+    )
+    metadata = (("authorization", f"Bearer {s.token}"),) if s.token else ()
+    async with channel as ch:
+        call = partial(_call, pb_grpc.TranslatorStub(ch), s.timeout, metadata, corpus, run)
 
         def report(now: float) -> None:
             nonlocal last_report
@@ -341,6 +358,10 @@ def add_loadtest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write the summary as JSON to this file")
     p.add_argument("--png", metavar="PREFIX", help="write PREFIX-latency-*.png (matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    add_tls_args(p)
+    p.add_argument(
+        "--token", default=None, help=f"bearer token (default: ${TOKEN_ENV}, as for translate)"
+    )
 
 
 def run_loadtest(args: argparse.Namespace) -> int:
@@ -356,8 +377,14 @@ def run_loadtest(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             seed=args.seed,
             progress=not args.no_progress,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_server_name=args.tls_server_name,
+            token=args.token or os.environ.get(TOKEN_ENV) or None,
         )
         corpus = load_corpus(args.corpus)
+        credentials(s.tls_ca, s.tls_cert, s.tls_key)  # unreadable PEM files: refused up front
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

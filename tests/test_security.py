@@ -278,3 +278,34 @@ def test_no_secret_in_help_or_logs(tiny_bundle: Path, caplog: pytest.LogCaptureF
     assert "authentication: on, 1 bearer token(s) accepted" in lines
     assert "authentication: off (no tokens)" in lines
     assert not [line for line in lines if TOKEN in line]
+
+
+def test_health_and_loadtest_reach_a_tls_server_with_a_token(mtls_server, pki, capsys) -> None:
+    """Every client command has the TLS options (and loadtest the token): the container's
+    health check and the load tester can reach a server with mutual TLS and tokens on. The
+    health check takes them from the environment too (its command line is fixed in images)."""
+    from service.cli import main as service_main
+    from service.healthcheck import main as health_main
+
+    tls = ["--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / "client.crt"),
+           "--tls-key", str(pki / "client.key")]  # fmt: skip
+    assert health_main(["--target", mtls_server.target]) == 1  # plaintext: refused
+    assert health_main(["--target", mtls_server.target, *tls]) == 0
+    assert f"{mtls_server.target}: SERVING" in capsys.readouterr().out
+    args = ["loadtest", "--target", mtls_server.target, "--concurrency", "2", "--requests", "6",
+            "--warmup", "0", "--no-progress", *tls, "--token", TOKEN]  # fmt: skip
+    assert service_main(args) == 0
+    out = capsys.readouterr().out
+    assert "| 6 |" in out and "| none |" in out, out
+    no_token = [a for a in args if a not in ("--token", TOKEN)]
+    assert service_main(no_token) == 0  # the run completes; its calls are refused and counted
+    assert "UNAUTHENTICATED 6" in capsys.readouterr().out
+
+
+def test_health_takes_its_tls_settings_from_the_environment(mtls_server, pki, monkeypatch) -> None:
+    from service.healthcheck import main as health_main
+
+    monkeypatch.setenv("NMTSERVE_HEALTH_TLS_CA", str(pki / "ca.crt"))
+    monkeypatch.setenv("NMTSERVE_HEALTH_TLS_CERT", str(pki / "client.crt"))
+    monkeypatch.setenv("NMTSERVE_HEALTH_TLS_KEY", str(pki / "client.key"))
+    assert health_main(["--target", mtls_server.target]) == 0
