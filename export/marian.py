@@ -587,7 +587,7 @@ def import_marian(
             quantize_graphs(work)
             graphs["int8"] = dict(GRAPH_FILES["int8"])
         manifest = finished_manifest(core, work, verification, _record(d, int8))
-        publish(work, out, manifest)
+        publish(work, out, manifest, force)
         return manifest
 
 

@@ -122,9 +122,12 @@ def write_core(work: Path, core: dict[str, Any]) -> Bundle:
 @contextlib.contextmanager
 def scratch_dir(out: Path) -> Iterator[Path]:
     """A scratch directory beside `out` (so that publishing is a rename), removed unless it
-    was published; a killed export leaves only this hidden directory behind."""
+    was published. Its name carries the process id: a killed export leaves it behind, and the
+    next export to the same place removes the ones whose process is gone."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    _remove_orphans(out)
+    prefix = f".{out.name}.scratch-{os.getpid()}-"
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
     try:
         yield work
     finally:
@@ -132,10 +135,30 @@ def scratch_dir(out: Path) -> Iterator[Path]:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def publish(work: Path, out: Path, manifest: dict[str, Any]) -> None:
+def _remove_orphans(out: Path) -> None:
+    """Scratch directories of exports to `out` whose process no longer runs."""
+    for d in out.parent.glob(f".{out.name}.scratch-*-*"):
+        pid = d.name[len(f".{out.name}.scratch-") :].split("-", 1)[0]
+        if d.is_dir() and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def publish(work: Path, out: Path, manifest: dict[str, Any], force: bool) -> None:
     """Writes the manifest, checks the bundle as the service will, and moves it to `out`: an
     old bundle is renamed aside first and removed last, so a crash in between leaves one
     whole bundle, never none. Readable by a service running as another user."""
+    if out.exists() and not force:  # made by someone else while this export ran
+        raise ExportError(f"{out} appeared while exporting; --force to replace it")
     write_manifest(work, manifest)
     load_bundle(work)
     work.chmod(0o755)  # mkdtemp's 0700 would lock out a service of another user
@@ -295,7 +318,7 @@ def export_bundle(
             "best_dev": state.get("best"),
             "config": state["train_config"],
         }
-        publish(work, out, manifest)
+        publish(work, out, manifest, force)
         return manifest
 
 

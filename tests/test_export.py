@@ -14,6 +14,7 @@ import onnx
 import pytest
 
 from export.cli import main
+from export.pipeline import ExportError
 from service.bundle import BundleError, load_bundle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,16 +145,41 @@ def test_publish_swaps_bundles_whole_and_readable(tiny_bundle: Path, tmp_path: P
     shutil.copytree(tiny_bundle, broken)
     (broken / "encoder.onnx").write_bytes(b"not the graph the manifest describes")
     with pytest.raises(BundleError):
-        publish(broken, out, manifest)
+        publish(broken, out, manifest, force=True)
     assert sorted(p.name for p in out.iterdir()) == before
     load_bundle(out)  # the old bundle, whole
     work = tmp_path / "models" / ".work"
     shutil.copytree(tiny_bundle, work)
     work.chmod(0o700)  # as mkdtemp makes it
-    publish(work, out, {**manifest, "created": "replaced"})
+    with pytest.raises(ExportError, match="appeared while exporting; --force to replace it"):
+        publish(work, out, manifest, force=False)  # out was made while the export ran
+    publish(work, out, {**manifest, "created": "replaced"}, force=True)
     assert json.loads((out / "manifest.json").read_text())["created"] == "replaced"
     assert out.stat().st_mode & 0o777 == 0o755
     assert sorted(p.name for p in out.parent.iterdir()) == [".work-broken", "tiny"]
+
+
+def test_a_killed_exports_scratch_directory_is_removed_by_the_next(tmp_path: Path) -> None:
+    """A scratch directory whose export process is gone (killed) is removed when the next
+    export to the same place starts; one of a running process is left alone."""
+    import os
+    import subprocess
+
+    from export.pipeline import scratch_dir
+
+    out = tmp_path / "models" / "tiny"
+    out.parent.mkdir()
+    dead = subprocess.Popen(["true"])  # a pid that has exited
+    dead.wait()
+    orphan = out.parent / f".tiny.scratch-{dead.pid}-abc123"
+    alive = out.parent / f".tiny.scratch-{os.getpid()}-def456"
+    for d in (orphan, alive):
+        d.mkdir()
+        (d / "encoder.onnx").write_bytes(b"half written")
+    with scratch_dir(out) as work:
+        assert work.name.startswith(f".tiny.scratch-{os.getpid()}-")
+        assert not orphan.exists() and alive.exists()
+    assert not work.exists()
 
 
 def test_a_failed_verification_writes_no_bundle(
