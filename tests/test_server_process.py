@@ -344,3 +344,41 @@ def test_an_open_health_watch_does_not_hold_up_the_exit(tiny_bundle: Path) -> No
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_provider_cuda_without_cuda_refuses_to_start(tiny_bundle: Path) -> None:
+    """README: --provider cuda fails at start if onnxruntime cannot start CUDA — exit 2 and a
+    line that says so, never a server that runs on the CPU while claiming CUDA."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: the refusal cannot be shown here")
+    args = [
+        "--bundle",
+        str(tiny_bundle),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--provider",
+        "cuda",
+    ]
+    proc = subprocess.run([sys.executable, "-m", "service", "serve", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "--provider cuda: this onnxruntime has no CUDAExecutionProvider" in proc.stderr
+
+
+def test_the_main_command_shows_translations_and_exits_0(tiny_bundle: Path) -> None:
+    """README's main command (`make run` ends in `python -m service demo`): with --once it
+    starts a server, shows translations made through it, and exits 0."""
+    port = free_port()
+    args = ["demo", "--bundle", str(tiny_bundle), "--port", str(port), "--metrics-port", "0",
+            "--once", "--sentence", "seven", "--sentence", "forty-two"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "service", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "Translations made through the gRPC server:" in out
+    assert "  seven\n    → " in out and "  forty-two\n    → " in out
+    assert f"translate --target 127.0.0.1:{port} seven" in out
