@@ -309,3 +309,41 @@ def test_health_takes_its_tls_settings_from_the_environment(mtls_server, pki, mo
     monkeypatch.setenv("NMTSERVE_HEALTH_TLS_CERT", str(pki / "client.crt"))
     monkeypatch.setenv("NMTSERVE_HEALTH_TLS_KEY", str(pki / "client.key"))
     assert health_main(["--target", mtls_server.target]) == 0
+
+
+def test_tls_and_tokens_from_the_environment_through_the_real_command_line(
+    tiny_bundle: Path, pki: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: every serve setting is also an environment variable and the flag wins. Through
+    `python -m service serve` itself: TLS from NMTSERVE_TLS_CERT / _KEY, tokens from
+    NMTSERVE_AUTH_TOKENS overridden by --auth-tokens."""
+    import time
+
+    from service.healthcheck import main as health_main
+    from tests.test_server_process import output, start
+
+    flag_token, env_token = "flag-token-0123456789", "env-token-0123456789"
+    monkeypatch.setenv("NMTSERVE_TLS_CERT", str(pki / "server.crt"))
+    monkeypatch.setenv("NMTSERVE_TLS_KEY", str(pki / "server.key"))
+    monkeypatch.setenv("NMTSERVE_AUTH_TOKENS", env_token)
+    proc, port = start(tiny_bundle, "--auth-tokens", flag_token)
+    try:
+        target = f"127.0.0.1:{port}"
+        ca = ["--tls-ca", str(pki / "ca.crt")]  # wait through TLS: plaintext cannot reach it
+        deadline = time.monotonic() + 60
+        while health_main(["--target", target, *ca]) != 0:
+            assert proc.poll() is None, output(proc)
+            assert time.monotonic() < deadline, output(proc)
+            time.sleep(0.2)
+        assert "TLS" in output(proc) and "1 bearer token(s) accepted" in output(proc)
+        with TranslatorClient(target, tls_ca=str(pki / "ca.crt"), token=flag_token) as c:
+            assert c.translate(["seven"]).results[0].translation
+        with TranslatorClient(target, tls_ca=str(pki / "ca.crt"), token=env_token) as c:
+            with pytest.raises(grpc.RpcError) as e:
+                c.translate(["seven"])
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with TranslatorClient(target, token=flag_token) as c, pytest.raises(grpc.RpcError):
+            c.translate(["seven"])  # plaintext against the TLS port
+    finally:
+        proc.terminate()
+        proc.wait(60)
