@@ -10,6 +10,8 @@ import os
 
 import grpc
 
+TOKEN_ENV = "NMTSERVE_TOKEN"  # the bearer token of every client command, where no flag gives one
+
 
 def add_tls_args(parser: argparse.ArgumentParser, env_prefix: str = "") -> None:
     """--tls-ca, --tls-cert, --tls-key (and --tls-server-name); with env_prefix each defaults to
@@ -35,6 +37,20 @@ def add_tls_args(parser: argparse.ArgumentParser, env_prefix: str = "") -> None:
         help="the name the server's certificate must carry, where it differs from the target's "
         "host (e.g. a health check on 127.0.0.1)" + where("TLS_SERVER_NAME"),
     )
+
+
+def add_token_arg(parser: argparse.ArgumentParser) -> None:
+    """--token; read it with ``token_of``, which falls back to the environment."""
+    parser.add_argument(
+        "--token",
+        default=None,
+        help=f"bearer token (default: ${TOKEN_ENV}; prefer the variable, argv is visible in ps)",
+    )
+
+
+def token_of(args: argparse.Namespace) -> str | None:
+    """The --token flag, else $NMTSERVE_TOKEN, else None (no token is sent)."""
+    return args.token or os.environ.get(TOKEN_ENV) or None
 
 
 def credentials(

@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.channels import credentials, server_name_option
+from service.channels import TOKEN_ENV, credentials, server_name_option
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
 
@@ -47,7 +47,6 @@ __all__ = [
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 TARGET_ENV = "NMTSERVE_TARGET"
-TOKEN_ENV = "NMTSERVE_TOKEN"
 
 AttentionName = Literal["none", "layer-average", "layer-heads", "all"]
 # CLI spelling -> proto enum. The CLI names are the public vocabulary; the enum stays internal.

@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from service.channels import add_tls_args
+from service.channels import add_tls_args, add_token_arg, token_of
 from service.client import (
     ATTENTION_MODES,
     DEFAULT_TARGET,
@@ -129,15 +129,6 @@ def _connection_args(parser: argparse.ArgumentParser) -> None:
     )
     add_tls_args(parser)
     add_token_arg(parser)
-
-
-def add_token_arg(parser: argparse.ArgumentParser) -> None:
-    """--token, defaulting to the environment (every client command that calls the model)."""
-    parser.add_argument(
-        "--token",
-        default=None,
-        help=f"bearer token (default: ${TOKEN_ENV}; prefer the variable, argv is visible in ps)",
-    )
 
 
 def _output_args(parser: argparse.ArgumentParser) -> None:
@@ -304,7 +295,7 @@ def _print_translations(
 def run_translate(args: argparse.Namespace) -> int:
     """Runs `translate`: 0 on success, 1 when a call fails, 2 for bad usage or input."""
     target: str = args.target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
-    token: str | None = args.token or os.environ.get(TOKEN_ENV) or None
+    token = token_of(args)
     timeout: float | None = args.timeout if args.timeout and args.timeout > 0 else None
     attention: AttentionName = args.attention or "none"
     pieces: bool = args.pieces

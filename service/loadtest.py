@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import sys
 import time
@@ -35,8 +34,14 @@ from typing import Any
 import grpc
 import numpy as np
 
-from service.channels import add_tls_args, credentials, server_name_option
-from service.client import TOKEN_ENV, resolve_target
+from service.channels import (
+    add_tls_args,
+    add_token_arg,
+    credentials,
+    server_name_option,
+    token_of,
+)
+from service.client import resolve_target
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
 
@@ -359,9 +364,7 @@ def add_loadtest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--png", metavar="PREFIX", help="write PREFIX-latency-*.png (matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     add_tls_args(p)
-    p.add_argument(
-        "--token", default=None, help=f"bearer token (default: ${TOKEN_ENV}, as for translate)"
-    )
+    add_token_arg(p)
 
 
 def run_loadtest(args: argparse.Namespace) -> int:
@@ -381,7 +384,7 @@ def run_loadtest(args: argparse.Namespace) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_server_name=args.tls_server_name,
-            token=args.token or os.environ.get(TOKEN_ENV) or None,
+            token=token_of(args),
         )
         corpus = load_corpus(args.corpus)
         credentials(s.tls_ca, s.tls_cert, s.tls_key)  # unreadable PEM files: refused up front
