@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BASE=${BASE:-nmtserve-base:bookworm}
+command -v docker-compose >/dev/null || apt-get install -y -qq docker-compose >/dev/null \
+  || { apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null; }
+source deploy/docker-env.sh
+ensure_dockerd
 docker image inspect nmtserve:check >/dev/null 2>&1 || { echo "run make container-check first" >&2; exit 2; }
 docker tag nmtserve:check nmtserve:0.1.0
 [ -x .tools/root/usr/bin/prometheus ] || make tools >/dev/null
