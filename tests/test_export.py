@@ -337,3 +337,58 @@ def test_external_data_and_links_outside_the_bundle_are_refused(
     shutil.move(inside / "tokenizer.model", inside / "data" / "tokenizer.model")
     (inside / "tokenizer.model").symlink_to(Path("data") / "tokenizer.model")
     load_bundle(inside)
+
+
+def _set(*path: str, value: Any = None, drop: bool = False) -> Any:
+    """An edit of a manifest: the field at `path` set to `value`, or dropped."""
+
+    def edit(manifest: dict[str, Any]) -> None:
+        *parents, key = path
+        for k in parents:
+            manifest = manifest[k]
+        if drop:
+            del manifest[key]
+        else:
+            manifest[key] = value
+
+    return edit
+
+
+MALFORMED = {  # the edit, and what the refusal says
+    "model a list": (_set("model", value=[]), "model is not a JSON object"),
+    "files a list": (_set("files", value=[]), "files is not a JSON object"),
+    "onnx a string": (_set("onnx", value="encoder.onnx"), "onnx is not a JSON object"),
+    "tokenizer a list": (_set("tokenizer", value=[]), "tokenizer is not a JSON object"),
+    "limits empty": (_set("limits", value={}), "limits.max_source_tokens must be an integer"),
+    "max_target_tokens 1e9": (
+        _set("limits", "max_target_tokens", value=10**9),
+        "limits.max_target_tokens must be an integer from 1 to 32 (the model's positions)",
+    ),
+    "graphs a list": (_set("onnx", "graphs", value=[]), "onnx.graphs must map precisions"),
+    "graphs missing": (_set("onnx", "graphs", drop=True), "onnx.graphs must map precisions"),
+    "a precision's graphs a string": (
+        _set("onnx", "graphs", "fp32", value="encoder.onnx"),
+        "onnx.graphs.fp32 must map parts to file names",
+    ),
+    "tokenizer file missing": (
+        _set("tokenizer", "file", drop=True),
+        "tokenizer.file must name the SentencePiece model",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_manifest_is_refused_naming_the_field(
+    case: str, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """Each was a traceback (or, for the length limit, a server allocating terabytes) when
+    the service loaded the bundle; now one line names the field, before anything is loaded."""
+    edit, says = MALFORMED[case]
+    bad = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    edit(manifest)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError) as err:
+        load_bundle(bad)
+    assert f"manifest.json: {says}" in str(err.value)

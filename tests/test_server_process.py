@@ -255,6 +255,7 @@ def test_serves_int8_graphs(tiny_bundle: Path, precision: str) -> None:
         ("missing", "tokenizer.model: missing"),
         ("version", "format_version 99 is not supported"),
         ("listed", "decoder.onnx: used but not listed in manifest.json"),
+        ("graphs", "manifest.json: onnx.graphs must map precisions to their graph files"),
     ],
 )
 def test_refuses_a_missing_or_mismatched_file(
@@ -269,12 +270,15 @@ def test_refuses_a_missing_or_mismatched_file(
         (bad / "tokenizer.model").unlink()
     elif damage == "version":
         manifest["format_version"] = 99
+    elif damage == "graphs":  # was a traceback
+        manifest["onnx"]["graphs"] = []
     else:
         del manifest["files"]["decoder.onnx"]
     (bad / "manifest.json").write_text(json.dumps(manifest))
     proc, _ = start(bad)
     assert proc.wait(60) == 2
     assert message in (output(proc))
+    assert "Traceback" not in output(proc)
 
 
 def test_callers_that_keep_calling_do_not_hold_up_the_drain(tiny_bundle: Path) -> None:
