@@ -159,6 +159,67 @@ def test_publish_swaps_bundles_whole_and_readable(tiny_bundle: Path, tmp_path: P
     assert sorted(p.name for p in out.parent.iterdir()) == [".work-broken", "tiny"]
 
 
+def test_a_failed_move_in_keeps_the_old_bundle(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The step between setting the old bundle aside and moving the new one in fails (a full
+    or vanished disk): the old bundle is still whole at --out, nothing else is left beside it.
+    Deleting the old bundle first would leave neither."""
+    from export.pipeline import publish
+
+    out = tmp_path / "models" / "tiny"
+    shutil.copytree(tiny_bundle, out)
+    before = (out / "manifest.json").read_bytes()
+    work = tmp_path / "models" / ".work"
+    shutil.copytree(tiny_bundle, work)
+    rename = Path.rename
+
+    def failing(self: Path, target: Any) -> Any:
+        if self == work:
+            raise OSError(28, "No space left on device")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    manifest = {**json.loads(before), "created": "new"}
+    with pytest.raises(OSError, match="No space left"):
+        publish(work, out, manifest, force=True)
+    assert (out / "manifest.json").read_bytes() == before
+    load_bundle(out)  # whole: every checksum holds
+    assert sorted(p.name for p in out.parent.iterdir()) == [".work", "tiny"]
+
+
+@pytest.mark.parametrize("where", ["link", "file", "parent file", "failed file"])
+def test_an_unusable_out_is_refused_before_any_work(
+    where: str, tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--out that is a link, a file, under a file, or whose <out>.failed is a file (where a
+    failed verification would put its report): refused up front naming it, not after the
+    export with a traceback."""
+    out = tmp_path / "models" / "tiny"
+    if where == "parent file":
+        out.parent.write_text("an operator's file")
+    else:
+        out.parent.mkdir()
+    if where == "link":
+        (tmp_path / "elsewhere").mkdir()
+        out.symlink_to(tmp_path / "elsewhere")
+    elif where == "file":
+        out.write_text("an operator's file")
+    elif where == "failed file":
+        (out.parent / "tiny.failed").write_text("an operator's file")
+    says = {
+        "link": f"{out} is a symbolic link: give the directory itself",
+        "file": f"{out} exists and is not a directory",
+        "parent file": f"{out.parent} exists and is not a directory",
+        "failed file": f"{out.parent / 'tiny.failed'} exists and is not a directory",
+    }[where]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert main(["export", "--run", str(tiny_run), "--out", str(out), "--force"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot export:") and says in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
 def test_a_killed_exports_scratch_directory_is_removed_by_the_next(tmp_path: Path) -> None:
     """A scratch directory whose export process is gone (killed) is removed when the next
     export to the same place starts; one of a running process is left alone."""
