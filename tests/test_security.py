@@ -32,13 +32,16 @@ TOKEN = "s3cret-token-0123456789"
 Issuer = tuple[x509.Name, ec.EllipticCurvePrivateKey]
 
 
-def _cert(
+def certificate(
     name: str,
     key: ec.EllipticCurvePrivateKey,
     issuer: Issuer | None,
     ca: bool = False,
     server: bool = False,
+    names: tuple[str, ...] = ("localhost",),
 ) -> x509.Certificate:
+    """A certificate for `name`, signed by `issuer` (else self-signed); a server's carries
+    `names` and 127.0.0.1."""
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     issuer_name, issuer_key = issuer if issuer else (subject, key)
     now = dt.datetime.now(dt.timezone.utc)
@@ -53,33 +56,38 @@ def _cert(
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if server:
-        san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        ip = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+        san = [*(x509.DNSName(n) for n in names), ip]
         b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
     return b.sign(issuer_key, hashes.SHA256())
 
 
-def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
-    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    path.with_suffix(".key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+def cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+
+
+def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+    path.with_suffix(".crt").write_bytes(cert_pem(cert))
+    path.with_suffix(".key").write_bytes(key_pem(key))
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("pki")
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("test CA", ca_key, None, ca=True)
+    ca = certificate("test CA", ca_key, None, ca=True)
     _write(d / "ca", ca, ca_key)
     for name, server in (("server", True), ("client", False)):
         key = ec.generate_private_key(ec.SECP256R1())
-        _write(d / name, _cert(name, key, (ca.subject, ca_key), server=server), key)
+        _write(d / name, certificate(name, key, (ca.subject, ca_key), server=server), key)
     other_key = ec.generate_private_key(ec.SECP256R1())  # a client the CA never signed
-    _write(d / "stranger", _cert("stranger", other_key, None), other_key)
+    _write(d / "stranger", certificate("stranger", other_key, None), other_key)
     return d
 
 
