@@ -216,6 +216,9 @@ def test_token_helpers(tmp_path: Path) -> None:
     for bad in ("token-with-umlaut-ü-0123", "token with spaces 0123456789"):
         with pytest.raises(ValueError, match="printable ASCII without spaces"):
             load_tokens("", bad)
+    f.write_text("first-token-0123456789  # the CI's\n")  # text after it: no part of a token
+    with pytest.raises(ValueError, match="printable ASCII without spaces"):
+        load_tokens(str(f))
 
 
 def test_message_size_limit(server) -> None:
