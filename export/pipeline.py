@@ -156,16 +156,23 @@ def _running(pid: int) -> bool:
 def publish(work: Path, out: Path, manifest: dict[str, Any], force: bool) -> None:
     """Writes the manifest, checks the bundle as the service will, and moves it to `out`: an
     old bundle is renamed aside first and removed last, so a crash in between leaves one
-    whole bundle, never none. Readable by a service running as another user."""
+    whole bundle, never none (an error moving the new one in puts the old one back).
+    Readable by a service running as another user."""
     if out.exists() and not force:  # made by someone else while this export ran
         raise ExportError(f"{out} appeared while exporting; --force to replace it")
     write_manifest(work, manifest)
     load_bundle(work)
     work.chmod(0o755)  # mkdtemp's 0700 would lock out a service of another user
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
+    aside = out.exists()
+    if aside:
         out.rename(old)
-    work.rename(out)
+    try:
+        work.rename(out)
+    except OSError:
+        if aside:
+            old.rename(out)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -382,15 +382,20 @@ def _graph_problems(onnx: dict[str, Any]) -> tuple[list[str], list[str]]:
     """What is wrong with the graph lists and their recorded IO names, and the graph files."""
     problems: list[str] = []
     used: list[str] = []
-    graphs_of = onnx.get("graphs", {})
+    graphs_of = onnx.get("graphs")
+    if not (isinstance(graphs_of, dict) and graphs_of):
+        return [f"{MANIFEST}: onnx.graphs must map precisions to their graph files"], used
     for precision, graphs in graphs_of.items():
+        if not (isinstance(graphs, dict) and all(isinstance(f, str) for f in graphs.values())):
+            problems.append(f"{MANIFEST}: onnx.graphs.{precision} must map parts to file names")
+            continue
         for part in ("encoder", "decoder"):
             if part not in graphs:
                 problems.append(f"{MANIFEST}: {precision} graphs lack the {part}")
         used += list(graphs.values())
     io = onnx.get("io")
     if io is not None:  # recorded since 2026-12-04; older bundles follow GraphIO
-        parts = {p for graphs in graphs_of.values() for p in graphs}
+        parts = {p for graphs in graphs_of.values() if isinstance(graphs, dict) for p in graphs}
         problems += [
             f"{MANIFEST}: onnx.io lacks the {part} graph's input and output names"
             for part in sorted(parts)
@@ -427,7 +432,9 @@ def _tokenizer_problems(spec: Any) -> list[str]:
     if kind not in TOKENIZER_TYPES:
         return [f"{MANIFEST}: tokenizer.type {kind!r} is not one of {list(TOKENIZER_TYPES)}"]
     if kind != "marian":
-        return []
+        file = spec.get("file")
+        ok = isinstance(file, str) and file
+        return [] if ok else [f"{MANIFEST}: tokenizer.file must name the SentencePiece model"]
     problems = []
     files = spec.get("files")
     if not isinstance(files, dict):

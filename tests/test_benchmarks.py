@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from benchmarks.engines import mismatched, spread
+import pytest
+
+from benchmarks.engines import mismatched, spread, verdict
 
 
-def test_an_fp32_engine_with_other_tokens_fails_the_benchmark() -> None:
+def test_an_fp32_engine_with_other_tokens_fails_the_benchmark(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """README: the engine benchmark exits non-zero when an fp32 engine's tokens differ from
-    the reference (int8 engines may differ); `main` returns 1 exactly when this list is not
-    empty."""
+    the reference (int8 engines may differ); `main` returns `verdict`'s status."""
     ref = [[5, 6], [7, 8]]
     rows = [
         {"engine": "torch-cache", "batch": 2, "round": 0, "tokens": ref},
@@ -20,6 +23,11 @@ def test_an_fp32_engine_with_other_tokens_fails_the_benchmark() -> None:
     engines = ["torch-cache", "ort-fp32", "ct2-fp32", "ort-int8"]
     assert mismatched(rows, engines, "torch-cache") == ["ct2-fp32@2"]
     assert mismatched(rows[:2], engines, "torch-cache") == []
+    assert verdict(rows, engines, "torch-cache") == 1
+    assert "fp32 engines whose tokens differ from torch-cache: ['ct2-fp32@2']" in (
+        capsys.readouterr().err
+    )
+    assert verdict(rows[:2], engines, "torch-cache") == 0
 
 
 def test_spread_is_the_median_and_range() -> None:

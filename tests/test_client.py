@@ -261,6 +261,8 @@ def test_token_is_sent_as_bearer_metadata(
     monkeypatch.setenv("NMTSERVE_TOKEN", "from-env")
     assert run(fake, "x") == 0
     assert fake.servicer.metadata[-1]["authorization"] == "Bearer from-env"
+    assert run(fake, "--token", "s3cret", "x") == 0  # the flag wins over the variable
+    assert fake.servicer.metadata[-1]["authorization"] == "Bearer s3cret"
 
     monkeypatch.delenv("NMTSERVE_TOKEN")
     assert run(fake, "x") == 0

@@ -7,6 +7,8 @@ one DNS name reached within the connection age."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import signal
@@ -32,7 +34,7 @@ from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
 from service.server import ServerConfig
 from service.settings import env_name
-from tests.test_server_process import free_port, served, start, wait_serving
+from tests.test_server_process import free_port, output, served, start, wait_serving
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"
@@ -143,7 +145,10 @@ def test_project_consistency(variant: str) -> None:
     assert ports["grpc"] == int(env["NMTSERVE_PORT"])
     assert ports["metrics"] == int(env["NMTSERVE_METRICS_PORT"])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"]["port"] == ports["grpc"], probe
+        if "exec" in c[probe]:  # overlays/tls: test_the_health_checks_reach_a_tls_server
+            assert c[probe]["exec"]["command"] in [cmd for _, cmd in healthchecks()], probe
+        else:
+            assert c[probe]["grpc"]["port"] == ports["grpc"], probe
     for container in pod["containers"] + pod.get("initContainers", []):
         sc = container["securityContext"]
         assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
@@ -171,6 +176,72 @@ def test_project_consistency(variant: str) -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
     assert "NMTSERVE_PORT=50051" in dockerfile and "EXPOSE 50051 9090" in dockerfile
     assert "USER 10001" in dockerfile and pod["securityContext"]["runAsUser"] == 10001
+
+
+def healthchecks() -> list[tuple[int, list[str]]]:
+    """(--timeout seconds, command) of every HEALTHCHECK in the Dockerfile (one a stage)."""
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    found = re.findall(r"^HEALTHCHECK .*--timeout=(\d+)s .* CMD (\[.*\])$", text, re.M)
+    return [(int(timeout), json.loads(cmd)) for timeout, cmd in found]
+
+
+def test_the_health_checks_reach_a_tls_server(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: with TLS on, overlays/tls's exec probes and the container's HEALTHCHECK pass,
+    given the health variables. The commands, read from the rendered overlay and the
+    Dockerfile, run with the overlay's environment (its certificate paths moved here) against
+    `python -m service serve` started with the same environment; without the health variables
+    the image's command fails, and each probe allows more than the command's own timeout."""
+    import argparse
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from service.healthcheck import add_health_args
+    from tests.test_security import cert_pem, certificate, key_pem
+
+    c = server(rendered("tls"))
+    mount = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "tls")
+    env = {k: v.replace(mount, str(tmp_path)) for k, v in env_of(c).items()}
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("test CA", ca_key, None, ca=True)
+    name = env["NMTSERVE_HEALTH_TLS_SERVER_NAME"]
+    Path(env["NMTSERVE_HEALTH_TLS_CA"]).write_bytes(cert_pem(ca))
+    crt = certificate(name, key, (ca.subject, ca_key), server=True, names=(name,))
+    Path(env["NMTSERVE_TLS_CERT"]).write_bytes(cert_pem(crt))
+    Path(env["NMTSERVE_TLS_KEY"]).write_bytes(key_pem(key))
+    for var in ("NMTSERVE_TLS_CERT", "NMTSERVE_TLS_KEY"):
+        monkeypatch.setenv(var, env[var])
+    proc, port = start(tiny_bundle)
+    health = {k: v for k, v in env.items() if k.startswith("NMTSERVE_HEALTH_")}
+
+    def check(command: list[str], variables: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        assert command[0] == "python"
+        variables = {**os.environ, **variables, "NMTSERVE_PORT": str(port)}
+        return subprocess.run([sys.executable, *command[1:]], cwd=REPO, env=variables,
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+
+    parser = argparse.ArgumentParser()
+    add_health_args(parser)
+    own_timeout = parser.parse_args([]).timeout
+    try:
+        deadline = time.monotonic() + 60  # as the kubelet runs the startup probe
+        while check(c["startupProbe"]["exec"]["command"], health).returncode != 0:
+            assert proc.poll() is None and time.monotonic() < deadline, output(proc)
+            time.sleep(0.5)
+        assert "TLS" in output(proc)
+        for probe in ("readinessProbe", "livenessProbe"):
+            res = check(c[probe]["exec"]["command"], health)
+            assert res.returncode == 0 and res.stdout == f"127.0.0.1:{port}: SERVING\n", probe
+            assert c[probe]["timeoutSeconds"] > own_timeout, probe
+        assert len(healthchecks()) == 2  # the CPU and the CUDA image
+        for timeout, command in healthchecks():
+            assert timeout > own_timeout
+            assert check(command, health).returncode == 0
+            assert check(command, {}).returncode == 1  # plaintext: the server refuses it
+    finally:
+        proc.terminate()
+        proc.wait(60)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

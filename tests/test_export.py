@@ -159,6 +159,67 @@ def test_publish_swaps_bundles_whole_and_readable(tiny_bundle: Path, tmp_path: P
     assert sorted(p.name for p in out.parent.iterdir()) == [".work-broken", "tiny"]
 
 
+def test_a_failed_move_in_keeps_the_old_bundle(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The step between setting the old bundle aside and moving the new one in fails (a full
+    or vanished disk): the old bundle is still whole at --out, nothing else is left beside it.
+    Deleting the old bundle first would leave neither."""
+    from export.pipeline import publish
+
+    out = tmp_path / "models" / "tiny"
+    shutil.copytree(tiny_bundle, out)
+    before = (out / "manifest.json").read_bytes()
+    work = tmp_path / "models" / ".work"
+    shutil.copytree(tiny_bundle, work)
+    rename = Path.rename
+
+    def failing(self: Path, target: Any) -> Any:
+        if self == work:
+            raise OSError(28, "No space left on device")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    manifest = {**json.loads(before), "created": "new"}
+    with pytest.raises(OSError, match="No space left"):
+        publish(work, out, manifest, force=True)
+    assert (out / "manifest.json").read_bytes() == before
+    load_bundle(out)  # whole: every checksum holds
+    assert sorted(p.name for p in out.parent.iterdir()) == [".work", "tiny"]
+
+
+@pytest.mark.parametrize("where", ["link", "file", "parent file", "failed file"])
+def test_an_unusable_out_is_refused_before_any_work(
+    where: str, tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--out that is a link, a file, under a file, or whose <out>.failed is a file (where a
+    failed verification would put its report): refused up front naming it, not after the
+    export with a traceback."""
+    out = tmp_path / "models" / "tiny"
+    if where == "parent file":
+        out.parent.write_text("an operator's file")
+    else:
+        out.parent.mkdir()
+    if where == "link":
+        (tmp_path / "elsewhere").mkdir()
+        out.symlink_to(tmp_path / "elsewhere")
+    elif where == "file":
+        out.write_text("an operator's file")
+    elif where == "failed file":
+        (out.parent / "tiny.failed").write_text("an operator's file")
+    says = {
+        "link": f"{out} is a symbolic link: give the directory itself",
+        "file": f"{out} exists and is not a directory",
+        "parent file": f"{out.parent} exists and is not a directory",
+        "failed file": f"{out.parent / 'tiny.failed'} exists and is not a directory",
+    }[where]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert main(["export", "--run", str(tiny_run), "--out", str(out), "--force"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot export:") and says in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
 def test_a_killed_exports_scratch_directory_is_removed_by_the_next(tmp_path: Path) -> None:
     """A scratch directory whose export process is gone (killed) is removed when the next
     export to the same place starts; one of a running process is left alone."""
@@ -337,3 +398,58 @@ def test_external_data_and_links_outside_the_bundle_are_refused(
     shutil.move(inside / "tokenizer.model", inside / "data" / "tokenizer.model")
     (inside / "tokenizer.model").symlink_to(Path("data") / "tokenizer.model")
     load_bundle(inside)
+
+
+def _set(*path: str, value: Any = None, drop: bool = False) -> Any:
+    """An edit of a manifest: the field at `path` set to `value`, or dropped."""
+
+    def edit(manifest: dict[str, Any]) -> None:
+        *parents, key = path
+        for k in parents:
+            manifest = manifest[k]
+        if drop:
+            del manifest[key]
+        else:
+            manifest[key] = value
+
+    return edit
+
+
+MALFORMED = {  # the edit, and what the refusal says
+    "model a list": (_set("model", value=[]), "model is not a JSON object"),
+    "files a list": (_set("files", value=[]), "files is not a JSON object"),
+    "onnx a string": (_set("onnx", value="encoder.onnx"), "onnx is not a JSON object"),
+    "tokenizer a list": (_set("tokenizer", value=[]), "tokenizer is not a JSON object"),
+    "limits empty": (_set("limits", value={}), "limits.max_source_tokens must be an integer"),
+    "max_target_tokens 1e9": (
+        _set("limits", "max_target_tokens", value=10**9),
+        "limits.max_target_tokens must be an integer from 1 to 32 (the model's positions)",
+    ),
+    "graphs a list": (_set("onnx", "graphs", value=[]), "onnx.graphs must map precisions"),
+    "graphs missing": (_set("onnx", "graphs", drop=True), "onnx.graphs must map precisions"),
+    "a precision's graphs a string": (
+        _set("onnx", "graphs", "fp32", value="encoder.onnx"),
+        "onnx.graphs.fp32 must map parts to file names",
+    ),
+    "tokenizer file missing": (
+        _set("tokenizer", "file", drop=True),
+        "tokenizer.file must name the SentencePiece model",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_manifest_is_refused_naming_the_field(
+    case: str, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """Each was a traceback (or, for the length limit, a server allocating terabytes) when
+    the service loaded the bundle; now one line names the field, before anything is loaded."""
+    edit, says = MALFORMED[case]
+    bad = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    edit(manifest)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError) as err:
+        load_bundle(bad)
+    assert f"manifest.json: {says}" in str(err.value)

@@ -32,13 +32,16 @@ TOKEN = "s3cret-token-0123456789"
 Issuer = tuple[x509.Name, ec.EllipticCurvePrivateKey]
 
 
-def _cert(
+def certificate(
     name: str,
     key: ec.EllipticCurvePrivateKey,
     issuer: Issuer | None,
     ca: bool = False,
     server: bool = False,
+    names: tuple[str, ...] = ("localhost",),
 ) -> x509.Certificate:
+    """A certificate for `name`, signed by `issuer` (else self-signed); a server's carries
+    `names` and 127.0.0.1."""
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     issuer_name, issuer_key = issuer if issuer else (subject, key)
     now = dt.datetime.now(dt.timezone.utc)
@@ -53,33 +56,38 @@ def _cert(
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if server:
-        san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        ip = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+        san = [*(x509.DNSName(n) for n in names), ip]
         b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
     return b.sign(issuer_key, hashes.SHA256())
 
 
-def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
-    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    path.with_suffix(".key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+def cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+
+
+def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+    path.with_suffix(".crt").write_bytes(cert_pem(cert))
+    path.with_suffix(".key").write_bytes(key_pem(key))
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("pki")
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("test CA", ca_key, None, ca=True)
+    ca = certificate("test CA", ca_key, None, ca=True)
     _write(d / "ca", ca, ca_key)
     for name, server in (("server", True), ("client", False)):
         key = ec.generate_private_key(ec.SECP256R1())
-        _write(d / name, _cert(name, key, (ca.subject, ca_key), server=server), key)
+        _write(d / name, certificate(name, key, (ca.subject, ca_key), server=server), key)
     other_key = ec.generate_private_key(ec.SECP256R1())  # a client the CA never signed
-    _write(d / "stranger", _cert("stranger", other_key, None), other_key)
+    _write(d / "stranger", certificate("stranger", other_key, None), other_key)
     return d
 
 
@@ -208,6 +216,9 @@ def test_token_helpers(tmp_path: Path) -> None:
     for bad in ("token-with-umlaut-ü-0123", "token with spaces 0123456789"):
         with pytest.raises(ValueError, match="printable ASCII without spaces"):
             load_tokens("", bad)
+    f.write_text("first-token-0123456789  # the CI's\n")  # text after it: no part of a token
+    with pytest.raises(ValueError, match="printable ASCII without spaces"):
+        load_tokens(str(f))
 
 
 def test_message_size_limit(server) -> None:
@@ -311,17 +322,26 @@ def test_health_takes_its_tls_settings_from_the_environment(mtls_server, pki, mo
     assert health_main(["--target", mtls_server.target]) == 0
 
 
+def wait_healthy(proc: subprocess.Popen[str], target: str, *tls: str) -> None:
+    """Until `python -m service health` with these TLS flags says SERVING (the server started by
+    tests.test_server_process.start, which must keep running)."""
+    import time
+
+    from service.healthcheck import main as health_main
+
+    deadline = time.monotonic() + 60
+    while health_main(["--target", target, *tls]) != 0:
+        assert proc.poll() is None, output(proc)
+        assert time.monotonic() < deadline, output(proc)
+        time.sleep(0.2)
+
+
 def test_tls_and_tokens_from_the_environment_through_the_real_command_line(
     tiny_bundle: Path, pki: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """README: every serve setting is also an environment variable and the flag wins. Through
     `python -m service serve` itself: TLS from NMTSERVE_TLS_CERT / _KEY, tokens from
     NMTSERVE_AUTH_TOKENS overridden by --auth-tokens."""
-    import time
-
-    from service.healthcheck import main as health_main
-    from tests.test_server_process import output, start
-
     flag_token, env_token = "flag-token-0123456789", "env-token-0123456789"
     monkeypatch.setenv("NMTSERVE_TLS_CERT", str(pki / "server.crt"))
     monkeypatch.setenv("NMTSERVE_TLS_KEY", str(pki / "server.key"))
@@ -329,12 +349,7 @@ def test_tls_and_tokens_from_the_environment_through_the_real_command_line(
     proc, port = start(tiny_bundle, "--auth-tokens", flag_token)
     try:
         target = f"127.0.0.1:{port}"
-        ca = ["--tls-ca", str(pki / "ca.crt")]  # wait through TLS: plaintext cannot reach it
-        deadline = time.monotonic() + 60
-        while health_main(["--target", target, *ca]) != 0:
-            assert proc.poll() is None, output(proc)
-            assert time.monotonic() < deadline, output(proc)
-            time.sleep(0.2)
+        wait_healthy(proc, target, "--tls-ca", str(pki / "ca.crt"))  # plaintext cannot reach it
         assert "TLS" in output(proc) and "1 bearer token(s) accepted" in output(proc)
         with TranslatorClient(target, tls_ca=str(pki / "ca.crt"), token=flag_token) as c:
             assert c.translate(["seven"]).results[0].translation
@@ -344,6 +359,57 @@ def test_tls_and_tokens_from_the_environment_through_the_real_command_line(
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with TranslatorClient(target, token=flag_token) as c, pytest.raises(grpc.RpcError):
             c.translate(["seven"])  # plaintext against the TLS port
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+@pytest.mark.parametrize("given", ["flags over other variables", "variables"])
+def test_mutual_tls_and_a_token_file_through_the_real_command_line(
+    given: str, tiny_bundle: Path, pki: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: every serve setting is a flag and an NMTSERVE_ variable, and the flag wins.
+    Mutual TLS and a token file through `python -m service serve`: as variables alone, or as
+    flags while the variables name another certificate, client CA and token file (the server
+    would then refuse this client)."""
+    from service.settings import env_name, flag
+
+    tokens, other_tokens = tmp_path / "tokens", tmp_path / "other-tokens"
+    tokens.write_text(f"{TOKEN}\n")
+    other_tokens.write_text("another-token-0123456789\n")
+    settings = [  # (setting, this test's file, the other one)
+        ("tls_cert", pki / "server.crt", pki / "stranger.crt"),
+        ("tls_key", pki / "server.key", pki / "stranger.key"),
+        ("tls_client_ca", pki / "ca.crt", pki / "stranger.crt"),
+        ("auth_tokens_file", tokens, other_tokens),
+    ]
+    args: list[str] = []
+    for name, right, other in settings:
+        if given == "variables":
+            monkeypatch.setenv(env_name(name), str(right))
+        else:
+            monkeypatch.setenv(env_name(name), str(other))
+            args += [flag(name), str(right)]
+    proc, port = start(tiny_bundle, *args)
+    try:
+        target = f"127.0.0.1:{port}"
+        ca, crt, key = (str(pki / f) for f in ("ca.crt", "client.crt", "client.key"))
+        wait_healthy(proc, target, "--tls-ca", ca, "--tls-cert", crt, "--tls-key", key)
+        assert "mutual TLS" in output(proc) and "1 bearer token(s) accepted" in output(proc)
+        with TranslatorClient(target, tls_ca=ca, tls_cert=crt, tls_key=key, token=TOKEN) as c:
+            assert c.translate(["seven"]).results[0].translation
+        for token, pair, code in (
+            ("another-token-0123456789", (crt, key), grpc.StatusCode.UNAUTHENTICATED),
+            (TOKEN, (None, None), grpc.StatusCode.UNAVAILABLE),  # no client certificate
+        ):
+            with (
+                TranslatorClient(
+                    target, tls_ca=ca, tls_cert=pair[0], tls_key=pair[1], token=token
+                ) as c,
+                pytest.raises(grpc.RpcError) as e,
+            ):
+                c.translate(["seven"])
+            assert e.value.code() == code
     finally:
         proc.terminate()
         proc.wait(60)

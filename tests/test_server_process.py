@@ -23,6 +23,7 @@ from service import client
 from service.client import TranslatorClient
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
+from tests.conftest import ServerThread
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -254,6 +255,7 @@ def test_serves_int8_graphs(tiny_bundle: Path, precision: str) -> None:
         ("missing", "tokenizer.model: missing"),
         ("version", "format_version 99 is not supported"),
         ("listed", "decoder.onnx: used but not listed in manifest.json"),
+        ("graphs", "manifest.json: onnx.graphs must map precisions to their graph files"),
     ],
 )
 def test_refuses_a_missing_or_mismatched_file(
@@ -268,12 +270,15 @@ def test_refuses_a_missing_or_mismatched_file(
         (bad / "tokenizer.model").unlink()
     elif damage == "version":
         manifest["format_version"] = 99
+    elif damage == "graphs":  # was a traceback
+        manifest["onnx"]["graphs"] = []
     else:
         del manifest["files"]["decoder.onnx"]
     (bad / "manifest.json").write_text(json.dumps(manifest))
     proc, _ = start(bad)
     assert proc.wait(60) == 2
     assert message in (output(proc))
+    assert "Traceback" not in output(proc)
 
 
 def test_callers_that_keep_calling_do_not_hold_up_the_drain(tiny_bundle: Path) -> None:
@@ -369,9 +374,15 @@ def test_provider_cuda_without_cuda_refuses_to_start(tiny_bundle: Path) -> None:
     assert "--provider cuda: this onnxruntime has no CUDAExecutionProvider" in proc.stderr
 
 
-def test_the_main_command_shows_translations_and_exits_0(tiny_bundle: Path) -> None:
+def test_the_main_command_shows_translations_and_exits_0(
+    tiny_bundle: Path, server: ServerThread
+) -> None:
     """README's main command (`make run` ends in `python -m service demo`): with --once it
-    starts a server, shows translations made through it, and exits 0."""
+    starts a server, shows translations made through it (the ones another server of the same
+    bundle gives), and exits 0."""
+    with TranslatorClient(server.target) as c:
+        seven, forty_two = (r.translation for r in c.translate(["seven", "forty-two"]).results)
+    assert seven and forty_two
     port = free_port()
     args = ["demo", "--bundle", str(tiny_bundle), "--port", str(port), "--metrics-port", "0",
             "--once", "--sentence", "seven", "--sentence", "forty-two"]  # fmt: skip
@@ -380,5 +391,5 @@ def test_the_main_command_shows_translations_and_exits_0(tiny_bundle: Path) -> N
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "Translations made through the gRPC server:" in out
-    assert "  seven\n    → " in out and "  forty-two\n    → " in out
+    assert f"  seven\n    → {seven}\n  forty-two\n    → {forty_two}\n" in out
     assert f"translate --target 127.0.0.1:{port} seven" in out
