@@ -136,11 +136,21 @@ def scratch_dir(out: Path) -> Iterator[Path]:
 
 
 def _remove_orphans(out: Path) -> None:
-    """Scratch directories of exports to `out` whose process no longer runs."""
+    """Scratch directories of exports to `out` whose process no longer runs, and old bundles
+    such an export had set aside: put back at `out` if it was killed before moving the new one
+    in, removed if it was killed after."""
     for d in out.parent.glob(f".{out.name}.scratch-*-*"):
         pid = d.name[len(f".{out.name}.scratch-") :].split("-", 1)[0]
         if d.is_dir() and pid.isdigit() and not _running(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
+    for d in out.parent.glob(f".{out.name}.old-*"):
+        pid = d.name[len(f".{out.name}.old-") :]
+        if not (d.is_dir() and pid.isdigit()) or _running(int(pid)):
+            continue
+        if out.exists() or out.is_symlink():
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            d.rename(out)
 
 
 def _running(pid: int) -> bool:

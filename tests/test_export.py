@@ -243,6 +243,32 @@ def test_a_killed_exports_scratch_directory_is_removed_by_the_next(tmp_path: Pat
     assert not work.exists()
 
 
+def test_a_bundle_set_aside_by_a_killed_export_is_put_back_or_removed(tmp_path: Path) -> None:
+    """An export killed between setting the old bundle aside and moving the new one in left
+    only `.<name>.old-<pid>`: the next export puts it back at --out; killed after the move
+    (--out holds the new bundle), the set-aside copy is removed. A running export's is left."""
+    import os
+    import subprocess
+
+    from export.pipeline import scratch_dir
+
+    out = tmp_path / "models" / "tiny"
+    out.parent.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    aside = out.parent / f".tiny.old-{dead.pid}"
+    aside.mkdir()
+    (aside / "manifest.json").write_text("old")
+    running = out.parent / f".tiny.old-{os.getpid()}"
+    running.mkdir()
+    with scratch_dir(out):
+        assert (out / "manifest.json").read_text() == "old" and not aside.exists()
+        assert running.exists()
+    aside.mkdir()
+    with scratch_dir(out):
+        assert not aside.exists() and (out / "manifest.json").read_text() == "old"
+
+
 def test_a_failed_verification_writes_no_bundle(
     tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
