@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
+import logging
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -548,27 +552,103 @@ def test_health_not_serving_until_loaded(tiny_bundle: Path, monkeypatch) -> None
         srv.stop()
 
 
-@pytest.mark.parametrize("fmt", ["text", "json"])
-def test_log_lines_carry_the_request_id(fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
-    import logging
-
-    from service.logs import setup_logging
+@contextlib.contextmanager
+def captured_logs() -> Iterator[Callable[[], list[tuple[str, list[str]]]]]:
+    """The server's logging as `serve --log-format json` sets it up, plus a text handler. Yields
+    a function that returns the records logged since its last call: (message, the request ids
+    of its JSON object), after checking that its text line ends in the same ids."""
+    from service.logs import TextFormatter, setup_logging
 
     root = logging.getLogger()
     saved = root.handlers[:], root.level
+    json_out, text_out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(json_out):
+        setup_logging("json", "info")  # its handler writes to sys.stderr as it is now
+    text = logging.StreamHandler(text_out)
+    text.setFormatter(TextFormatter())
+    root.addHandler(text)
+    read = [0, 0]
+
+    def records() -> list[tuple[str, list[str]]]:
+        objects = [json.loads(line) for line in json_out.getvalue()[read[0] :].splitlines()]
+        heads = [
+            line
+            for line in text_out.getvalue()[read[1] :].splitlines()
+            if re.match(r"\d{4}-\d\d-\d\d \d", line)  # not a traceback's line
+        ]
+        read[:] = [len(json_out.getvalue()), len(text_out.getvalue())]
+        out = [(o["message"], [o["request_id"]] if "request_id" in o else o.get("request_ids", []))
+               for o in objects]  # fmt: skip
+        ends = [f" [{', '.join(ids)}]" if ids else "" for _, ids in out]
+        assert [h[len(h) - len(end) :] for h, end in zip(heads, ends, strict=True)] == ends, heads
+        return out
+
     try:
-        setup_logging(fmt, "info")
-        logging.getLogger("nmtserve.test").info("refused", extra={"request_id": "rid-42"})
-        logging.getLogger("nmtserve.test").info("no id")
+        yield records
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
-    with_id, without = capsys.readouterr().err.splitlines()
-    if fmt == "json":
-        assert json.loads(with_id)["request_id"] == "rid-42"
-        assert "request_id" not in json.loads(without)
-    else:
-        assert with_id.endswith("nmtserve.test: refused [rid-42]") and without.endswith("no id")
+
+
+def test_log_lines_carry_the_request_id(one_lane_server: ServerThread) -> None:
+    """Calls with request ids that make the server log — a refused input, a deadline that
+    passes while decoding, a client's cancel, a decode batch that fails with two calls'
+    sentences in it: every line logged while each ran carries its id (the batch's line both),
+    as JSON fields and at the end of text lines."""
+    srv, steps = one_lane_server, Steps()
+    channel = grpc.insecure_channel(srv.target)
+    translate = pb_grpc.TranslatorStub(channel).Translate
+
+    def ask(rid: str, *sentences: str, timeout: float = 30) -> Any:
+        return translate.future(pb.TranslateRequest(sentences=sentences, request_id=rid), timeout)
+
+    def decoding(rid: str, sentence: str, timeout: float = 30) -> Any:
+        """A call whose sentence has been admitted (its first step is held)."""
+        before = srv.scrape()["nmtserve_batches_total"]
+        call = ask(rid, sentence, timeout=timeout)
+        wait_for(lambda: srv.scrape()["nmtserve_batches_total"] == before + 1, "the admission")
+        return call
+
+    def code(call: Any) -> grpc.StatusCode:
+        return call.exception(30).code()
+
+    with channel, captured_logs() as records, before_each_step(srv.scheduler, steps):
+        assert code(ask("rid-refused")) == grpc.StatusCode.INVALID_ARGUMENT
+        no_sentences = "request refused: INVALID_ARGUMENT sentences: the request has no sentences"
+        assert records() == [(no_sentences, ["rid-refused"])]
+
+        gate = steps.hold()
+        assert code(decoding("rid-late", "six", timeout=0.5)) == grpc.StatusCode.DEADLINE_EXCEEDED
+        late = "request refused: DEADLINE_EXCEEDED deadline passed before the translation finished"
+        assert records() == [(late, ["rid-late"])]
+        gate.set()
+
+        gate, gone = steps.hold(), decoding("rid-gone", "seven")
+        gone.cancel()
+        got: list[tuple[str, list[str]]] = []
+
+        def logged() -> bool:
+            got.extend(records())
+            return bool(got)
+
+        wait_for(logged, "the cancel's line")
+        assert got == [("request cancelled by the client", ["rid-gone"])]
+        gate.set()
+
+        gate = steps.hold()
+        steps.fail()  # the step after the held one, with both calls' sentences in the batch
+        first = decoding("rid-a", "eight thousand")
+        # enough sentences that the running batch takes them at once (scheduler.group_ready)
+        n = (srv.cfg.scheduler.max_batch_rows - 1) // 2
+        second = ask("rid-b", *["nine thousand"] * n)
+        wait_for(lambda: srv.scrape()["nmtserve_queue_depth"] == n, "the second call queued")
+        gate.set()
+        assert code(first) == code(second) == grpc.StatusCode.INTERNAL
+        assert sorted(records()) == [
+            (f"decode batch failed: {n + 1} sentence(s) of 2 request(s)", ["rid-a", "rid-b"]),
+            ("request failed", ["rid-a"]),
+            ("request failed", ["rid-b"]),
+        ]
 
 
 def test_an_answer_gone_with_its_client_is_one_info_line(
