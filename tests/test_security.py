@@ -311,30 +311,33 @@ def test_health_takes_its_tls_settings_from_the_environment(mtls_server, pki, mo
     assert health_main(["--target", mtls_server.target]) == 0
 
 
+def wait_serving_tls(proc: subprocess.Popen[str], target: str, tls: list[str]) -> None:
+    """Waits for SERVING through TLS (a plaintext probe cannot reach the server)."""
+    import time
+
+    from service.healthcheck import main as health_main
+
+    deadline = time.monotonic() + 60
+    while health_main(["--target", target, *tls]) != 0:
+        assert proc.poll() is None, output(proc)
+        assert time.monotonic() < deadline, output(proc)
+        time.sleep(0.2)
+
+
 def test_tls_and_tokens_from_the_environment_through_the_real_command_line(
     tiny_bundle: Path, pki: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """README: every serve setting is also an environment variable and the flag wins. Through
     `python -m service serve` itself: TLS from NMTSERVE_TLS_CERT / _KEY, tokens from
     NMTSERVE_AUTH_TOKENS overridden by --auth-tokens."""
-    import time
-
-    from service.healthcheck import main as health_main
-    from tests.test_server_process import output, start
-
     flag_token, env_token = "flag-token-0123456789", "env-token-0123456789"
     monkeypatch.setenv("NMTSERVE_TLS_CERT", str(pki / "server.crt"))
     monkeypatch.setenv("NMTSERVE_TLS_KEY", str(pki / "server.key"))
     monkeypatch.setenv("NMTSERVE_AUTH_TOKENS", env_token)
-    proc, port = start(tiny_bundle, "--auth-tokens", flag_token)
+    proc, port = start(tiny_bundle, "--auth-tokens", flag_token, "--drain-delay-s", "0")
     try:
         target = f"127.0.0.1:{port}"
-        ca = ["--tls-ca", str(pki / "ca.crt")]  # wait through TLS: plaintext cannot reach it
-        deadline = time.monotonic() + 60
-        while health_main(["--target", target, *ca]) != 0:
-            assert proc.poll() is None, output(proc)
-            assert time.monotonic() < deadline, output(proc)
-            time.sleep(0.2)
+        wait_serving_tls(proc, target, ["--tls-ca", str(pki / "ca.crt")])
         assert "TLS" in output(proc) and "1 bearer token(s) accepted" in output(proc)
         with TranslatorClient(target, tls_ca=str(pki / "ca.crt"), token=flag_token) as c:
             assert c.translate(["seven"]).results[0].translation
@@ -347,3 +350,54 @@ def test_tls_and_tokens_from_the_environment_through_the_real_command_line(
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+@pytest.mark.parametrize("given", ["flags", "environment"])
+def test_mutual_tls_and_a_token_file_through_the_real_command_line(
+    tiny_bundle: Path, pki: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str
+) -> None:
+    """README's TLS section through `python -m service serve` itself: mutual TLS and a token
+    file given as flags, or as NMTSERVE_TLS_CERT / _KEY / _CLIENT_CA and
+    NMTSERVE_AUTH_TOKENS_FILE. With flags, each variable is set too, to a value that would
+    refuse the right client (a server certificate no client trusts, a client CA that signed
+    no client, another token): the flags win."""
+    tokens, others = tmp_path / "tokens", tmp_path / "other-tokens"
+    tokens.write_text(f"{TOKEN}\n")
+    others.write_text("another-token-0123456789\n")
+    settings = {  # the right file, and the wrong one
+        "tls-cert": (pki / "server.crt", pki / "stranger.crt"),
+        "tls-key": (pki / "server.key", pki / "stranger.key"),
+        "tls-client-ca": (pki / "ca.crt", pki / "stranger.crt"),
+        "auth-tokens-file": (tokens, others),
+    }
+    right = {name: files[0] for name, files in settings.items()}
+    env = right if given == "environment" else {n: f[1] for n, f in settings.items()}
+    for name, path in env.items():
+        monkeypatch.setenv("NMTSERVE_" + name.upper().replace("-", "_"), str(path))
+    flags = [] if given == "environment" else [f"--{n}={p}" for n, p in right.items()]
+    proc, port = start(tiny_bundle, "--drain-delay-s", "0", *flags)
+    target = f"127.0.0.1:{port}"
+    ca, cert, key = (str(pki / f) for f in ("ca.crt", "client.crt", "client.key"))
+    try:
+        wait_serving_tls(proc, target, ["--tls-ca", ca, "--tls-cert", cert, "--tls-key", key])
+        assert "(mutual TLS; NOT_SERVING while loading)" in output(proc)
+        assert "authentication: on, 1 bearer token(s) accepted" in output(proc)
+        with TranslatorClient(target, tls_ca=ca, tls_cert=cert, tls_key=key, token=TOKEN) as c:
+            assert c.translate(["seven"]).results[0].translation
+        refused = {  # the client's token, certificate, and what it gets
+            ("another-token-0123456789", "client"): grpc.StatusCode.UNAUTHENTICATED,
+            (None, "client"): grpc.StatusCode.UNAUTHENTICATED,
+            (TOKEN, None): grpc.StatusCode.UNAVAILABLE,  # no client certificate
+            (TOKEN, "stranger"): grpc.StatusCode.UNAVAILABLE,  # one the CA did not sign
+        }
+        got = {}
+        for token, who in refused:
+            crt, k = (str(pki / f"{who}.crt"), str(pki / f"{who}.key")) if who else (None, None)
+            with TranslatorClient(target, tls_ca=ca, tls_cert=crt, tls_key=k, token=token) as c:
+                with pytest.raises(grpc.RpcError) as e:
+                    c.translate(["seven"])
+                got[token, who] = e.value.code()
+        assert got == refused
+    finally:
+        proc.terminate()
+        assert proc.wait(60) == 0, output(proc)
