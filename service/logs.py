@@ -9,8 +9,16 @@ import sys
 from typing import Any
 
 
+def request_ids(record: logging.LogRecord) -> list[str]:
+    """The calls a line is about: its request_id, or the request_ids of a line about several
+    (a failed decode batch holds sentences of many calls)."""
+    rid = getattr(record, "request_id", None)
+    return [rid] if rid else list(getattr(record, "request_ids", None) or [])
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, request_id when there is one."""
+    """One JSON object per line: time, level, logger, message, and the call it is about as
+    request_id, or the calls as request_ids (a list) when it is about more than one."""
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -19,24 +27,26 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        rid = getattr(record, "request_id", None)
-        if rid:
-            out["request_id"] = rid
+        ids = request_ids(record)
+        if len(ids) == 1:
+            out["request_id"] = ids[0]
+        elif ids:
+            out["request_ids"] = ids
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)
 
 
 class TextFormatter(logging.Formatter):
-    """A text line, ending in [request_id] when there is one."""
+    """A text line, ending in [request_id] (or [id, id, ...]) when it is about calls."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         line = super().formatMessage(record)
-        rid = getattr(record, "request_id", None)
-        return f"{line} [{rid}]" if rid else line
+        ids = request_ids(record)
+        return f"{line} [{', '.join(ids)}]" if ids else line
 
 
 class UnsentAnswer(logging.Filter):

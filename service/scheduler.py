@@ -457,11 +457,12 @@ class Scheduler:
                 batch = self._drop_dead(lane, batch)
             except Exception as e:  # one failing batch fails only its own sentences
                 failed = list(lane.running.values()) + admit
-                ids = sorted({p.job.request_id for p in failed})
-                log.exception(
-                    "decode batch failed: %d sentence(s) of request(s) %s",
+                ids = sorted({p.job.request_id for p in failed} - {""})
+                log.exception(  # the ids in the line's request_id(s) field (service.logs)
+                    "decode batch failed: %d sentence(s) of %d request(s)",
                     len(failed),
-                    ", ".join(ids) or "-",
+                    len(ids),
+                    extra={"request_ids": ids},
                 )
                 lane.running.clear()
                 lane.admitting = []

@@ -302,12 +302,18 @@ class Translator:
             return []
         what = "one result" if streaming else f"the response to {len(encoded)} sentences"
         field = "options.attention" if opts.attention else "sentences"
+        # a stream sends each result alone: fewer sentences or streaming would not help it
+        hint = (
+            "less attention (one layer, averaged) or a lower max_output_tokens"
+            if streaming
+            else "less attention (one layer, averaged), a lower max_output_tokens, fewer "
+            "sentences per call, or use TranslateStream"
+        )
         return [
             (
                 field,
                 f"{what} could reach {size:,} bytes, over the server's message limit of "
-                f"{self.max_message_bytes:,}: ask for less attention (one layer, averaged), "
-                "a lower max_output_tokens, fewer sentences per call, or use TranslateStream",
+                f"{self.max_message_bytes:,}: ask for {hint}",
             )
         ]
 

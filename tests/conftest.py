@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,6 +40,29 @@ def tiny_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
     out = tmp_path_factory.mktemp("models") / "tiny"
     assert main(["export", "--run", str(tiny_run), "--out", str(out), "--int8"]) == 0
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(metrics_port: int) -> dict[str, float]:
+    """Every sample of a server's Prometheus endpoint, by its name and labels as the text
+    format writes them (`nmtserve_requests_total{code="OK",method="Translate"}`), labels in
+    name order."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return out
 
 
@@ -78,6 +103,11 @@ class ServerThread:
     def target(self) -> str:
         return f"127.0.0.1:{self.server.port}"
 
+    def scrape(self) -> dict[str, float]:
+        """Its metrics endpoint (started with metrics_port=free_port())."""
+        assert self.cfg.metrics_port, "this server has no metrics endpoint"
+        return scrape(self.cfg.metrics_port)
+
     def wait_serving(self, timeout: float = 60) -> None:
         import time
 
@@ -101,8 +131,9 @@ class ServerThread:
 def server(tiny_bundle: Path) -> object:
     """One server for the end-to-end tests; small limits so the limit errors are cheap. Tests
     can stall or fail its decoder steps (tests.doubles.before_each_step). Two
-    decode lanes (the default on two cores), whatever this machine's core count."""
-    srv = ServerThread(tiny_bundle, max_sentences=40, metrics_port=0, lanes=2)
+    decode lanes (the default on two cores), whatever this machine's core count; metrics on a
+    free port (``srv.scrape()``)."""
+    srv = ServerThread(tiny_bundle, max_sentences=40, metrics_port=free_port(), lanes=2)
     srv.wait_serving()
     yield srv
     srv.stop()

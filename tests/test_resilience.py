@@ -9,6 +9,7 @@ import asyncio
 import gc
 import logging
 import random
+import re
 import subprocess
 import sys
 import time
@@ -235,6 +236,61 @@ def test_oversized_attention_is_refused_before_decoding(tiny_bundle: Path) -> No
             assert len(got) == 40 and all(r.attention.values for r in got)
             one = stub.Translate(pb.TranslateRequest(sentences=SENTENCES, options=opts))
             assert [list(r.attention.shape)[:2] for r in one.results] == [[2, 4]] * 4
+    finally:
+        srv.stop()
+
+
+def test_an_answer_over_the_send_limit_fails_cleanly(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer really over --max-message-bytes: every layer's attention for 100 sentences,
+    whose results (streamed, one message each) add up to more than 64 KiB. Translate is
+    refused before decoding, INVALID_ARGUMENT naming the option, the size and the limit, and
+    the server keeps serving. Should the bound ever let such a call through, the built answer
+    is refused RESOURCE_EXHAUSTED saying why (gRPC's own send check would say only "Sent
+    message larger than max" and count the call OK). A stream is refused when one result
+    could exceed the limit, with advice that fits a stream."""
+    srv = ServerThread(tiny_bundle, max_message_bytes=64 * 1024, lanes=1, drain_delay_s=0)
+    srv.wait_serving()
+    tr = srv.server.translator
+    assert tr is not None
+    opts = pb.TranslateOptions(attention=pb.ATTENTION_ALL_LAYERS)
+    long = "nine thousand nine hundred and ninety-nine"
+    big = pb.TranslateRequest(sentences=[long] * 100, options=opts, request_id="big")
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.TranslatorStub(ch)
+            results = list(stub.TranslateStream(big, timeout=60))
+            size = pb.TranslateResponse(request_id="big", results=results).ByteSize()
+            assert size > 64 * 1024, size
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Translate(big, timeout=60)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert re.fullmatch(
+                r"options\.attention: the response to 100 sentences could reach [\d,]+ bytes, "
+                r"over the server's message limit of 65,536: ask for .*",
+                e.value.details() or "",
+            ), e.value.details()
+            assert len(stub.Translate(pb.TranslateRequest(sentences=["seven"] * 100)).results)
+            monkeypatch.setattr(tr, "max_message_bytes", 2**30)  # the bound lets it through
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Translate(big, timeout=60)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert e.value.details() == (
+                f"the response is {size:,} bytes, over the server's message limit of 65,536: "
+                "ask for fewer sentences or less attention"
+            )
+            assert len(stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=60).results)
+            monkeypatch.setattr(tr, "max_message_bytes", 4096)  # one result could exceed it
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.TranslateStream(big, timeout=60))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert re.fullmatch(
+                r"options\.attention: one result could reach [\d,]+ bytes, over the server's "
+                r"message limit of 4,096: ask for less attention \(one layer, averaged\) or a "
+                r"lower max_output_tokens",
+                e.value.details() or "",
+            ), e.value.details()
     finally:
         srv.stop()
 

@@ -346,7 +346,7 @@ def test_tls_and_tokens_from_the_environment_through_the_real_command_line(
     monkeypatch.setenv("NMTSERVE_TLS_CERT", str(pki / "server.crt"))
     monkeypatch.setenv("NMTSERVE_TLS_KEY", str(pki / "server.key"))
     monkeypatch.setenv("NMTSERVE_AUTH_TOKENS", env_token)
-    proc, port = start(tiny_bundle, "--auth-tokens", flag_token)
+    proc, port = start(tiny_bundle, "--auth-tokens", flag_token, "--drain-delay-s", "0")
     try:
         target = f"127.0.0.1:{port}"
         wait_healthy(proc, target, "--tls-ca", str(pki / "ca.crt"))  # plaintext cannot reach it
@@ -364,52 +364,52 @@ def test_tls_and_tokens_from_the_environment_through_the_real_command_line(
         proc.wait(60)
 
 
-@pytest.mark.parametrize("given", ["flags over other variables", "variables"])
+@pytest.mark.parametrize("given", ["flags", "environment"])
 def test_mutual_tls_and_a_token_file_through_the_real_command_line(
-    given: str, tiny_bundle: Path, pki: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_bundle: Path, pki: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str
 ) -> None:
-    """README: every serve setting is a flag and an NMTSERVE_ variable, and the flag wins.
-    Mutual TLS and a token file through `python -m service serve`: as variables alone, or as
-    flags while the variables name another certificate, client CA and token file (the server
-    would then refuse this client)."""
-    from service.settings import env_name, flag
-
-    tokens, other_tokens = tmp_path / "tokens", tmp_path / "other-tokens"
+    """README's TLS section through `python -m service serve` itself: mutual TLS and a token
+    file given as flags, or as NMTSERVE_TLS_CERT / _KEY / _CLIENT_CA and
+    NMTSERVE_AUTH_TOKENS_FILE. With flags, each variable is set too, to a value that would
+    refuse the right client (a server certificate no client trusts, a client CA that signed
+    no client, another token): the flags win."""
+    tokens, others = tmp_path / "tokens", tmp_path / "other-tokens"
     tokens.write_text(f"{TOKEN}\n")
-    other_tokens.write_text("another-token-0123456789\n")
-    settings = [  # (setting, this test's file, the other one)
-        ("tls_cert", pki / "server.crt", pki / "stranger.crt"),
-        ("tls_key", pki / "server.key", pki / "stranger.key"),
-        ("tls_client_ca", pki / "ca.crt", pki / "stranger.crt"),
-        ("auth_tokens_file", tokens, other_tokens),
-    ]
-    args: list[str] = []
-    for name, right, other in settings:
-        if given == "variables":
-            monkeypatch.setenv(env_name(name), str(right))
-        else:
-            monkeypatch.setenv(env_name(name), str(other))
-            args += [flag(name), str(right)]
-    proc, port = start(tiny_bundle, *args)
+    others.write_text("another-token-0123456789\n")
+    settings = {  # the right file, and the wrong one
+        "tls-cert": (pki / "server.crt", pki / "stranger.crt"),
+        "tls-key": (pki / "server.key", pki / "stranger.key"),
+        "tls-client-ca": (pki / "ca.crt", pki / "stranger.crt"),
+        "auth-tokens-file": (tokens, others),
+    }
+    right = {name: files[0] for name, files in settings.items()}
+    env = right if given == "environment" else {n: f[1] for n, f in settings.items()}
+    for name, path in env.items():
+        monkeypatch.setenv("NMTSERVE_" + name.upper().replace("-", "_"), str(path))
+    flags = [] if given == "environment" else [f"--{n}={p}" for n, p in right.items()]
+    proc, port = start(tiny_bundle, "--drain-delay-s", "0", *flags)
+    target = f"127.0.0.1:{port}"
+    ca, cert, key = (str(pki / f) for f in ("ca.crt", "client.crt", "client.key"))
     try:
-        target = f"127.0.0.1:{port}"
-        ca, crt, key = (str(pki / f) for f in ("ca.crt", "client.crt", "client.key"))
-        wait_healthy(proc, target, "--tls-ca", ca, "--tls-cert", crt, "--tls-key", key)
-        assert "mutual TLS" in output(proc) and "1 bearer token(s) accepted" in output(proc)
-        with TranslatorClient(target, tls_ca=ca, tls_cert=crt, tls_key=key, token=TOKEN) as c:
+        wait_healthy(proc, target, "--tls-ca", ca, "--tls-cert", cert, "--tls-key", key)
+        assert "(mutual TLS; NOT_SERVING while loading)" in output(proc)
+        assert "authentication: on, 1 bearer token(s) accepted" in output(proc)
+        with TranslatorClient(target, tls_ca=ca, tls_cert=cert, tls_key=key, token=TOKEN) as c:
             assert c.translate(["seven"]).results[0].translation
-        for token, pair, code in (
-            ("another-token-0123456789", (crt, key), grpc.StatusCode.UNAUTHENTICATED),
-            (TOKEN, (None, None), grpc.StatusCode.UNAVAILABLE),  # no client certificate
-        ):
-            with (
-                TranslatorClient(
-                    target, tls_ca=ca, tls_cert=pair[0], tls_key=pair[1], token=token
-                ) as c,
-                pytest.raises(grpc.RpcError) as e,
-            ):
-                c.translate(["seven"])
-            assert e.value.code() == code
+        refused = {  # the client's token, certificate, and what it gets
+            ("another-token-0123456789", "client"): grpc.StatusCode.UNAUTHENTICATED,
+            (None, "client"): grpc.StatusCode.UNAUTHENTICATED,
+            (TOKEN, None): grpc.StatusCode.UNAVAILABLE,  # no client certificate
+            (TOKEN, "stranger"): grpc.StatusCode.UNAVAILABLE,  # one the CA did not sign
+        }
+        got = {}
+        for token, who in refused:
+            crt, k = (str(pki / f"{who}.crt"), str(pki / f"{who}.key")) if who else (None, None)
+            with TranslatorClient(target, tls_ca=ca, tls_cert=crt, tls_key=k, token=token) as c:
+                with pytest.raises(grpc.RpcError) as e:
+                    c.translate(["seven"])
+                got[token, who] = e.value.code()
+        assert got == refused
     finally:
         proc.terminate()
-        proc.wait(60)
+        assert proc.wait(60) == 0, output(proc)

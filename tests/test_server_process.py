@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -23,15 +23,9 @@ from service import client
 from service.client import TranslatorClient
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
-from tests.conftest import ServerThread
+from tests.conftest import ServerThread, free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 _LOGS: dict[int, IO[str]] = {}
@@ -46,16 +40,22 @@ def output(proc: subprocess.Popen[str]) -> str:
 
 
 def start(
-    bundle: Path, *args: str, port: int = 0, step_s: float = 0.0, host: str = "127.0.0.1"
+    bundle: Path,
+    *args: str,
+    port: int = 0,
+    step_s: float = 0.0,
+    host: str = "127.0.0.1",
+    wrap: Sequence[str] = (),
 ) -> tuple[subprocess.Popen[str], int]:
     """`python -m service serve` on host (a loopback address); step_s > 0: every decoder step
-    takes at least that long (tests.doubles.slow_server)."""
+    takes at least that long (tests.doubles.slow_server); wrap: a command that runs it
+    (`taskset -c 0`)."""
     port = port or free_port()
     launcher = ("-m", "tests.doubles", str(step_s)) if step_s else ("-m", "service")
     log = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 - lives with the server
     proc = subprocess.Popen(
         [
-            *(sys.executable, *launcher, "serve", "--bundle", str(bundle)),
+            *(*wrap, sys.executable, *launcher, "serve", "--bundle", str(bundle)),
             *("--host", host, "--port", str(port), *args),
         ],
         cwd=REPO,
@@ -393,3 +393,71 @@ def test_the_main_command_shows_translations_and_exits_0(
     assert "Translations made through the gRPC server:" in out
     assert f"  seven\n    → {seven}\n  forty-two\n    → {forty_two}\n" in out
     assert f"translate --target 127.0.0.1:{port} seven" in out
+
+
+def _fake_cgroup(tmp: Path, name: str, files: dict[str, str]) -> list[str]:
+    """A command prefix that runs its command in a mount namespace of its own where
+    /sys/fs/cgroup is a directory holding these files (cgroup v2's cpu.max, or v1's
+    cpu/cpu.cfs_quota_us and cpu/cpu.cfs_period_us): the quota the server must find."""
+    root = tmp / name
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text + "\n")
+    return ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /sys/fs/cgroup && exec "$@"',
+            str(root)]  # fmt: skip
+
+
+def _can_fake_a_cgroup(tmp: Path) -> str:
+    """Why a fake cgroup cannot be mounted here ('' if it can)."""
+    if not all(shutil.which(c) for c in ("taskset", "unshare", "mount")):
+        return "taskset, unshare or mount is missing"
+    if not {0, 1} <= os.sched_getaffinity(0):
+        return "needs CPUs 0 and 1"
+    wrap = _fake_cgroup(tmp, "probe", {"cpu.max": "max 100000"})
+    probe = subprocess.run([*wrap, "cat", "/sys/fs/cgroup/cpu.max"], capture_output=True, text=True)
+    ok = probe.returncode == 0 and probe.stdout == "max 100000\n"
+    return "" if ok else f"cannot mount a fake cgroup (needs root): {probe.stderr.strip()}"
+
+
+def test_the_thread_budget_follows_affinity_and_the_cgroup_quota(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """README: --threads 0 means the cores this process may use — its CPU affinity, capped by
+    the cgroup quota (v2 cpu.max, or v1's cfs quota) — and auto lanes are one per usable core.
+    Real servers under taskset and over a fake /sys/fs/cgroup report what they chose in
+    GetModelInfo: (decode lanes, intra-op threads of each)."""
+    why = _can_fake_a_cgroup(tmp_path)
+    if why:
+        pytest.skip(why)
+    half = {"cpu/cpu.cfs_quota_us": "50000", "cpu/cpu.cfs_period_us": "100000"}  # cgroup v1
+    cases = {  # name: CPUs, the fake cgroup's files (None: the real one), serve flags
+        "CPU 0": ("0", None, ()),
+        "CPUs 0,1": ("0,1", {"cpu.max": "max 100000"}, ()),
+        "CPUs 0,1, 1 lane": ("0,1", {"cpu.max": "max 100000"}, ("--lanes", "1")),
+        "CPUs 0,1, v2 quota 0.5, 1 lane": ("0,1", {"cpu.max": "50000 100000"}, ("--lanes", "1")),
+        "CPUs 0,1, v1 quota 0.5, 1 lane": ("0,1", half, ("--lanes", "1")),
+    }
+    procs = {}
+    for i, (name, (cpus, cgroup, flags)) in enumerate(cases.items()):
+        wrap = _fake_cgroup(tmp_path, str(i), cgroup) if cgroup else []
+        procs[name] = start(tiny_bundle, "--drain-delay-s", "0", *flags,
+                            wrap=[*wrap, "taskset", "-c", cpus])  # fmt: skip
+    chosen = {}
+    try:
+        for name, (proc, port) in procs.items():
+            wait_serving(port, proc, timeout=120)
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                info = pb_grpc.TranslatorStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+            chosen[name] = (info.decode_lanes, info.threads_per_lane)
+    finally:
+        for proc, _ in procs.values():
+            proc.terminate()
+        for proc, _ in procs.values():
+            proc.wait(60)
+    assert chosen == {
+        "CPU 0": (1, 1),
+        "CPUs 0,1": (2, 1),
+        "CPUs 0,1, 1 lane": (1, 2),
+        "CPUs 0,1, v2 quota 0.5, 1 lane": (1, 1),
+        "CPUs 0,1, v1 quota 0.5, 1 lane": (1, 1),
+    }

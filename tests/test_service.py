@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
+import logging
+import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -28,8 +33,9 @@ from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
 from service.runtime import usable_cores
 from service.translator import RequestOptions
-from tests.conftest import ServerThread
+from tests.conftest import ServerThread, free_port
 from tests.doubles import before_each_step, fail_once
+from tests.test_docs import README
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +350,7 @@ def test_a_failing_batch_fails_only_its_sentences(stub, server) -> None:
 
 @pytest.fixture(scope="module")
 def one_lane_server(tiny_bundle: Path) -> Iterator[ServerThread]:
-    srv = ServerThread(tiny_bundle, metrics_port=0, lanes=1)
+    srv = ServerThread(tiny_bundle, metrics_port=free_port(), lanes=1)
     srv.wait_serving()
     yield srv
     srv.stop()
@@ -355,23 +361,27 @@ def one_lane_server(tiny_bundle: Path) -> Iterator[ServerThread]:
 BATCH_BOUNDS = {1: 16, 2: 32}
 
 
+LAYOUTS = ("packed", "padded")  # a label's series is exported once it has been counted
+
+
+def encoder_figures(metrics: dict[str, float]) -> tuple[float, float, float]:
+    """Admissions, encoder runs (both layouts) and real source tokens encoded, as scraped."""
+    runs = sum(metrics.get(f'nmtserve_encoder_runs_total{{layout="{k}"}}', 0.0) for k in LAYOUTS)
+    tokens = metrics['nmtserve_encoder_positions_total{kind="token"}']  # the warm-up's at least
+    return metrics["nmtserve_batches_total"], runs, tokens
+
+
 @pytest.mark.parametrize("kind", ["two lanes", "one lane"])
 def test_64_concurrent_calls_share_batches(request, kind, tiny_run) -> None:
+    """Read from the metrics endpoint, as an operator sees them: the admissions (batches) the
+    64 concurrent calls took, each one encoder run, and every real source token counted."""
     server = request.getfixturevalue({"two lanes": "server", "one lane": "one_lane_server"}[kind])
     channel = grpc.insecure_channel(server.target)
     request.addfinalizer(channel.close)
     stub = pb_grpc.TranslatorStub(channel)
     src = (sources(tiny_run) * 4)[:64]
     solo = [stub.Translate(pb.TranslateRequest(sentences=[s]), timeout=30).results[0] for s in src]
-    metrics = server.server.metrics
-    batches_before = metrics.batches._value.get()
-
-    def encoder_figures() -> tuple[float, float, float]:
-        runs = sum(metrics.encoder_runs.labels(k)._value.get() for k in ("packed", "padded"))
-        pos = metrics.encoder_positions
-        return runs, pos.labels("token")._value.get(), pos.labels("padding")._value.get()
-
-    runs_before, tokens_before, _ = encoder_figures()
+    batches_before, runs_before, tokens_before = encoder_figures(server.scrape())
     barrier = threading.Barrier(64)
 
     def call(s: str) -> pb.TranslationResult:
@@ -380,14 +390,113 @@ def test_64_concurrent_calls_share_batches(request, kind, tiny_run) -> None:
 
     with ThreadPoolExecutor(64) as pool:
         together = list(pool.map(call, src))
-    batches = metrics.batches._value.get() - batches_before
+    batches, runs, tokens = encoder_figures(server.scrape())
+    batches -= batches_before
     bound = BATCH_BOUNDS[server.cfg.scheduler.lanes]
-    assert batches <= bound, f"64 concurrent calls took {batches} batches"
-    runs, tokens, _ = encoder_figures()
+    assert 0 < batches <= bound, f"64 concurrent calls took {batches} batches"
     assert runs - runs_before == batches  # every admission one encoder run, packed or padded
     encode = server.server.translator.encode
     assert tokens - tokens_before == sum(len(encode(s)) for s in src)  # real tokens, counted
     assert [list(r.token_ids) for r in together] == [list(r.token_ids) for r in solo]
+
+
+def readme_metrics() -> set[str]:
+    """The metric names README.md's "Metrics" section lists."""
+    section = README.split("### Metrics (`--metrics-port`)\n", 1)[1].split("\n### ", 1)[0]
+    return set(re.findall(r"\bnmtserve_[a-z_]+[a-z]", section))
+
+
+def metric_value(metrics: dict[str, float], name: str) -> float | None:
+    """A metric summed over its labels (a histogram: its number of observations); None when
+    the endpoint does not export it."""
+    for sample in (name, f"{name}_count"):
+        values = [v for k, v in metrics.items() if k == sample or k.startswith(sample + "{")]
+        if values:
+            return sum(values)
+    return None
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+class Steps:
+    """A before_each_step hook that runs the actions queued for the next steps in turn
+    (wait for an event, raise), then lets steps run."""
+
+    def __init__(self) -> None:
+        self.actions: list[Callable[[], object]] = []
+
+    def __call__(self) -> None:
+        if self.actions:
+            self.actions.pop(0)()
+
+    def hold(self) -> threading.Event:
+        gate = threading.Event()
+        self.actions.append(lambda: gate.wait(30))
+        return gate
+
+    def fail(self) -> None:
+        def raise_() -> None:
+            raise RuntimeError("injected fault")
+
+        self.actions.append(raise_)
+
+
+def test_every_readme_metric_moves_under_a_workload(one_lane_server: ServerThread) -> None:
+    """README's promise that its metrics are there: each one it lists is scraped from the
+    endpoint before, during and after translations, a refused call, a failing batch, a call
+    whose deadline passes and a cancelled one, and has moved (the gauges while calls wait
+    behind a held decoder step). Every metric the endpoint exports is listed too."""
+    srv = one_lane_server
+    listed = readme_metrics()
+    assert len(listed) >= 17, listed
+    before = srv.scrape()
+    names = {k.split("{")[0] for k in before}
+    exported = {re.sub(r"_(bucket|count|sum)$", "", n) for n in names if not n.endswith("_created")}
+    assert sorted(exported - listed) == [], "exported, not in the README's Metrics section"
+    steps = Steps()
+    steps.fail()
+    gate = steps.hold()
+    with grpc.insecure_channel(srv.target) as ch, before_each_step(srv.scheduler, steps):
+        stub = pb_grpc.TranslatorStub(ch)
+        with pytest.raises(grpc.RpcError) as failed:
+            stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30)
+        assert failed.value.code() == grpc.StatusCode.INTERNAL
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Translate(pb.TranslateRequest(), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        held = stub.Translate.future(pb.TranslateRequest(sentences=["eight thousand"] * 2))
+        admitted = before["nmtserve_batches_total"] + 2  # the failed one's, then this one's
+        wait_for(lambda: srv.scrape()["nmtserve_batches_total"] == admitted, "the admission")
+        late = stub.Translate.future(pb.TranslateRequest(sentences=["six"] * 2), timeout=0.5)
+        gone = stub.Translate.future(pb.TranslateRequest(sentences=["nine"] * 2))
+        wait_for(lambda: srv.scrape()["nmtserve_queue_depth"] == 4, "4 sentences queued")
+        during = srv.scrape()
+        gone.cancel()
+        assert late.exception(30).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        gate.set()
+        assert len(held.result(30).results) == 2
+        assert stub.Translate(pb.TranslateRequest(sentences=["three", "forty-two"]), timeout=30)
+    code = 'nmtserve_requests_total{{code="{}",method="Translate"}}'
+
+    def moved(name: str, after: dict[str, float]) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    wait_for(lambda: moved(code.format("CANCELLED"), srv.scrape()) == 1, "the cancel counted")
+    after = srv.scrape()
+    codes = {"OK": 2, "INVALID_ARGUMENT": 1, "INTERNAL": 1, "DEADLINE_EXCEEDED": 1, "CANCELLED": 1}
+    assert {c: moved(code.format(c), after) for c in codes} == codes
+    assert moved('nmtserve_sentences_dropped_total{reason="deadline"}', after) == 2
+    assert moved('nmtserve_sentences_dropped_total{reason="cancelled"}', after) == 2
+    assert moved("nmtserve_sentences_failed_total", after) == 1
+    assert during["nmtserve_result_buffer_bytes"] > 0 == after["nmtserve_result_buffer_bytes"]
+    values = {n: [metric_value(m, n) for m in (before, during, after)] for n in listed}
+    still = sorted(n for n, v in values.items() if v[2] is None or len(set(v)) == 1)
+    assert still == [], f"README metrics that did not move (or are not exported): {still}"
 
 
 # ----------------------------------------------------------------------------- health etc.
@@ -443,27 +552,103 @@ def test_health_not_serving_until_loaded(tiny_bundle: Path, monkeypatch) -> None
         srv.stop()
 
 
-@pytest.mark.parametrize("fmt", ["text", "json"])
-def test_log_lines_carry_the_request_id(fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
-    import logging
-
-    from service.logs import setup_logging
+@contextlib.contextmanager
+def captured_logs() -> Iterator[Callable[[], list[tuple[str, list[str]]]]]:
+    """The server's logging as `serve --log-format json` sets it up, plus a text handler. Yields
+    a function that returns the records logged since its last call: (message, the request ids
+    of its JSON object), after checking that its text line ends in the same ids."""
+    from service.logs import TextFormatter, setup_logging
 
     root = logging.getLogger()
     saved = root.handlers[:], root.level
+    json_out, text_out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(json_out):
+        setup_logging("json", "info")  # its handler writes to sys.stderr as it is now
+    text = logging.StreamHandler(text_out)
+    text.setFormatter(TextFormatter())
+    root.addHandler(text)
+    read = [0, 0]
+
+    def records() -> list[tuple[str, list[str]]]:
+        objects = [json.loads(line) for line in json_out.getvalue()[read[0] :].splitlines()]
+        heads = [
+            line
+            for line in text_out.getvalue()[read[1] :].splitlines()
+            if re.match(r"\d{4}-\d\d-\d\d \d", line)  # not a traceback's line
+        ]
+        read[:] = [len(json_out.getvalue()), len(text_out.getvalue())]
+        out = [(o["message"], [o["request_id"]] if "request_id" in o else o.get("request_ids", []))
+               for o in objects]  # fmt: skip
+        ends = [f" [{', '.join(ids)}]" if ids else "" for _, ids in out]
+        assert [h[len(h) - len(end) :] for h, end in zip(heads, ends, strict=True)] == ends, heads
+        return out
+
     try:
-        setup_logging(fmt, "info")
-        logging.getLogger("nmtserve.test").info("refused", extra={"request_id": "rid-42"})
-        logging.getLogger("nmtserve.test").info("no id")
+        yield records
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
-    with_id, without = capsys.readouterr().err.splitlines()
-    if fmt == "json":
-        assert json.loads(with_id)["request_id"] == "rid-42"
-        assert "request_id" not in json.loads(without)
-    else:
-        assert with_id.endswith("nmtserve.test: refused [rid-42]") and without.endswith("no id")
+
+
+def test_log_lines_carry_the_request_id(one_lane_server: ServerThread) -> None:
+    """Calls with request ids that make the server log — a refused input, a deadline that
+    passes while decoding, a client's cancel, a decode batch that fails with two calls'
+    sentences in it: every line logged while each ran carries its id (the batch's line both),
+    as JSON fields and at the end of text lines."""
+    srv, steps = one_lane_server, Steps()
+    channel = grpc.insecure_channel(srv.target)
+    translate = pb_grpc.TranslatorStub(channel).Translate
+
+    def ask(rid: str, *sentences: str, timeout: float = 30) -> Any:
+        return translate.future(pb.TranslateRequest(sentences=sentences, request_id=rid), timeout)
+
+    def decoding(rid: str, sentence: str, timeout: float = 30) -> Any:
+        """A call whose sentence has been admitted (its first step is held)."""
+        before = srv.scrape()["nmtserve_batches_total"]
+        call = ask(rid, sentence, timeout=timeout)
+        wait_for(lambda: srv.scrape()["nmtserve_batches_total"] == before + 1, "the admission")
+        return call
+
+    def code(call: Any) -> grpc.StatusCode:
+        return call.exception(30).code()
+
+    with channel, captured_logs() as records, before_each_step(srv.scheduler, steps):
+        assert code(ask("rid-refused")) == grpc.StatusCode.INVALID_ARGUMENT
+        no_sentences = "request refused: INVALID_ARGUMENT sentences: the request has no sentences"
+        assert records() == [(no_sentences, ["rid-refused"])]
+
+        gate = steps.hold()
+        assert code(decoding("rid-late", "six", timeout=0.5)) == grpc.StatusCode.DEADLINE_EXCEEDED
+        late = "request refused: DEADLINE_EXCEEDED deadline passed before the translation finished"
+        assert records() == [(late, ["rid-late"])]
+        gate.set()
+
+        gate, gone = steps.hold(), decoding("rid-gone", "seven")
+        gone.cancel()
+        got: list[tuple[str, list[str]]] = []
+
+        def logged() -> bool:
+            got.extend(records())
+            return bool(got)
+
+        wait_for(logged, "the cancel's line")
+        assert got == [("request cancelled by the client", ["rid-gone"])]
+        gate.set()
+
+        gate = steps.hold()
+        steps.fail()  # the step after the held one, with both calls' sentences in the batch
+        first = decoding("rid-a", "eight thousand")
+        # enough sentences that the running batch takes them at once (scheduler.group_ready)
+        n = (srv.cfg.scheduler.max_batch_rows - 1) // 2
+        second = ask("rid-b", *["nine thousand"] * n)
+        wait_for(lambda: srv.scrape()["nmtserve_queue_depth"] == n, "the second call queued")
+        gate.set()
+        assert code(first) == code(second) == grpc.StatusCode.INTERNAL
+        assert sorted(records()) == [
+            (f"decode batch failed: {n + 1} sentence(s) of 2 request(s)", ["rid-a", "rid-b"]),
+            ("request failed", ["rid-a"]),
+            ("request failed", ["rid-b"]),
+        ]
 
 
 def test_an_answer_gone_with_its_client_is_one_info_line(
