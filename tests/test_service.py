@@ -246,28 +246,93 @@ def test_empty_string_gives_empty_translation(stub) -> None:
     assert resp.results[2].token_ids
 
 
+# Any Unicode within the token limit (24 source tokens here) is translated, however many
+# characters it has: runs of whitespace collapse, and a run of characters the tokenizer does not
+# know is one <unk>, so each 10,000-character sentence below is at most 4 tokens.
+WITHIN_THE_TOKEN_LIMIT = {
+    "emoji": "😀 one 🚀",
+    "right-to-left": "مرحبا one",
+    "right-to-left override": "\u202eright-to-left override",
+    "combining marks": "e\u0301\u0302 combining",
+    "control characters": "\x00\x01\x1b[31m control",
+    "tab and newline": "tab\there\nnewline",
+    "zero width": "\ufeff\u200b zero width",
+    "NUL": "one\x00two",
+    "10,000 characters: spaces": "one" + " " * 9_994 + "two",
+    "10,000 characters: emoji": "😀" * 10_000,
+    "10,000 characters: right-to-left": "ש" * 10_000,
+    "10,000 characters: combining marks": "e" + "\u0301" * 9_999,
+    "10,000 characters: control characters": "\x1b" * 10_000,
+    "10,000 characters: NUL": "\x00" * 10_000,
+}
+
+
+@pytest.mark.parametrize("text", WITHIN_THE_TOKEN_LIMIT.values(), ids=WITHIN_THE_TOKEN_LIMIT.keys())
+def test_any_unicode_within_the_token_limit_is_translated(
+    stub, server: ServerThread, reference, text: str
+) -> None:
+    """Translated (OK), and exactly as PyTorch's greedy decoding translates its token ids."""
+    model, tok, limits = reference
+    ids, served = tok.encode(text), server.server.translator
+    assert served is not None and served.encode(text) == ids  # the same tokenizer
+    assert len(ids) <= limits.max_source_tokens
+    assert len(text) < 100 or len(text) == 10_000
+    [expected] = translate_ids(model, [ids], [limits.target_limit(len(ids))])
+    r = stub.Translate(pb.TranslateRequest(sentences=["one", text]), timeout=30).results[1]
+    assert (r.index, list(r.token_ids), r.translation) == (1, expected, tok.decode(expected))
+    assert r.finish_reason in {"eos", "length"}
+
+
+@pytest.fixture
+def encodes(server: ServerThread, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The characters of each sentence the server's tokenizer is given, from now on."""
+    assert server.server.translator is not None
+    tok = server.server.translator.tok
+    seen: list[int] = []
+    real = tok.encode
+
+    def encode(text: str) -> list[int]:
+        seen.append(len(text))
+        return real(text)
+
+    monkeypatch.setattr(tok, "encode", encode)
+    return seen
+
+
 @pytest.mark.parametrize(
-    "text",
+    ("text", "why"),
     [
-        "😀 one 🚀",
-        "مرحبا one",
-        "e\u0301\u0302 combining",
-        "\x00\x01\x1b[31m control",
-        "tab\there\nnewline",
-        "\u202eright-to-left override",
-        "x" * 10_000,
-        "\ufeff\u200b zero width",
+        ("x" * 10_000, "sentence 1 has 10001 tokens, over the source limit of 24 tokens"),
+        ("😀 " * 5_000, "sentence 1 has 10000 tokens, over the source limit of 24 tokens"),
+        (
+            "one " * 20_000,
+            "sentence 1 has 80000 characters, over the server's limit of 65536 characters "
+            "per call: refused before tokenizing",
+        ),
     ],
+    ids=["10,000 characters, 10,001 tokens", "10,000 characters, 10,000 tokens", "80,000 chars"],
 )
-def test_any_unicode_is_translated_or_refused_clearly(stub, text) -> None:
-    try:
-        r = stub.Translate(pb.TranslateRequest(sentences=[text]), timeout=30).results[0]
-        assert isinstance(r.translation, str)
-    except grpc.RpcError as e:
-        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert bad_request(e)[0][0] == "sentences[0]"
-    # and the server keeps serving
+def test_a_sentence_over_a_limit_is_refused_naming_it(stub, encodes, text: str, why: str) -> None:
+    """INVALID_ARGUMENT naming the sentence and why; one over the character limit is refused
+    before it is tokenized (its neighbours are not tokenized either: the call is refused)."""
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Translate(pb.TranslateRequest(sentences=["one", text, "two"]), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(e.value) == [("sentences[1]", why)]
+    tokenized = [3, len(text), 3] if "tokens" in why else []
+    assert encodes == tokenized
     assert stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30).results
+
+
+def test_a_call_over_the_character_limit_is_refused_as_a_whole(stub, encodes) -> None:
+    """Two sentences within the character limit each, over it together: the call is named."""
+    half = "one " * 10_000  # 40,000 characters, 10,000 tokens
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Translate(pb.TranslateRequest(sentences=[half, half]), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    why = "80000 characters in one call, over the server's limit of 65536 characters per call"
+    assert bad_request(e.value) == [("sentences", f"{why}: split the request")]
+    assert encodes == []
 
 
 @pytest.mark.parametrize(
