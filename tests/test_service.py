@@ -6,7 +6,7 @@ import dataclasses
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from service.bundle import Limits
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
 from service.runtime import usable_cores
+from service.scheduler import DeadlineExceeded
 from service.translator import RequestOptions
 from tests.conftest import ServerThread
 from tests.doubles import before_each_step, fail_once
@@ -393,6 +394,71 @@ def test_client_cancel_drops_the_work(stub, server) -> None:
             time.sleep(0.02)
         assert server.server.metrics.dropped_total.labels("cancelled")._value.get() > before
     assert stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30).results
+
+
+# Candidates for a sentence that the tiny model decodes to its output limit: greedy decoding
+# of a small model repeats itself on input unlike its corpus. Which one does depends on the
+# trained weights, so the fixture asks the server.
+LONG_CANDIDATES = [c * 22 for c in "zqjkvwy"] + ["x x x x x x x x x x x", "z z z z z z z z z z z"]
+SHORT = "one"  # "eins": one token, then EOS
+
+
+@pytest.fixture(scope="module")
+def long_sentence(stub) -> tuple[str, int]:
+    """A sentence the tiny model decodes in many steps (at least 16; 24 is the limit), and
+    its output tokens; SHORT takes two steps (its token, then EOS)."""
+    results = stub.Translate(pb.TranslateRequest(sentences=LONG_CANDIDATES), timeout=60).results
+    best = max(results, key=lambda r: len(r.token_ids))
+    assert len(best.token_ids) >= 16, [len(r.token_ids) for r in results]
+    short = stub.Translate(pb.TranslateRequest(sentences=[SHORT]), timeout=30).results[0]
+    assert len(short.token_ids) == 1 and short.finish_reason == "eos"
+    return LONG_CANDIDATES[best.index], len(best.token_ids)
+
+
+def wait_until(done: Callable[[], bool], seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("via", ["gRPC", "scheduler"])
+def test_a_deadline_passing_while_decoding_stops_the_decoding(
+    stub, server, long_sentence, via: str
+) -> None:
+    """The long sentence (at least 16 steps) with a deadline 1 s away: three steps of 0.05 s,
+    then a fourth that lasts until the deadline has passed. The decoder steps spent on it after
+    its deadline, as the engine counts them (nmtserve_decode_rows_past_deadline_total; it is
+    the only sentence decoding), are exactly that fourth one: it leaves the batch at the step
+    boundary. Through gRPC (where the handler also gives the call up at its deadline) and
+    through the scheduler alone (nothing cancels the sentence: only its deadline stops it)."""
+    text, tokens = long_sentence
+    m, sched, tr = server.server.metrics, server.scheduler, server.server.translator
+    late, steps = m.late_rows._value, m.steps._value
+    expired = m.dropped_total.labels("deadline")._value
+    finished = [m.sentences.labels(r)._value for r in ("eos", "length")]
+    rid, start = f"late-{via}", time.monotonic()
+    past = start + 1.1  # later than the sentence's deadline, which is at start + 1 at most
+    seen: list[None] = []
+
+    def stall() -> None:
+        seen.append(None)
+        time.sleep(0.05 if len(seen) <= 3 else max(0.05, past - time.monotonic()))
+
+    before = late.get(), steps.get(), expired.get(), [f.get() for f in finished]
+    with before_each_step(sched, stall):
+        if via == "gRPC":
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Translate(pb.TranslateRequest(sentences=[text], request_id=rid), timeout=1)
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        else:
+            jobs = tr.prepare([text], RequestOptions(), start + 1, rid)
+            with pytest.raises(DeadlineExceeded, match="deadline passed while decoding"):
+                tr.queue(jobs).futures[0].result(timeout=30)
+        wait_until(lambda: sched.holding(rid) == 0 and expired.get() > before[2])
+    assert (late.get() - before[0], steps.get() - before[1]) == (1, 4) and tokens > 4
+    assert sched.holding(rid) == 0
+    assert expired.get() == before[2] + 1  # dropped, not finished
+    assert [f.get() for f in finished] == before[3]
 
 
 def test_a_failing_batch_fails_only_its_sentences(stub, server) -> None:
