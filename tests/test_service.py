@@ -461,6 +461,70 @@ def test_a_deadline_passing_while_decoding_stops_the_decoding(
     assert [f.get() for f in finished] == before[3]
 
 
+def test_a_stream_sends_each_result_as_its_sentence_finishes(server, long_sentence) -> None:
+    """The long sentence first in the call, the short one second: the short one's result
+    arrives first, while the long one is still decoding (steps of 0.05 s: it needs 0.8 s or
+    more, the short one 0.1 s)."""
+    text, tokens = long_sentence
+    rid = "stream-order"
+    with (
+        grpc.insecure_channel(server.target) as ch,
+        before_each_step(server.scheduler, lambda: time.sleep(0.05)),
+    ):
+        stream = pb_grpc.TranslatorStub(ch).TranslateStream(
+            pb.TranslateRequest(sentences=[text, SHORT], request_id=rid), timeout=60
+        )
+        first = next(stream)
+        assert first.index == 1 and first.translation == "eins"
+        assert server.scheduler.holding(rid) == 1  # the long one, still decoding
+        rest = list(stream)
+    assert [r.index for r in rest] == [0] and len(rest[0].token_ids) == tokens
+    assert server.scheduler.holding(rid) == 0
+
+
+def test_cancelling_a_stream_drops_its_unfinished_sentences(server, long_sentence, monkeypatch):
+    """Ten sentences, the second short, four rows at most per lane (so some wait in the queue);
+    once the short one's result has arrived, both lanes are held at their next step and the
+    stream is cancelled. Its queued sentences leave the queue at once, while the lanes still
+    hold its rows; when the lanes go on, its rows leave them at that step. The scheduler then
+    holds none of the call's sentences, and the other nine were dropped (counted as
+    cancelled), not decoded to their end (steps of 0.1 s: they need 1.6 s or more)."""
+    text, _ = long_sentence
+    sched, m = server.scheduler, server.server.metrics
+    monkeypatch.setattr(sched, "cfg", dataclasses.replace(sched.cfg, max_batch_rows=4))
+    cancelled = m.dropped_total.labels("cancelled")._value
+    finished = [m.sentences.labels(r)._value for r in ("eos", "length")]
+    rid, go, held_lanes = "stream-cancel", threading.Event(), []
+    go.set()
+
+    def step() -> None:
+        if not go.is_set():
+            held_lanes.append(threading.current_thread().name)
+            go.wait(10)
+        time.sleep(0.1)
+
+    with grpc.insecure_channel(server.target) as ch, before_each_step(sched, step):
+        try:
+            before = cancelled.get(), sum(f.get() for f in finished)
+            request = pb.TranslateRequest(sentences=[text, SHORT] + [text] * 8, request_id=rid)
+            stream = pb_grpc.TranslatorStub(ch).TranslateStream(request, timeout=60)
+            assert next(stream).index == 1
+            go.clear()
+            wait_until(lambda: len(set(held_lanes)) == 2)
+            assert len(set(held_lanes)) == 2  # both lanes decode its rows, and are held now
+            held, queued = sched.holding(rid), sched.queued
+            assert held == 9 and queued > 0  # lanes hold four rows each at most
+            stream.cancel()
+            wait_until(lambda: sched.queued == 0, seconds=5)
+            assert sched.queued == 0 and sched.holding(rid) == held - queued
+        finally:
+            go.set()
+        wait_until(lambda: sched.holding(rid) == 0 and cancelled.get() == before[0] + 9)
+    assert sched.holding(rid) == 0 and sched.queued == 0
+    assert cancelled.get() == before[0] + 9
+    assert sum(f.get() for f in finished) == before[1] + 1  # the short one only
+
+
 def test_a_failing_batch_fails_only_its_sentences(stub, server) -> None:
     with before_each_step(server.scheduler, fail_once("injected fault")):
         with pytest.raises(grpc.RpcError) as e:
