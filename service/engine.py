@@ -429,6 +429,9 @@ class StepStats:
     rows: int  # live rows decoded
     padding_waste: float  # share of (slot, source position) cells computed for no live row
     seconds: float
+    # Of the rows, those whose sentence's deadline had passed when the step began: work for
+    # nobody. The scheduler drops such rows between steps, so a sentence adds at most one.
+    late_rows: int = 0
 
 
 class Engine:
@@ -514,11 +517,12 @@ class Engine:
     ) -> tuple[list[tuple[SentenceJob, SentenceResult]], DecodeBatch | None, StepStats]:
         """Generates one token for every row. Returns the finished sentences, the batch of the
         rows still going (None when none is), and the step's figures."""
-        t0 = time.perf_counter()
+        t0, now = time.perf_counter(), time.monotonic()
         tidy = batch.tidy()
         if tidy is None:
             return [], None, StepStats(0, 0.0, 0.0)
         live = tidy.live
+        late = sum(1 for r in tidy.live_rows() if r.job.expired(now))
         logits, cross_attn, after = tidy.decode(self.rt)
         nxt = logits.argmax(axis=-1)  # (B,)
         finished: list[tuple[SentenceJob, SentenceResult]] = []
@@ -530,7 +534,7 @@ class Engine:
             if reason is not None:
                 finished.append((row.job, self._result(row, reason)))
                 done.append(i)
-        stats = StepStats(len(live), tidy.padding_waste, time.perf_counter() - t0)
+        stats = StepStats(len(live), tidy.padding_waste, time.perf_counter() - t0, late)
         if len(done) == len(live):
             return finished, None, stats
         return finished, after.advanced(nxt, done), stats

@@ -58,6 +58,12 @@ class Metrics(Observer):
             registry=r,
         )
         self.steps = Counter("nmtserve_decode_steps", "Decoder steps run", registry=r)
+        self.late_rows = Counter(
+            "nmtserve_decode_rows_past_deadline",
+            "Rows decoded in a step that began after their sentence's deadline: work for nobody "
+            "(the row leaves the batch after that step, so at most one per sentence)",
+            registry=r,
+        )
         self.rows = Histogram(
             "nmtserve_batch_rows",
             "Live rows per decoder step",
@@ -104,6 +110,7 @@ class Metrics(Observer):
 
     def stepped(self, stats: StepStats) -> None:
         self.steps.inc()
+        self.late_rows.inc(stats.late_rows)
         self.rows.observe(stats.rows)
         self.padding.observe(stats.padding_waste)
         self.decoder_seconds.observe(stats.seconds)

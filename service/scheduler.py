@@ -380,12 +380,26 @@ class Scheduler:
     def queued_tokens(self) -> int:
         return self._queued_tokens
 
+    def holding(self, request_id: str) -> int:
+        """Sentences of the call(s) under this request id that the scheduler holds now: waiting
+        in the queue, being admitted into a lane, or being decoded. 0 once a call has ended,
+        whether its sentences finished or were dropped."""
+        with self._cond:
+            held = {id(p): p for call in self._calls for p in call.waiting}
+            for lane in self._lanes:
+                # a lane's own thread changes its rows without the lock; tuple() copies them in
+                # one step under the GIL (a row moving from admitting to running is in both)
+                held |= {id(p): p for p in (*lane.admitting, *tuple(lane.running.values()))}
+        return sum(1 for p in held.values() if p.job.request_id == request_id)
+
     # ------------------------------------------------------------------ completion
+
+    # Counted before the caller is told: a caller that has its answer finds it in the metrics.
 
     def _finish(self, lane: _Lane, job: SentenceJob, result: SentenceResult) -> None:
         p = lane.running.pop(id(job))
-        settle(p.future, result)
         self.obs.finished(result)
+        settle(p.future, result)
 
     def _drop(self, p: _Pending, now: float, where: str) -> None:
         """Ends a sentence whose deadline passed or whose caller went away."""
@@ -395,8 +409,8 @@ class Scheduler:
             if expired
             else Cancelled(f"cancelled {where}")
         )
-        settle(p.future, error=error)
         self.obs.dropped("deadline" if expired else "cancelled")
+        settle(p.future, error=error)
 
     def _fail(self, pending: list[_Pending], error: BaseException) -> None:
         for p in pending:

@@ -41,6 +41,7 @@ from service.security import TokenAuth, load_tokens, server_credentials
 from service.settings import INT32, check, setting
 from service.streaming import ResultBuffer, on_loop, stream, window_bytes
 from service.translator import (
+    MAX_CALL_CHARS,
     MAX_REQUEST_ID,
     ModelInfo,
     RequestOptions,
@@ -82,6 +83,14 @@ class ServerConfig:
     metrics_port: int = setting(0, "Prometheus /metrics HTTP port (0: off)", 0, 65535)
     metrics_host: str = setting("127.0.0.1", "address of the metrics endpoint")
     max_sentences: int = setting(256, "sentences per request at most", 1, 1_000_000)
+    max_call_chars: int = setting(
+        MAX_CALL_CHARS,
+        "characters of one call's sentences together, at most (INVALID_ARGUMENT above), checked "
+        "before tokenizing so that no call stalls the server on megabytes of text; a sentence "
+        "within the token limit is translated however many characters it has, up to this",
+        1,
+        INT32,
+    )
     max_message_bytes: int = setting(
         4 * 1024 * 1024, "largest gRPC message received or sent", 1024, INT32
     )
@@ -651,6 +660,7 @@ class Server:
             self.metrics,
             cfg.max_message_bytes,
             self._fatal_from_thread,
+            cfg.max_call_chars,
         )
         tr.start()
         log.info("bundle loaded and verified in %.2fs", time.perf_counter() - t)

@@ -24,6 +24,12 @@ MAX_REQUEST_ID = 128
 # A response also carries the request id: at most MAX_REQUEST_ID characters of up to 4 bytes
 # each, with its tag and length.
 _REQUEST_ID_BYTES = 4 * MAX_REQUEST_ID + 4
+# Characters of one call's sentences together, at most (the server's --max-call-chars): checked
+# before anything is tokenized, since tokenizing runs on the event loop (about a microsecond a
+# character: a megabyte stalls every call for a second). The token limits are what bound a
+# sentence; this only bounds the work of finding out: 16 characters per token of the default
+# per-call limit of 4096 tokens, several times what text in any script needs.
+MAX_CALL_CHARS = 65_536
 MAX_VIOLATIONS = 10  # listed in an error (the rest counted), so that it fits the metadata limit
 
 
@@ -100,19 +106,16 @@ class Translator:
         observer: Observer | None = None,
         max_message_bytes: int = 4 * 1024 * 1024,
         on_fatal: Callable[[BaseException], None] | None = None,
+        max_call_chars: int = MAX_CALL_CHARS,
     ) -> None:
         self.bundle = bundle
         self.limits = bundle.limits
         self.max_sentences = max_sentences
         self.max_message_bytes = max_message_bytes
         self.tok: TextTokenizer = load_tokenizer(bundle)
-        # The longest piece in bytes bounds the text of a translation of T tokens; in characters,
-        # the longest sentence that T source tokens can hold (longer ones are refused before
-        # tokenizing, which would stall the event loop on megabytes of text).
-        pieces = self.tok.all_pieces()
-        self.max_piece_bytes = max(len(p.encode("utf-8")) for p in pieces)
-        self.max_piece_chars = max(len(p) for p in pieces)
-        self.max_sentence_chars = self.limits.max_source_tokens * self.max_piece_chars
+        self.max_call_chars = max_call_chars
+        # The longest piece in bytes bounds the text of a translation of T tokens.
+        self.max_piece_bytes = max(len(p.encode("utf-8")) for p in self.tok.all_pieces())
         self.n_layers = int(bundle.model["n_decoder_layers"])
         self.n_heads = int(bundle.model["n_heads"])
         scheduler_cfg = scheduler_cfg or SchedulerConfig()
@@ -179,7 +182,10 @@ class Translator:
         problems += self._option_problems(opts)
         encoded: list[list[int]] = []
         if len(sentences) <= self.max_sentences:
-            encoded = self._encode_all(sentences, problems, opts.target_language)
+            too_long = self._character_problems(sentences)
+            problems += too_long
+            if not too_long:
+                encoded = self._encode_all(sentences, problems, opts.target_language)
         if not problems:
             problems += self._check_size(encoded, opts, streaming)
         if problems:
@@ -234,25 +240,37 @@ class Translator:
             ]
         return []
 
+    def _character_problems(self, sentences: list[str]) -> list[tuple[str, str]]:
+        """A call over the character limit, refused before any of it is tokenized: each
+        sentence over the limit by itself named, else the call."""
+        cap = self.max_call_chars
+        chars = sum(len(s) for s in sentences)
+        if chars <= cap:
+            return []
+        named = [
+            (
+                f"sentences[{i}]",
+                f"sentence {i} has {len(s)} characters, over the server's limit of {cap} "
+                "characters per call: refused before tokenizing",
+            )
+            for i, s in enumerate(sentences)
+            if len(s) > cap
+        ]
+        return named or [
+            (
+                "sentences",
+                f"{chars} characters in one call, over the server's limit of {cap} characters "
+                "per call: split the request",
+            )
+        ]
+
     def _encode_all(
         self, sentences: list[str], problems: list[tuple[str, str]], target_language: str = ""
     ) -> list[list[int]]:
-        """Every sentence's token ids; those over the source limit are added to problems (a
-        sentence too long in characters is refused before tokenizing: no stall)."""
+        """Every sentence's token ids; those over the source limit are added to problems."""
         lim = self.limits
         encoded: list[list[int]] = []
         for i, s in enumerate(sentences):
-            if len(s) > self.max_sentence_chars:
-                problems.append(
-                    (
-                        f"sentences[{i}]",
-                        f"sentence {i} has {len(s)} characters, more than "
-                        f"{lim.max_source_tokens} tokens of at most {self.max_piece_chars} "
-                        f"characters each can hold: over the source limit of "
-                        f"{lim.max_source_tokens} tokens",
-                    )
-                )
-                continue
             ids = self.encode(s, target_language)
             if len(ids) > lim.max_source_tokens:
                 problems.append(

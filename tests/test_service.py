@@ -32,6 +32,7 @@ from service.bundle import Limits
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
 from service.runtime import usable_cores
+from service.scheduler import DeadlineExceeded
 from service.translator import RequestOptions
 from tests.conftest import ServerThread, free_port
 from tests.doubles import before_each_step, fail_once
@@ -252,28 +253,93 @@ def test_empty_string_gives_empty_translation(stub) -> None:
     assert resp.results[2].token_ids
 
 
+# Any Unicode within the token limit (24 source tokens here) is translated, however many
+# characters it has: runs of whitespace collapse, and a run of characters the tokenizer does not
+# know is one <unk>, so each 10,000-character sentence below is at most 4 tokens.
+WITHIN_THE_TOKEN_LIMIT = {
+    "emoji": "😀 one 🚀",
+    "right-to-left": "مرحبا one",
+    "right-to-left override": "\u202eright-to-left override",
+    "combining marks": "e\u0301\u0302 combining",
+    "control characters": "\x00\x01\x1b[31m control",
+    "tab and newline": "tab\there\nnewline",
+    "zero width": "\ufeff\u200b zero width",
+    "NUL": "one\x00two",
+    "10,000 characters: spaces": "one" + " " * 9_994 + "two",
+    "10,000 characters: emoji": "😀" * 10_000,
+    "10,000 characters: right-to-left": "ש" * 10_000,
+    "10,000 characters: combining marks": "e" + "\u0301" * 9_999,
+    "10,000 characters: control characters": "\x1b" * 10_000,
+    "10,000 characters: NUL": "\x00" * 10_000,
+}
+
+
+@pytest.mark.parametrize("text", WITHIN_THE_TOKEN_LIMIT.values(), ids=WITHIN_THE_TOKEN_LIMIT.keys())
+def test_any_unicode_within_the_token_limit_is_translated(
+    stub, server: ServerThread, reference, text: str
+) -> None:
+    """Translated (OK), and exactly as PyTorch's greedy decoding translates its token ids."""
+    model, tok, limits = reference
+    ids, served = tok.encode(text), server.server.translator
+    assert served is not None and served.encode(text) == ids  # the same tokenizer
+    assert len(ids) <= limits.max_source_tokens
+    assert len(text) < 100 or len(text) == 10_000
+    [expected] = translate_ids(model, [ids], [limits.target_limit(len(ids))])
+    r = stub.Translate(pb.TranslateRequest(sentences=["one", text]), timeout=30).results[1]
+    assert (r.index, list(r.token_ids), r.translation) == (1, expected, tok.decode(expected))
+    assert r.finish_reason in {"eos", "length"}
+
+
+@pytest.fixture
+def encodes(server: ServerThread, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The characters of each sentence the server's tokenizer is given, from now on."""
+    assert server.server.translator is not None
+    tok = server.server.translator.tok
+    seen: list[int] = []
+    real = tok.encode
+
+    def encode(text: str) -> list[int]:
+        seen.append(len(text))
+        return real(text)
+
+    monkeypatch.setattr(tok, "encode", encode)
+    return seen
+
+
 @pytest.mark.parametrize(
-    "text",
+    ("text", "why"),
     [
-        "😀 one 🚀",
-        "مرحبا one",
-        "e\u0301\u0302 combining",
-        "\x00\x01\x1b[31m control",
-        "tab\there\nnewline",
-        "\u202eright-to-left override",
-        "x" * 10_000,
-        "\ufeff\u200b zero width",
+        ("x" * 10_000, "sentence 1 has 10001 tokens, over the source limit of 24 tokens"),
+        ("😀 " * 5_000, "sentence 1 has 10000 tokens, over the source limit of 24 tokens"),
+        (
+            "one " * 20_000,
+            "sentence 1 has 80000 characters, over the server's limit of 65536 characters "
+            "per call: refused before tokenizing",
+        ),
     ],
+    ids=["10,000 characters, 10,001 tokens", "10,000 characters, 10,000 tokens", "80,000 chars"],
 )
-def test_any_unicode_is_translated_or_refused_clearly(stub, text) -> None:
-    try:
-        r = stub.Translate(pb.TranslateRequest(sentences=[text]), timeout=30).results[0]
-        assert isinstance(r.translation, str)
-    except grpc.RpcError as e:
-        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert bad_request(e)[0][0] == "sentences[0]"
-    # and the server keeps serving
+def test_a_sentence_over_a_limit_is_refused_naming_it(stub, encodes, text: str, why: str) -> None:
+    """INVALID_ARGUMENT naming the sentence and why; one over the character limit is refused
+    before it is tokenized (its neighbours are not tokenized either: the call is refused)."""
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Translate(pb.TranslateRequest(sentences=["one", text, "two"]), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(e.value) == [("sentences[1]", why)]
+    tokenized = [3, len(text), 3] if "tokens" in why else []
+    assert encodes == tokenized
     assert stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30).results
+
+
+def test_a_call_over_the_character_limit_is_refused_as_a_whole(stub, encodes) -> None:
+    """Two sentences within the character limit each, over it together: the call is named."""
+    half = "one " * 10_000  # 40,000 characters, 10,000 tokens
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Translate(pb.TranslateRequest(sentences=[half, half]), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    why = "80000 characters in one call, over the server's limit of 65536 characters per call"
+    assert bad_request(e.value) == [("sentences", f"{why}: split the request")]
+    assert encodes == []
 
 
 @pytest.mark.parametrize(
@@ -334,6 +400,135 @@ def test_client_cancel_drops_the_work(stub, server) -> None:
             time.sleep(0.02)
         assert server.server.metrics.dropped_total.labels("cancelled")._value.get() > before
     assert stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30).results
+
+
+# Candidates for a sentence that the tiny model decodes to its output limit: greedy decoding
+# of a small model repeats itself on input unlike its corpus. Which one does depends on the
+# trained weights, so the fixture asks the server.
+LONG_CANDIDATES = [c * 22 for c in "zqjkvwy"] + ["x x x x x x x x x x x", "z z z z z z z z z z z"]
+SHORT = "one"  # "eins": one token, then EOS
+
+
+@pytest.fixture(scope="module")
+def long_sentence(stub) -> tuple[str, int]:
+    """A sentence the tiny model decodes in many steps (at least 16; 24 is the limit), and
+    its output tokens; SHORT takes two steps (its token, then EOS)."""
+    results = stub.Translate(pb.TranslateRequest(sentences=LONG_CANDIDATES), timeout=60).results
+    best = max(results, key=lambda r: len(r.token_ids))
+    assert len(best.token_ids) >= 16, [len(r.token_ids) for r in results]
+    short = stub.Translate(pb.TranslateRequest(sentences=[SHORT]), timeout=30).results[0]
+    assert len(short.token_ids) == 1 and short.finish_reason == "eos"
+    return LONG_CANDIDATES[best.index], len(best.token_ids)
+
+
+def wait_until(done: Callable[[], bool], seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("via", ["gRPC", "scheduler"])
+def test_a_deadline_passing_while_decoding_stops_the_decoding(
+    stub, server, long_sentence, via: str
+) -> None:
+    """The long sentence (at least 16 steps) with a deadline 1 s away: three steps of 0.05 s,
+    then a fourth that lasts until the deadline has passed. The decoder steps spent on it after
+    its deadline, as the engine counts them (nmtserve_decode_rows_past_deadline_total; it is
+    the only sentence decoding), are exactly that fourth one: it leaves the batch at the step
+    boundary. Through gRPC (where the handler also gives the call up at its deadline) and
+    through the scheduler alone (nothing cancels the sentence: only its deadline stops it)."""
+    text, tokens = long_sentence
+    m, sched, tr = server.server.metrics, server.scheduler, server.server.translator
+    late, steps = m.late_rows._value, m.steps._value
+    expired = m.dropped_total.labels("deadline")._value
+    finished = [m.sentences.labels(r)._value for r in ("eos", "length")]
+    rid, start = f"late-{via}", time.monotonic()
+    past = start + 1.1  # later than the sentence's deadline, which is at start + 1 at most
+    seen: list[None] = []
+
+    def stall() -> None:
+        seen.append(None)
+        time.sleep(0.05 if len(seen) <= 3 else max(0.05, past - time.monotonic()))
+
+    before = late.get(), steps.get(), expired.get(), [f.get() for f in finished]
+    with before_each_step(sched, stall):
+        if via == "gRPC":
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Translate(pb.TranslateRequest(sentences=[text], request_id=rid), timeout=1)
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        else:
+            jobs = tr.prepare([text], RequestOptions(), start + 1, rid)
+            with pytest.raises(DeadlineExceeded, match="deadline passed while decoding"):
+                tr.queue(jobs).futures[0].result(timeout=30)
+        wait_until(lambda: sched.holding(rid) == 0 and expired.get() > before[2])
+    assert (late.get() - before[0], steps.get() - before[1]) == (1, 4) and tokens > 4
+    assert sched.holding(rid) == 0
+    assert expired.get() == before[2] + 1  # dropped, not finished
+    assert [f.get() for f in finished] == before[3]
+
+
+def test_a_stream_sends_each_result_as_its_sentence_finishes(server, long_sentence) -> None:
+    """The long sentence first in the call, the short one second: the short one's result
+    arrives first, while the long one is still decoding (steps of 0.05 s: it needs 0.8 s or
+    more, the short one 0.1 s)."""
+    text, tokens = long_sentence
+    rid = "stream-order"
+    with (
+        grpc.insecure_channel(server.target) as ch,
+        before_each_step(server.scheduler, lambda: time.sleep(0.05)),
+    ):
+        stream = pb_grpc.TranslatorStub(ch).TranslateStream(
+            pb.TranslateRequest(sentences=[text, SHORT], request_id=rid), timeout=60
+        )
+        first = next(stream)
+        assert first.index == 1 and first.translation == "eins"
+        assert server.scheduler.holding(rid) == 1  # the long one, still decoding
+        rest = list(stream)
+    assert [r.index for r in rest] == [0] and len(rest[0].token_ids) == tokens
+    assert server.scheduler.holding(rid) == 0
+
+
+def test_cancelling_a_stream_drops_its_unfinished_sentences(server, long_sentence, monkeypatch):
+    """Ten sentences, the second short, four rows at most per lane (so some wait in the queue);
+    once the short one's result has arrived, both lanes are held at their next step and the
+    stream is cancelled. Its queued sentences leave the queue at once, while the lanes still
+    hold its rows; when the lanes go on, its rows leave them at that step. The scheduler then
+    holds none of the call's sentences, and the other nine were dropped (counted as
+    cancelled), not decoded to their end (steps of 0.1 s: they need 1.6 s or more)."""
+    text, _ = long_sentence
+    sched, m = server.scheduler, server.server.metrics
+    monkeypatch.setattr(sched, "cfg", dataclasses.replace(sched.cfg, max_batch_rows=4))
+    cancelled = m.dropped_total.labels("cancelled")._value
+    finished = [m.sentences.labels(r)._value for r in ("eos", "length")]
+    rid, go, held_lanes = "stream-cancel", threading.Event(), []
+    go.set()
+
+    def step() -> None:
+        if not go.is_set():
+            held_lanes.append(threading.current_thread().name)
+            go.wait(10)
+        time.sleep(0.1)
+
+    with grpc.insecure_channel(server.target) as ch, before_each_step(sched, step):
+        try:
+            before = cancelled.get(), sum(f.get() for f in finished)
+            request = pb.TranslateRequest(sentences=[text, SHORT] + [text] * 8, request_id=rid)
+            stream = pb_grpc.TranslatorStub(ch).TranslateStream(request, timeout=60)
+            assert next(stream).index == 1
+            go.clear()
+            wait_until(lambda: len(set(held_lanes)) == 2)
+            assert len(set(held_lanes)) == 2  # both lanes decode its rows, and are held now
+            held, queued = sched.holding(rid), sched.queued
+            assert held == 9 and queued > 0  # lanes hold four rows each at most
+            stream.cancel()
+            wait_until(lambda: sched.queued == 0, seconds=5)
+            assert sched.queued == 0 and sched.holding(rid) == held - queued
+        finally:
+            go.set()
+        wait_until(lambda: sched.holding(rid) == 0 and cancelled.get() == before[0] + 9)
+    assert sched.holding(rid) == 0 and sched.queued == 0
+    assert cancelled.get() == before[0] + 9
+    assert sum(f.get() for f in finished) == before[1] + 1  # the short one only
 
 
 def test_a_failing_batch_fails_only_its_sentences(stub, server) -> None:
