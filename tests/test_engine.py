@@ -192,9 +192,11 @@ def _with_copies(tiny_bundle: Path, copies: str, packing: str) -> Engine:
 
 
 def _on_device(batch: DecodeBatch) -> bool:
+    """Every cache tensor is an OrtValue; a fresh batch's empty past (no values) aside."""
     import onnxruntime as ort
 
-    return all(isinstance(v, ort.OrtValue) for v in batch.past + batch.cross)
+    past = batch.past if batch.past_len else []
+    return all(isinstance(v, ort.OrtValue) for v in past + batch.cross)
 
 
 def _admitting(
@@ -202,8 +204,9 @@ def _admitting(
 ) -> tuple[list[SentenceResult], dict[str, int]]:
     """Decodes srcs under a stream of newcomers (the same for a given seed): free slots
     reused, batches joined, compaction, stale columns cut, the source widened. Returns the
-    results in order and how often each happened; with device copies, checks that the caches
-    handed from step to step (and from an admission to the next step) stay OrtValues."""
+    results in order and how often each happened. With device copies, checks that the caches
+    are OrtValues in every batch an admission, a compaction or a step hands on (the batch a
+    step decodes is tidied here first, which makes the step's own tidy() a no-op)."""
     rng = random.Random(seed)
     jobs = [job(s, rng.randint(1, 12), exact=rng.random() < 0.5) for s in srcs]
     index = {id(j): i for i, j in enumerate(jobs)}
@@ -223,14 +226,14 @@ def _admitting(
                 longest = max(len(srcs[i]) for i in take[:free]) if free else 0
                 seen["widened"] += longest > width
             batch = engine.admit(batch, [jobs[i] for i in take])
-            assert not device or batch.past_len == 0 or _on_device(batch)
-        assert batch is not None
-        before, past = len(batch), batch.past_len
-        done, batch, _ = engine.step(batch)
-        if batch is not None:
-            seen["compacted"] += len(batch) < before
-            seen["cut"] += batch.past_len < past + 1  # on compaction, or alone
             assert not device or _on_device(batch)
+        assert batch is not None
+        tidy = batch.tidy()
+        assert tidy is not None and (not device or _on_device(tidy))
+        seen["compacted"] += len(tidy) < len(batch)
+        seen["cut"] += tidy.past_len < batch.past_len  # on compaction, or alone
+        done, batch, _ = engine.step(tidy)
+        assert batch is None or not device or _on_device(batch)
         results.update({index[id(j)]: r for j, r in done})
     return [results[i] for i in range(len(jobs))], seen
 
