@@ -83,9 +83,10 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
 # The service extra brings the CPU onnxruntime; onnxruntime-gpu of the same version replaces it.
+# The cuda extra (onnx) builds the copy graphs that keep the KV cache on the GPU.
 RUN python3 -m venv /opt/nmtserve \
     && /opt/nmtserve/bin/pip install --upgrade pip \
-    && /opt/nmtserve/bin/pip install ".[service]" "onnxruntime==${ORT_VERSION}" \
+    && /opt/nmtserve/bin/pip install ".[service,cuda]" "onnxruntime==${ORT_VERSION}" \
     && /opt/nmtserve/bin/pip uninstall --yes onnxruntime \
     && /opt/nmtserve/bin/pip install "onnxruntime-gpu==${ORT_VERSION}" \
     && rm -rf /opt/nmtserve/lib/python3*/site-packages/pip

@@ -12,7 +12,7 @@ BUNDLE ?= models/default
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[export,import,service,dev,plot,loadtest,bench]'
+	$(PY) -m pip install --quiet -e '.[export,import,service,cuda,dev,plot,loadtest,bench]'
 	touch $@
 
 install: $(VENV)/.installed

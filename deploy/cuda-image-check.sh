@@ -30,6 +30,8 @@ docker build --network host --target cuda --build-arg CUDA_BASE_IMAGE="$STANDIN"
   || { tail -30 /tmp/nmtserve-build-cuda.log; exit 1; }
 docker run --rm --entrypoint python nmtserve:check-cuda -c "
 import importlib.metadata as md, onnxruntime as ort
+from service.devicecache import DeviceCacheOps  # onnx is there, and this onnxruntime loads
+DeviceCacheOps(['CPUExecutionProvider'], 'cpu')  # the copy graphs (on its CPU provider: no GPU)
 print('python', __import__('sys').version.split()[0])
 print('onnxruntime-gpu', md.version('onnxruntime-gpu'), 'providers:', ort.get_available_providers())
 assert 'CUDAExecutionProvider' in ort.get_available_providers()

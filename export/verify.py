@@ -30,6 +30,7 @@ from export.model import KV, EncoderOutput, ModelConfig, StepOutput, Transformer
 from export.tokenizer import Tokenizer
 from export.train import score, translate_ids
 from service.bundle import Bundle, Limits
+from service.cacheops import to_host
 from service.engine import DecodeOptions, Engine, SentenceJob
 from service.runtime import Runtime, RuntimeConfig
 
@@ -250,7 +251,7 @@ def compare_packed(
     tokens = np.array([t for r, n in zip(rows, sizes, strict=True) for t in (r or [cfg.pad_id])])
     positions = np.concatenate([np.arange(n) for n in sizes])
     segments = np.repeat(np.arange(len(rows)), sizes)
-    outs = rt.encode_packed(tokens, positions, segments)  # 2L × (H, T, Dh)
+    outs = [o[0] for o in to_host(rt.encode_packed(tokens, positions, segments))]  # (H, T, Dh)
     kv_diff = 0.0
     for i, (row, n) in enumerate(zip(rows, sizes, strict=True)):
         ids = torch.tensor([row or [cfg.pad_id]])
@@ -347,7 +348,7 @@ def compare_grid(
                 n = int(torch.randint(1, s + 1, (1,), generator=gen))
                 ids[i, n:], mask[i, n:] = cfg.pad_id, 0
             enc = model.encode(ids, mask)
-            cross = rt.encode(ids.numpy(), mask.numpy())
+            cross = to_host(rt.encode(ids.numpy(), mask.numpy()))
             diffs = {
                 "cross_kv": max(
                     _max_diff(o, t) for o, t in zip(cross, _flat(enc.cross_kv), strict=True)

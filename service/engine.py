@@ -37,7 +37,8 @@ from typing import ClassVar, TypeVar
 import numpy as np
 
 from service.bundle import Limits
-from service.runtime import Cache, Runtime, to_host
+from service.cacheops import HOST, Cache, CacheOps
+from service.runtime import Runtime
 
 
 class AttentionMode(enum.IntEnum):
@@ -133,7 +134,8 @@ class DecodeBatch(ABC):
     """Decoder state of B slots and S source positions; the subclass lays out the cache.
 
     rows[i] is None where slot i is free: its arrays hold stale, masked data until a newcomer
-    takes the slot or the batch is compacted."""
+    takes the slot or the batch is compacted. The caches are copied by `ops` (the runtime's
+    ``CacheOps``: on the device where they live there), the small host arrays with numpy."""
 
     rows: list[Row | None]
     tokens: np.ndarray  # (B,) the last token of each row
@@ -141,12 +143,13 @@ class DecodeBatch(ABC):
     src_mask: np.ndarray  # (B, S)
     past: list[Cache]  # 2L self-attention caches, as the layout keeps them
     cross: list[Cache]  # 2L × (B, H, S, Dh); on the device with IO binding
+    ops: CacheOps = field(kw_only=True)
     inplace: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
     def fresh(
-        cls, rt: Runtime, rows: list[Row | None], src_mask: np.ndarray, cross: list[np.ndarray]
+        cls, rt: Runtime, rows: list[Row | None], src_mask: np.ndarray, cross: list[Cache]
     ) -> DecodeBatch:
         """Rows just encoded, before their first step."""
 
@@ -175,12 +178,6 @@ class DecodeBatch(ABC):
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    def host(self) -> DecodeBatch:
-        """Brings device-resident caches to host memory (before the arrays are reshaped)."""
-        self.past = to_host(self.past)
-        self.cross = to_host(self.cross)
-        return self
 
     @property
     def source_len(self) -> int:
@@ -223,7 +220,6 @@ class DecodeBatch(ABC):
     def filter(self: _B, keep: list[int]) -> _B:
         """Only the slots at `keep`; the source axis shrinks to what the rows still need (and
         the layout's cache to what they use)."""
-        self.host()
         idx = np.asarray(keep, dtype=np.int64)
         rows = [self.rows[i] for i in keep]
         s = max(max((r.source_len for r in rows if r is not None), default=0), 1)
@@ -232,8 +228,8 @@ class DecodeBatch(ABC):
             rows=rows,
             tokens=self.tokens[idx],
             positions=self.positions[idx],
-            src_mask=np.ascontiguousarray(self.src_mask[idx][:, :s]),
-            cross=[np.ascontiguousarray(c[idx][:, :, :s]) for c in self.cross],
+            src_mask=HOST.take(self.src_mask, idx, 1, 0, s),
+            cross=[self.ops.take(c, idx, 2, 0, s) for c in self.cross],
         )
 
     def tidy(self) -> DecodeBatch | None:
@@ -252,54 +248,36 @@ class DecodeBatch(ABC):
         """Right-pads the source axis to s positions (masked) so longer newcomers fit."""
         if s <= self.source_len:
             return
-        extra = s - self.source_len
-        self.src_mask = np.pad(self.src_mask, ((0, 0), (0, extra)))
-        self.cross = [np.pad(c, ((0, 0), (0, 0), (0, extra), (0, 0))) for c in to_host(self.cross)]
+        self.src_mask = HOST.pad(self.src_mask, 1, s)
+        self.cross = [self.ops.pad(c, 2, s) for c in self.cross]
 
-    def place(self: _B, slot: int, other: _B, j: int) -> None:
-        """Puts row j of a fresh batch (not decoded yet) into free slot `slot`."""
-        row = other.rows[j]
-        assert row is not None and self.rows[slot] is None and other.past_len == 0
-        self.host()
-        s = row.source_len  # ≤ self.source_len (see widen_source)
-        self.rows[slot] = row
-        self.tokens[slot] = other.tokens[j]
-        self.positions[slot] = other.positions[j]
-        self.src_mask[slot] = 0
-        self.src_mask[slot, :s] = other.src_mask[j, :s]
-        for c, oc in zip(to_host(self.cross), to_host(other.cross), strict=True):
-            c[slot, :, :s] = oc[j, :, :s]
-            c[slot, :, s:] = 0
+    def place(self: _B, slots: list[int], other: _B, rows: list[int]) -> None:
+        """Puts rows `rows` of a fresh batch (not decoded yet) into free slots `slots`."""
+        new = [other.rows[j] for j in rows]
+        assert other.past_len == 0 and all(self.rows[i] is None for i in slots)
+        lengths = [r.source_len for r in new if r is not None]  # ≤ self.source_len (widen_source)
+        assert len(lengths) == len(slots) == len(rows)
+        for i, r in zip(slots, new, strict=True):
+            self.rows[i] = r
+        self.tokens[slots] = other.tokens[rows]
+        self.positions[slots] = other.positions[rows]
+        self.src_mask = HOST.place(self.src_mask, slots, other.src_mask, rows, lengths, 1)
+        pairs = zip(self.cross, other.cross, strict=True)
+        self.cross = [self.ops.place(c, slots, oc, rows, lengths, 2) for c, oc in pairs]
 
     def concatenate(self: _B, other: _B) -> _B:
         """Rows of self then other, the shorter source right-padded (the layout joins the
         caches)."""
-        a, b = self.host(), other.host()
-        s = max(a.source_len, b.source_len)
+        s = max(self.source_len, other.source_len)
+        pairs = zip(self.cross, other.cross, strict=True)
         return replace(
             self,
-            rows=a.rows + b.rows,
-            tokens=np.concatenate([a.tokens, b.tokens]),
-            positions=np.concatenate([a.positions, b.positions]),
-            src_mask=_stack(a.src_mask, b.src_mask, s, 1, at_end=False),
-            cross=[_stack(x, y, s, 2, at_end=False) for x, y in zip(a.cross, b.cross, strict=True)],
+            rows=self.rows + other.rows,
+            tokens=np.concatenate([self.tokens, other.tokens]),
+            positions=np.concatenate([self.positions, other.positions]),
+            src_mask=HOST.stack(self.src_mask, other.src_mask, 1, s, at_end=False),
+            cross=[self.ops.stack(x, y, 2, s, at_end=False) for x, y in pairs],
         )
-
-
-def _stack(x: np.ndarray, y: np.ndarray, width: int, axis: int, at_end: bool) -> np.ndarray:
-    """Stacks x over y along the batch axis, padding `axis` to width with zeros, on the left
-    (at_end: the data sits at the end, as in left-padded caches) or right."""
-    shape = list(x.shape)
-    shape[0] = x.shape[0] + y.shape[0]
-    shape[axis] = width
-    out = np.zeros(shape, x.dtype)
-    for part, rows in ((x, slice(0, x.shape[0])), (y, slice(x.shape[0], None))):
-        n = part.shape[axis]
-        span = slice(width - n, width) if at_end else slice(0, n)
-        index = [rows] + [slice(None)] * (x.ndim - 1)
-        index[axis] = span
-        out[tuple(index)] = part
-    return out
 
 
 @dataclass
@@ -312,11 +290,12 @@ class ConcatBatch(DecodeBatch):
 
     @classmethod
     def fresh(
-        cls, rt: Runtime, rows: list[Row | None], src_mask: np.ndarray, cross: list[np.ndarray]
+        cls, rt: Runtime, rows: list[Row | None], src_mask: np.ndarray, cross: list[Cache]
     ) -> ConcatBatch:
         n, past = len(rows), rt.empty_past(len(rows))
         empty = np.zeros((n, 0), np.int64)
-        return cls(rows, *cls._first_step(rt, n), src_mask, past, cross, self_mask=empty)
+        first = cls._first_step(rt, n)
+        return cls(rows, *first, src_mask, past, cross, ops=rt.cache_ops, self_mask=empty)
 
     @property
     def past_len(self) -> int:
@@ -340,24 +319,24 @@ class ConcatBatch(DecodeBatch):
         """Also drops the leading cache columns that no remaining row uses."""
         out = super().filter(keep)
         idx = np.asarray(keep, dtype=np.int64)
-        self_mask = self.self_mask[idx]
-        used = self_mask[out.live].any(axis=0)
-        start = int(np.argmax(used)) if used.any() else self_mask.shape[1]
-        out.self_mask = np.ascontiguousarray(self_mask[:, start:])
-        out.past = [np.ascontiguousarray(p[idx][:, :, start:]) for p in to_host(self.past)]
+        p = self.past_len
+        used = self.self_mask[idx][out.live].any(axis=0)
+        start = int(np.argmax(used)) if used.any() else p
+        out.self_mask = HOST.take(self.self_mask, idx, 1, start, p)
+        out.past = [self.ops.take(c, idx, 2, start, p) for c in self.past]
         return out
 
-    def place(self, slot: int, other: ConcatBatch, j: int) -> None:
-        super().place(slot, other, j)
-        self.self_mask[slot] = 0  # none of the cached columns is the newcomer's
+    def place(self, slots: list[int], other: ConcatBatch, rows: list[int]) -> None:
+        super().place(slots, other, rows)
+        self.self_mask[slots] = 0  # none of the cached columns is the newcomers'
 
     def concatenate(self, other: ConcatBatch) -> ConcatBatch:
         """The shorter past is left-padded."""
         out = super().concatenate(other)
         p = max(self.past_len, other.past_len)
-        out.self_mask = _stack(self.self_mask, other.self_mask, p, 1, at_end=True)
-        pairs = zip(to_host(self.past), to_host(other.past), strict=True)
-        out.past = [_stack(x, y, p, 2, at_end=True) for x, y in pairs]
+        out.self_mask = HOST.stack(self.self_mask, other.self_mask, 1, p, at_end=True)
+        pairs = zip(self.past, other.past, strict=True)
+        out.past = [self.ops.stack(x, y, 2, p, at_end=True) for x, y in pairs]
         return out
 
 
@@ -371,11 +350,11 @@ class InPlaceBatch(DecodeBatch):
 
     @classmethod
     def fresh(
-        cls, rt: Runtime, rows: list[Row | None], src_mask: np.ndarray, cross: list[np.ndarray]
+        cls, rt: Runtime, rows: list[Row | None], src_mask: np.ndarray, cross: list[Cache]
     ) -> InPlaceBatch:
         """Buffers of no rows yet: reserve() grows them (rows that join a batch take its)."""
         first = cls._first_step(rt, len(rows))
-        return cls(rows, *first, src_mask, rt.cache_buffers(0, 0), cross)
+        return cls(rows, *first, src_mask, rt.cache_buffers(0, 0), cross, ops=rt.cache_ops)
 
     def decode(self, rt: Runtime) -> tuple[np.ndarray, list[np.ndarray], InPlaceBatch]:
         logits, cross_attn = rt.step_inplace(
@@ -461,7 +440,7 @@ class Engine:
             batch.reserve(max(n, self.capacity), self._cache_length(jobs))
         return batch
 
-    def _encode(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+    def _encode(self, ids: np.ndarray, mask: np.ndarray) -> list[Cache]:
         """Cross K/V (B, H, S, Dh) of a padded batch, through the cheaper encoder layout."""
         t0 = time.perf_counter()
         n, s = ids.shape
@@ -469,11 +448,8 @@ class Engine:
         packed = self.packs(n, s, tokens)
         if packed:
             rows, cols = np.nonzero(mask)  # row-major: every row's tokens in order
-            cross = []
-            for kv in self.rt.encode_packed(ids[rows, cols], cols, rows):  # (H, T, Dh)
-                out = np.zeros((n, kv.shape[0], s, kv.shape[2]), np.float32)
-                out[rows, :, cols] = kv.transpose(1, 0, 2)  # token t → row rows[t], cols[t]
-                cross.append(out)
+            kvs = self.rt.encode_packed(ids[rows, cols], cols, rows)  # 2L × (1, H, T, Dh)
+            cross = [self.rt.cache_ops.unpack(kv, rows, cols, n, s) for kv in kvs]
         else:
             cross = self.rt.encode(ids, mask)
         self.last_encode = EncodeStats(
@@ -506,8 +482,7 @@ class Engine:
         n = min(len(free), len(new))
         if n:
             batch.widen_source(max(new.rows[k].source_len for k in range(n)))  # type: ignore[union-attr]
-            for k in range(n):
-                batch.place(free[k], new, k)
+            batch.place(free[:n], new, list(range(n)))
         if n == len(new):
             return batch
         return batch.concatenate(new.filter(list(range(n, len(new)))) if n else new)

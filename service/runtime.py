@@ -8,12 +8,14 @@ cgroup quota, not the host's count), shared out among the scheduler's decode lan
 
 IO binding (``RuntimeConfig.io_binding``, on with CUDA): the decoder's present key/value outputs
 are bound to device memory and fed back as the next step's past inputs without a trip through
-host memory, and the cross-attention keys/values are copied to the device once and reused
-every step. Only the logits and the (small) cross-attention weights come back to the host each
-step. Cache values are then ``Cache`` objects (``onnxruntime.OrtValue``) rather than numpy
-arrays; ``to_host`` turns them back when the batch's membership changes (onnxruntime's Python
-API has no device-side gather or scatter), after which they go back to the device at the next
-step. On CPU the same code path runs against host memory, which is how the tests exercise it.
+host memory, and the cross-attention keys/values stay on the device and are reused every step.
+Only the logits and the (small) cross-attention weights come back to the host each step. Cache
+values are then ``Cache`` objects (``onnxruntime.OrtValue``) rather than numpy arrays. When the
+batch's membership changes, ``cache_ops`` (``service.cacheops``, chosen once here:
+``RuntimeConfig.cache_copies``) copies them: on CUDA with copy graphs on the device
+(``service.devicecache``), so that the caches never pass through host memory, the encoder's
+output included; elsewhere in host memory. On CPU both code paths run against host memory,
+which is how the tests exercise them.
 
 In-place KV cache (``RuntimeConfig.kv_cache``, used on CPU when the bundle carries
 ``decoder_kv.onnx``): every cache is one preallocated host buffer (capacity rows, H, M, Dh),
@@ -37,33 +39,18 @@ import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TypeAlias
 
 import numpy as np
 import onnxruntime as ort
 
 from service.bundle import Bundle, BundleError, graph_io, sha256_bytes
+from service.cacheops import HOST, Cache, CacheOps, host_array, on_device, to_host
 from service.settings import check, setting
 
 log = logging.getLogger("nmtserve.runtime")
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-
-# A cache tensor: a numpy array in host memory, or an OrtValue where IO binding keeps it on the
-# execution provider's device.
-Cache: TypeAlias = "np.ndarray | ort.OrtValue"
-
-
-def host_array(v: ort.OrtValue) -> np.ndarray:
-    """A numpy copy of an OrtValue. The copy matters on CPU too: OrtValue.numpy() there is a
-    view of memory that onnxruntime may free or reuse (measured: wrong tokens without it)."""
-    return np.array(v.numpy(), copy=True)
-
-
-def to_host(values: list[Cache]) -> list[np.ndarray]:
-    """Cache tensors as numpy arrays (copied from the device where they live there)."""
-    return [host_array(v) if isinstance(v, ort.OrtValue) else v for v in values]
 
 
 def usable_cores() -> int:
@@ -115,6 +102,8 @@ class RuntimeConfig:
     arena: bool = False  # onnxruntime's CPU memory arena (keeps a high-water mark per shape mix)
     io_binding: str = setting("auto", choices=("on", "off", "auto"))  # auto: on with CUDA
     kv_cache: str = setting("auto", choices=("inplace", "concat", "auto"))  # see the docstring
+    # auto: device with CUDA (needs IO binding; see the docstring)
+    cache_copies: str = setting("auto", choices=("host", "device", "auto"))
     packing: str = setting("auto", choices=("auto", "always", "off"))  # see the docstring
 
     def __post_init__(self) -> None:
@@ -227,6 +216,54 @@ def choose_graphs(bundle: Bundle, cfg: RuntimeConfig, provider: str) -> tuple[st
     return packing, has_kv and provider != CUDA and cfg.kv_cache != "concat"
 
 
+def open_session(
+    bundle: Bundle, precision: str, part: str, opts: ort.SessionOptions, providers: list[str]
+) -> ort.InferenceSession:
+    """A graph's session, its input and output names checked (they are fed and read by name:
+    the contract's GraphIO, which the manifest records)."""
+    path = bundle.graph(precision, part)
+    name = bundle.manifest["onnx"]["graphs"][precision][part]
+    # From its bytes, not its path: onnxruntime then cannot follow the graph to external data
+    # files that the manifest does not list and no checksum covers.
+    data = path.read_bytes()
+    if sha256_bytes(data) != bundle.sha256(name):  # changed since it was checked
+        raise BundleError(bundle.directory, [f"{name}: sha256 does not match"])
+    try:
+        session = ort.InferenceSession(data, opts, providers=providers)
+    except Exception as e:  # onnxruntime's own errors are no RuntimeError subclass
+        why = f"{name}: onnxruntime cannot load it ({type(e).__name__}: {e})"
+        raise BundleError(bundle.directory, [why]) from e
+    check_io(bundle, precision, part, session)
+    return session
+
+
+def choose_cache_ops(
+    cfg: RuntimeConfig,
+    device: str,
+    io_binding: bool,
+    providers: list[str],
+    opts: ort.SessionOptions,
+) -> CacheOps:
+    """Where the batch's cache copies run: on the device with CUDA where IO binding keeps the
+    caches there (or when forced, as the tests do on CPU); else in host memory."""
+    auto = cfg.cache_copies == "auto"
+    if cfg.cache_copies == "host" or (auto and not (device == "cuda" and io_binding)):
+        return HOST
+    if not io_binding:
+        raise RuntimeError(
+            "cache_copies 'device' keeps the caches in device memory, which needs IO binding "
+            "(the concat decoder, io_binding 'on', or 'auto' with CUDA)"
+        )
+    try:  # onnx builds the copy graphs: the cuda extra, which the CPU image does not carry
+        from service.devicecache import DeviceCacheOps
+    except ImportError as e:
+        raise RuntimeError(
+            f"device-side cache copies need the onnx package ({e}): "
+            "pip install 'nmtserve[cuda]' beside onnxruntime-gpu"
+        ) from e
+    return DeviceCacheOps(providers, device, opts)
+
+
 class Runtime:
     """The encoder and decoder sessions of one bundle, one precision."""
 
@@ -251,22 +288,7 @@ class Runtime:
         providers = providers_for(cfg.provider)
 
         def open_graph(part: str) -> ort.InferenceSession:
-            """A graph's session, its input and output names checked (they are fed and read
-            by name: the contract's GraphIO, which the manifest records)."""
-            path = bundle.graph(cfg.precision, part)
-            name = bundle.manifest["onnx"]["graphs"][cfg.precision][part]
-            # From its bytes, not its path: onnxruntime then cannot follow the graph to
-            # external data files that the manifest does not list and no checksum covers.
-            data = path.read_bytes()
-            if sha256_bytes(data) != bundle.sha256(name):  # changed since it was checked
-                raise BundleError(bundle.directory, [f"{name}: sha256 does not match"])
-            try:
-                session = ort.InferenceSession(data, opts, providers=providers)
-            except Exception as e:  # onnxruntime's own errors are no RuntimeError subclass
-                why = f"{name}: onnxruntime cannot load it ({type(e).__name__}: {e})"
-                raise BundleError(bundle.directory, [why]) from e
-            check_io(bundle, cfg.precision, part, session)
-            return session
+            return open_session(bundle, cfg.precision, part, opts, providers)
 
         self.encoder = open_graph("encoder")
         self.provider = self.encoder.get_providers()[0]
@@ -285,6 +307,7 @@ class Runtime:
         self.io_binding = not self.inplace and (
             cfg.io_binding == "on" or (cfg.io_binding == "auto" and self.provider == CUDA)
         )
+        self.cache_ops = choose_cache_ops(cfg, self.device, self.io_binding, providers, opts)
         # Cache rows hold positions 0..limit-1 (the last step writes position limit-1).
         self.cache_length = bundle.limits.max_target_tokens + 1
         log.info("%s", self.describe())
@@ -294,7 +317,10 @@ class Runtime:
         if self.inplace:
             cache = f"in place (preallocated, {self.cache_length} positions per row)"
         elif self.io_binding:
-            cache = f"concatenated, kept in {self.device} memory (IO binding)"
+            cache = (
+                f"concatenated, kept in {self.device} memory (IO binding), "
+                f"copied on admission and compaction in {self.cache_ops.where} memory"
+            )
         else:
             cache = "concatenated"
         packing = {"auto": "packed where cheaper than padded", "always": "packed", "off": "padded"}
@@ -312,11 +338,11 @@ class Runtime:
             f"{self.threads} intra-op threads, KV cache {cache}, encoder {packing[self.packing]}"
         )
 
-    def encode(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
-        """ids, mask (B, S) int64 → cross K/V of every decoder layer, 2L arrays (B, H, S, Dh)."""
-        return list(
-            self.encoder.run(self.encoder_kv_names, {"input_ids": ids, "attention_mask": mask})
-        )
+    def encode(self, ids: np.ndarray, mask: np.ndarray) -> list[Cache]:
+        """ids, mask (B, S) int64 → cross K/V of every decoder layer, 2L × (B, H, S, Dh),
+        where cache_ops keeps caches (device memory with device copies)."""
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        return self.cache_ops.run(self.encoder, self.encoder_kv_names, feeds)
 
     def warm_up(self) -> None:
         """Runs each encoder graph once (the decoder runs in the first real decode)."""
@@ -327,19 +353,17 @@ class Runtime:
 
     def encode_packed(
         self, tokens: np.ndarray, positions: np.ndarray, segments: np.ndarray
-    ) -> list[np.ndarray]:
+    ) -> list[Cache]:
         """Sentences end to end: tokens, positions (in each sentence), segments (sentence
-        index), each (T,) int64 → cross K/V of every decoder layer, 2L arrays (H, T, Dh)."""
+        index), each (T,) int64 → cross K/V of every decoder layer, 2L × (1, H, T, Dh), where
+        cache_ops keeps caches (``CacheOps.unpack`` lays them out as a batch)."""
         assert self.packed_encoder is not None
-        outs = self.packed_encoder.run(
-            self.encoder_kv_names,
-            {
-                "input_ids": tokens[None],
-                "position_ids": positions[None],
-                "segment_ids": segments[None],
-            },
-        )
-        return [o[0] for o in outs]
+        feeds = {
+            "input_ids": tokens[None],
+            "position_ids": positions[None],
+            "segment_ids": segments[None],
+        }
+        return self.cache_ops.run(self.packed_encoder, self.encoder_kv_names, feeds)
 
     def step(
         self,
@@ -375,9 +399,7 @@ class Runtime:
         return logits
 
     def _on_device(self, v: Cache) -> ort.OrtValue:
-        if isinstance(v, ort.OrtValue):
-            return v
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), self.device, 0)
+        return on_device(v, self.device)
 
     def _bound_step(
         self,

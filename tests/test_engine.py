@@ -170,12 +170,129 @@ def test_io_binding_keeps_caches_bound_and_decodes_the_same(engine: Engine, boun
     _, nb, _ = bound.step(nb)
     assert nb is not None
     assert all(isinstance(v, ort.OrtValue) for v in nb.past + nb.cross)
-    # ... until the batch changes shape: a newcomer takes a free slot, through host memory.
+    # ... until a newcomer takes a free slot: with host copies (the default on CPU) the cross
+    # K/V it writes into pass through host memory; the self-attention cache is not touched.
+    assert bound.rt.cache_ops.where == "host"
     nb.release(1)
     grown = bound.admit(nb, [job(srcs[5], 30, exact=True)])
-    assert all(isinstance(v, np.ndarray) for v in grown.past + grown.cross)
+    assert all(isinstance(v, np.ndarray) for v in grown.cross)
+    assert all(isinstance(v, ort.OrtValue) for v in grown.past)
     _, after, _ = bound.step(grown)
     assert after is not None and all(isinstance(v, ort.OrtValue) for v in after.past)
+
+
+def _with_copies(tiny_bundle: Path, copies: str, packing: str) -> Engine:
+    """The IO-binding path with the given cache copies ("device": the copy graphs CUDA runs,
+    here on the CPU provider)."""
+    b = load_bundle(tiny_bundle)
+    cfg = RuntimeConfig(
+        "cpu", "fp32", 1, io_binding="on", kv_cache="concat", packing=packing, cache_copies=copies
+    )
+    return ExactLength(Runtime(b, cfg), b.limits)
+
+
+def _on_device(batch: DecodeBatch) -> bool:
+    """Every cache tensor is an OrtValue; a fresh batch's empty past (no values) aside."""
+    import onnxruntime as ort
+
+    past = batch.past if batch.past_len else []
+    return all(isinstance(v, ort.OrtValue) for v in past + batch.cross)
+
+
+def _admitting(
+    engine: Engine, srcs: list[list[int]], seed: int
+) -> tuple[list[SentenceResult], dict[str, int]]:
+    """Decodes srcs under a stream of newcomers (the same for a given seed): free slots
+    reused, batches joined, compaction, stale columns cut, the source widened. Returns the
+    results in order and how often each happened. With device copies, checks that the caches
+    are OrtValues in every batch an admission, a compaction or a step hands on (the batch a
+    step decodes is tidied here first, which makes the step's own tidy() a no-op)."""
+    rng = random.Random(seed)
+    jobs = [job(s, rng.randint(1, 12), exact=rng.random() < 0.5) for s in srcs]
+    index = {id(j): i for i, j in enumerate(jobs)}
+    results: dict[int, SentenceResult] = {}
+    seen = dict.fromkeys(["placed", "joined", "compacted", "cut", "widened"], 0)
+    device = engine.rt.cache_ops.where == "device"
+    waiting = list(range(len(jobs)))
+    batch: DecodeBatch | None = None
+    while waiting or batch is not None:
+        if waiting and (batch is None or rng.random() < 0.6):
+            k = rng.randint(1, 5)
+            take, waiting = waiting[:k], waiting[k:]
+            if batch is not None:
+                free, width = len(batch.free), batch.source_len
+                seen["placed"] += min(free, len(take))
+                seen["joined"] += len(take) > free
+                longest = max(len(srcs[i]) for i in take[:free]) if free else 0
+                seen["widened"] += longest > width
+            batch = engine.admit(batch, [jobs[i] for i in take])
+            assert not device or _on_device(batch)
+        assert batch is not None
+        tidy = batch.tidy()
+        assert tidy is not None and (not device or _on_device(tidy))
+        seen["compacted"] += len(tidy) < len(batch)
+        seen["cut"] += tidy.past_len < batch.past_len  # on compaction, or alone
+        done, batch, _ = engine.step(tidy)
+        assert batch is None or not device or _on_device(batch)
+        results.update({index[id(j)]: r for j, r in done})
+    return [results[i] for i in range(len(jobs))], seen
+
+
+def identical(a: SentenceResult, b: SentenceResult) -> None:
+    """The same tokens, log-probabilities and attention, bit for bit."""
+    assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason)
+    assert (a.token_log_probs, a.sequence_log_prob) == (b.token_log_probs, b.sequence_log_prob)
+    assert a.attention is not None and b.attention is not None
+    assert a.attention.shape == b.attention.shape
+    assert a.attention.tobytes() == b.attention.tobytes()
+
+
+@pytest.mark.parametrize("packing", ["off", "always"])
+def test_device_cache_copies_decode_exactly_as_host_copies(
+    tiny_bundle: Path, engine: Engine, packing: str
+) -> None:
+    """The copy graphs CUDA runs (on the CPU provider here) against numpy copies: admissions
+    and compaction mid-batch give every sentence the same tokens, log-probabilities and
+    attention bit for bit, and the caches never leave onnxruntime's memory (checked at every
+    step in _admitting); the plain path (no IO binding, the encoder's own packing choice)
+    agrees within float rounding."""
+    host, device = (_with_copies(tiny_bundle, c, packing) for c in ("host", "device"))
+    assert (host.rt.cache_ops.where, device.rt.cache_ops.where) == ("host", "device")
+    assert "copied on admission and compaction in device memory" in device.rt.describe()
+    srcs = sources(engine, 36, seed=11)
+    want, seen = _admitting(host, srcs, seed=12)
+    got, seen_device = _admitting(device, srcs, seed=12)
+    assert seen == seen_device and all(seen.values()), f"not every change happened: {seen}"
+    plain, _ = _admitting(engine, srcs, seed=12)
+    for a, b, c in zip(want, got, plain, strict=True):
+        identical(a, b)
+        same(a, c)
+
+
+def test_cache_copies_setting(tiny_bundle: Path, engine: Engine, inplace: Engine) -> None:
+    """Host copies on CPU by default; device copies need the caches bound (IO binding)."""
+    assert engine.rt.cache_ops.where == inplace.rt.cache_ops.where == "host"
+    with pytest.raises(ValueError, match="cache_copies"):
+        RuntimeConfig(cache_copies="sometimes")
+    b = load_bundle(tiny_bundle)
+    for cfg in (
+        RuntimeConfig("cpu", "fp32", 1, kv_cache="concat", cache_copies="device"),
+        RuntimeConfig("cpu", "fp32", 1, cache_copies="device"),  # the in-place decoder
+    ):
+        with pytest.raises(RuntimeError, match=r"cache_copies 'device' .* needs IO binding"):
+            Runtime(b, cfg)
+
+
+def test_device_copies_without_onnx_say_what_to_install(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as in an image without the cuda extra
+    monkeypatch.delitem(sys.modules, "service.devicecache", raising=False)
+    cfg = RuntimeConfig("cpu", "fp32", 1, io_binding="on", kv_cache="concat", cache_copies="device")
+    with pytest.raises(RuntimeError, match=r"need the onnx package .*nmtserve\[cuda\]"):
+        Runtime(load_bundle(tiny_bundle), cfg)
 
 
 def test_io_binding_setting_is_checked() -> None:
