@@ -90,7 +90,7 @@ bench-engines: model
 
 # Opt-in reliability runs (docs/RELIABILITY.md): 10,000 fuzzed requests; 10 minutes at 70% load.
 fuzz-long: install
-	FUZZ_EXAMPLES=10000 $(PY) -m pytest -q tests/test_fuzz.py
+	FUZZ_REQUESTS=10000 $(PY) -m pytest -q tests/test_fuzz.py
 
 soak: model
 	$(PY) benchmarks/soak.py --bundle $(BUNDLE) --minutes 10
