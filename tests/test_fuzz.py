@@ -324,6 +324,26 @@ def test_every_answer_is_the_one_the_rule_predicts(fuzz_stub: Any, spec: Spec, k
     assert seen[f"refused: {kind}"] >= 1, seen
 
 
+def test_a_refused_target_language_is_not_counted_in_the_sentences(
+    fuzz_stub: Any, spec: Spec
+) -> None:
+    """Found by the long fuzz run: a target language on a model without codes was put in front
+    of every sentence before counting its tokens, so a sentence within the limit was also
+    reported over it, because of the refused code."""
+    stub, _ = fuzz_stub
+    sentence = "seven hundred and seventy-seven thousand"
+    assert len(spec.tokens(sentence)) <= spec.max_source
+    code = "x" * 40
+    assert len(spec.tokens(f">>{code}<< {sentence}")) > spec.max_source
+    req = pb.TranslateRequest(
+        sentences=[sentence], options=pb.TranslateOptions(target_language=code)
+    )
+    assert expected_violations(req, spec) == ["options.target_language"]
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Translate(req, timeout=10)
+    assert [f for f, _ in violations(e.value)] == ["options.target_language"]
+
+
 def test_lone_surrogates_never_reach_the_wire() -> None:
     with pytest.raises(ValueError):
         pb.TranslateRequest(sentences=["\ud800"]).SerializeToString()
