@@ -128,14 +128,17 @@ def test_overload_with_deadlines_then_recovery(tiny_bundle: Path) -> None:
         out: Counter[str] = Counter()
         for code, took in results:
             # gRPC itself resets some streams of a flood before any handler sees them (a no-op
-            # grpc.aio server does the same): CANCELLED at once (measured: 0-10 ms, up to 75 ms
-            # on a loaded machine). And when the server's event loop runs late past a call's
-            # deadline, gRPC's own deadline timer on the server side resets the stream, which
-            # the client sees as CANCELLED at its deadline (CI: 9 of 4,500 calls).
+            # grpc.aio server does the same): CANCELLED at once, as soon as this process's
+            # busy event loop notices (measured: 0-10 ms, up to 75 ms on a loaded machine, and
+            # 0.50-0.69 s on the 2-core development machine with other test runs on both
+            # cores; so anything in the first half of the 2 s deadline counts as at once). And
+            # when the server's event loop runs late past a call's deadline, gRPC's own
+            # deadline timer on the server side resets the stream, which the client sees as
+            # CANCELLED at its deadline (CI: 9 of 4,500 calls).
             if code == "CANCELLED":
                 code += (
                     " at once"
-                    if took < 0.5
+                    if took < 1.0
                     else " at the deadline"
                     if took > 1.9
                     else f" after {took:.2f} s"
@@ -265,16 +268,26 @@ def test_a_cancelled_stream_logs_one_line(
         srv.stop()
 
 
-def test_megabytes_of_text_are_refused_before_tokenizing(server: ServerThread) -> None:
+def test_megabytes_of_text_are_refused_before_tokenizing(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A 4 MB sentence is refused by its length in characters, without tokenizing it on the
-    event loop (which stalled every other call for over a second); an over-long request id is
-    refused too, before any work."""
+    event loop (which stalled every other call for over a second): the tokenizer never sees
+    it, on any machine; an over-long request id is refused too, before any work."""
+    tok = server.server.translator.tok  # type: ignore[union-attr]
+    tokenized: list[int] = []  # the length of every text the server tokenizes
+    encode = tok.encode
+
+    def counting(text: str) -> list[int]:
+        tokenized.append(len(text))
+        return encode(text)
+
+    monkeypatch.setattr(tok, "encode", counting)
     with grpc.insecure_channel(server.target) as ch:
         stub = pb_grpc.TranslatorStub(ch)
-        t = time.monotonic()
         with pytest.raises(grpc.RpcError) as e:
             stub.Translate(pb.TranslateRequest(sentences=["seven " * 690_000]), timeout=10)
-        assert time.monotonic() - t < 0.5
+        assert tokenized == []
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "sentence 0 has 4140000 characters" in (e.value.details() or "")
         for rid in ("x" * 129, "line\nbreak"):
