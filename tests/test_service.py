@@ -229,12 +229,17 @@ def test_the_response_bound_counts_the_request_id(stub, server, monkeypatch) -> 
     ok = stub.Translate(pb.TranslateRequest(sentences=["one two"], request_id="r" * 128))
     assert ok.ByteSize() <= results + 4 * 128 + 4
     monkeypatch.undo()
-    long, rid = " ".join(["seven thousand"] * 6), "é" * 128  # long answers, a 256-byte id
+    # long sources whose answers run to the output limit (the tiny model rambles on "x"s):
+    # the largest attention matrices a sentence can have
+    sentences = ["", "one", "x" * 20, "hundred " * 10, "x" * 18 + " one"]
+    plain = stub.Translate(pb.TranslateRequest(sentences=sentences), timeout=30).results
+    assert max(len(r.token_ids) for r in plain) == 24, "no answer runs to the limit"
+    rid = "é" * 128  # 256 bytes
     for extras in (False, True):
         for mode in (pb.ATTENTION_NONE, pb.ATTENTION_LAYER_AVERAGE, pb.ATTENTION_ALL_LAYERS):
             opts = pb.TranslateOptions(attention=mode, return_pieces=extras,
                                        return_scores=extras, return_alignment=extras)  # fmt: skip
-            req = pb.TranslateRequest(sentences=["", "one", long], options=opts, request_id=rid)
+            req = pb.TranslateRequest(sentences=sentences, options=opts, request_id=rid)
             answer = stub.Translate(req, timeout=30)
             ropts = request_options(opts)
             bound = tr.response_bound(tr.prepare(list(req.sentences), ropts, None), ropts)
