@@ -88,9 +88,9 @@ bench-engines: model
 	$(PY) benchmarks/engines.py --model default --run $(RUN)
 	$(PY) benchmarks/engines.py --model base
 
-# Opt-in reliability runs (docs/RELIABILITY.md): 10,000 fuzzed requests; 10 minutes at 70% load.
+# Opt-in reliability runs (docs/RELIABILITY.md): about 10,000 fuzzed requests; 10 minutes at 70% load.
 fuzz-long: install
-	FUZZ_EXAMPLES=10000 $(PY) -m pytest -q tests/test_fuzz.py
+	FUZZ_REQUESTS=10000 $(PY) -m pytest -q tests/test_fuzz.py
 
 soak: model
 	$(PY) benchmarks/soak.py --bundle $(BUNDLE) --minutes 10

@@ -26,6 +26,7 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -154,6 +155,17 @@ async def _call(
     )
 
 
+def poisson_schedule(rate: float, seed: int) -> Iterator[float]:
+    """The open loop's send times, in seconds from the start of the run: a Poisson process of
+    `rate` calls/s (independent exponential gaps of mean 1/rate), the same for the same seed.
+    Its own random stream, so the schedule does not depend on which sentences are picked."""
+    rng = random.Random(f"arrivals-{seed}")
+    t = 0.0
+    while True:
+        t += rng.expovariate(rate)
+        yield t
+
+
 def _progress(run: Run, s: Settings, now: float) -> str:
     done = len(run.records)
     bound = f"{now - run.started:.0f}/{s.duration:g}s" if s.duration else f"{done}/{s.requests}"
@@ -209,9 +221,8 @@ async def run_load(s: Settings, corpus: Corpus) -> Run:
             await asyncio.gather(*(worker() for _ in range(s.concurrency)))
         else:
             pending: set[asyncio.Task[None]] = set()
-            t = run.started
-            while True:
-                t += rng.expovariate(s.rate)
+            for offset in poisson_schedule(s.rate, s.seed):
+                t = run.started + offset
                 if not more(t):
                     break
                 delay = t - time.monotonic()

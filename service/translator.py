@@ -179,13 +179,18 @@ class Translator:
                     "per request",
                 )
             )
-        problems += self._option_problems(opts)
+        option_problems = self._option_problems(opts)
+        problems += option_problems
+        # a code that is refused is not put in front of the sentences: a sentence is reported
+        # over the source limit for its own tokens, not for those of a code it will never get
+        refused = any(f == "options.target_language" for f, _ in option_problems)
+        language = "" if refused else opts.target_language
         encoded: list[list[int]] = []
         if len(sentences) <= self.max_sentences:
             too_long = self._character_problems(sentences)
             problems += too_long
             if not too_long:
-                encoded = self._encode_all(sentences, problems, opts.target_language)
+                encoded = self._encode_all(sentences, problems, language)
         if not problems:
             problems += self._check_size(encoded, opts, streaming)
         if problems:

@@ -475,6 +475,19 @@ def test_int8_graphs_are_refused_with_cuda(tiny_bundle: Path) -> None:
     assert choose_graphs(b, RuntimeConfig("cpu", "int8"), CPU) == ("auto", True)
 
 
+def test_the_output_length_rule_on_known_values() -> None:
+    """min(requested, max_target_tokens, ceil(a·n + b)), from values worked out by hand: the
+    end-to-end tests give PyTorch its limits through this same function, so they agree with
+    the server whatever it computes."""
+    from service.bundle import Limits
+
+    lim = Limits(max_source_tokens=24, max_target_tokens=20, a=1.5, b=0.25)
+    # ceil of 0.25, 1.75, 3.25, 4.75, 18.25, 19.75 and 45.25 (capped at 20)
+    assert [lim.target_limit(n) for n in (0, 1, 2, 3, 12, 13, 30)] == [1, 2, 4, 5, 19, 20, 20]
+    assert [lim.target_limit(3, requested) for requested in (0, 1, 4, 5, 9)] == [5, 1, 4, 5, 5]
+    assert Limits(a=2.0, b=10.0).target_limit(7) == 24  # a whole number stays as it is
+
+
 def test_start_up_log_names_each_graphs_provider(tiny_bundle: Path) -> None:
     rt = Runtime(load_bundle(tiny_bundle), RuntimeConfig("cpu", "int8", 1))
     assert rt.describe().startswith(

@@ -292,15 +292,56 @@ def test_a_failed_verification_writes_no_bundle(
     assert (tmp_path / "bundle.failed" / "decoder.onnx").is_file()
 
 
-def test_evaluate_writes_metrics_and_samples(tiny_run: Path, tmp_path: Path) -> None:
+def test_evaluate_prints_sacrebleus_figures_of_its_translations(
+    tiny_run: Path, tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`evaluate` prints and writes exact match, BLEU and chrF equal to sacreBLEU's, run here,
+    on the translations it wrote (--samples) and the test split's references — BLEU with the
+    char tokenizer, as the README says for the number corpus — and those translations are the
+    model's: the bundle's fp32 engine decodes the same text."""
+    import re
+
+    import sacrebleu
+
+    from export.tokenizer import Tokenizer
+    from export.verify import engine_translate, served
+
     samples = tmp_path / "samples.tsv"
     assert main(["evaluate", "--run", str(tiny_run), "--samples", str(samples)]) == 0
+    out = capsys.readouterr().out
     lines = samples.read_text(encoding="utf-8").splitlines()
     assert lines[0] == "ok\tsource\treference\ttranslation"
-    test_size = len((tiny_run / "data" / "test.jsonl").read_text().splitlines())
-    assert len(lines) == 1 + test_size
+    split = (tiny_run / "data" / "test.jsonl").read_text(encoding="utf-8")
+    test = [json.loads(line) for line in split.splitlines()]
+    rows = [line.split("\t") for line in lines[1:]]
+    assert [(r[1], r[2]) for r in rows] == [(p["source"], p["target"]) for p in test]
+    hyps, refs = [r[3] for r in rows], [p["target"] for p in test]
+    bundle = load_bundle(tiny_bundle)
+    tok = Tokenizer(tiny_bundle / "tokenizer.model")
+    ids = engine_translate(served(bundle, "fp32"), bundle.limits,
+                           tok.encode_batch([p["source"] for p in test]))  # fmt: skip
+    assert hyps == [tok.decode(x) for x in ids]
+    exact = [h == r for h, r in zip(hyps, refs, strict=True)]
+    assert [r[0] for r in rows] == [str(int(e)) for e in exact]
+    assert 0 < sum(exact) < len(exact), "a mix of right and wrong, or the figures show little"
+    want = {
+        "exact_match": 100 * sum(exact) / len(exact),
+        "bleu": sacrebleu.corpus_bleu(hyps, [refs], tokenize="char").score,
+        "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score,
+    }
+    printed = {
+        "exact_match": re.search(r"^  exact match\s+([\d.]+) %$", out, re.M),
+        "bleu": re.search(r"^  BLEU\s+([\d.]+)\s+\(sacreBLEU, tokenize=char\)$", out, re.M),
+        "chrf": re.search(r"^  chrF\s+([\d.]+)$", out, re.M),
+    }
+    for key, match in printed.items():
+        assert match is not None, (key, out)
+        assert float(match.group(1)) == pytest.approx(want[key], abs=0.005), (key, out)
     metrics = json.loads((tiny_run / "metrics_test.json").read_text())
-    assert 0.0 <= metrics["exact_match"] <= 1.0
+    assert metrics["sentences"] == len(test)
+    assert 100 * metrics["exact_match"] == pytest.approx(want["exact_match"], abs=1e-9)
+    assert metrics["bleu"] == pytest.approx(want["bleu"], abs=1e-9)
+    assert metrics["chrf"] == pytest.approx(want["chrf"], abs=1e-9)
 
 
 NO_TORCH_SCRIPT = r"""

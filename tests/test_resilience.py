@@ -116,6 +116,27 @@ def test_a_256_sentence_call_with_a_50ms_deadline(tiny_bundle: Path) -> None:
         srv.stop()
 
 
+async def flood(target: str) -> tuple[list[tuple[str, float]], float]:
+    """test_overload's open loop far past capacity (8-sentence calls, 2 s deadlines, 3 s), and
+    the most this process's event loop ran late meanwhile: what every time the client
+    measures may be late by."""
+    late = 0.0
+
+    async def watch() -> None:
+        nonlocal late
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(0.01)
+            late = max(late, time.monotonic() - t - 0.01)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        results = await open_loop(target, 1500, 3.0, tuple(SENTENCES * 2), timeout=2)
+    finally:
+        watcher.cancel()
+    return results, late
+
+
 def test_overload_with_deadlines_then_recovery(tiny_bundle: Path) -> None:
     """An open loop far past capacity (8-sentence calls, 2 s deadlines) for 3 s: calls end OK,
     RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED; a few seconds later ordinary calls all succeed.
@@ -125,24 +146,27 @@ def test_overload_with_deadlines_then_recovery(tiny_bundle: Path) -> None:
     try:
         wait_serving(port, proc)
 
-        results = asyncio.run(open_loop(target, 1500, 3.0, tuple(SENTENCES * 2), timeout=2))
+        results, late = asyncio.run(flood(target))
         out: Counter[str] = Counter()
         for code, took in results:
             # gRPC itself resets some streams of a flood before any handler sees them (a no-op
             # grpc.aio server does the same): CANCELLED at once (measured: 0-10 ms, up to 75 ms
-            # on a loaded machine). And when the server's event loop runs late past a call's
-            # deadline, gRPC's own deadline timer on the server side resets the stream, which
-            # the client sees as CANCELLED at its deadline (CI: 9 of 4,500 calls).
+            # on a loaded machine) — as this process sees it, once its own event loop gets to
+            # it: flooding, that loop runs late, by up to a second on a busy 2-core machine, so
+            # "at once" is within its measured lateness plus 0.5 s. And when the server's event
+            # loop runs late past a call's deadline, gRPC's own deadline timer on the server
+            # side resets the stream, which the client sees as CANCELLED at its deadline (CI: 9
+            # of 4,500 calls).
             if code == "CANCELLED":
                 code += (
                     " at once"
-                    if took < 0.5
+                    if took < late + 0.5
                     else " at the deadline"
                     if took > 1.9
-                    else f" after {took:.2f} s"
+                    else f" after {took:.2f} s (the loop ran {late:.2f} s late at most)"
                 )
             out[code] += 1
-        print(dict(out))
+        print(dict(out), f"this process's loop ran {late:.2f} s late at most")
         ends = {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
         assert set(out) <= ends | {"CANCELLED at once", "CANCELLED at the deadline"}, out
         t = time.monotonic()
@@ -321,16 +345,26 @@ def test_a_cancelled_stream_logs_one_line(
         srv.stop()
 
 
-def test_megabytes_of_text_are_refused_before_tokenizing(server: ServerThread) -> None:
+def test_megabytes_of_text_are_refused_before_tokenizing(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A 4 MB sentence is refused by its length in characters, without tokenizing it on the
-    event loop (which stalled every other call for over a second); an over-long request id is
-    refused too, before any work."""
+    event loop (which stalled every other call for over a second): the tokenizer never sees
+    it, on any machine; an over-long request id is refused too, before any work."""
+    tok = server.server.translator.tok  # type: ignore[union-attr]
+    tokenized: list[int] = []  # the length of every text the server tokenizes
+    encode = tok.encode
+
+    def counting(text: str) -> list[int]:
+        tokenized.append(len(text))
+        return encode(text)
+
+    monkeypatch.setattr(tok, "encode", counting)
     with grpc.insecure_channel(server.target) as ch:
         stub = pb_grpc.TranslatorStub(ch)
-        t = time.monotonic()
         with pytest.raises(grpc.RpcError) as e:
             stub.Translate(pb.TranslateRequest(sentences=["seven " * 690_000]), timeout=10)
-        assert time.monotonic() - t < 0.5
+        assert tokenized == []
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "sentence 0 has 4140000 characters" in (e.value.details() or "")
         for rid in ("x" * 129, "line\nbreak"):

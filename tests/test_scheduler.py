@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -37,42 +36,70 @@ class Counting(Observer):
         self.rows.append(stats.rows)
 
 
+class Gate:
+    """A before-step hook that holds every decoder step until the test lets it run, so that
+    the test acts between two steps whatever this machine's speed."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Semaphore(0)
+        self.go = threading.Semaphore(0)
+        self.open = False
+
+    def __call__(self) -> None:
+        if not self.open:
+            self.entered.release()
+            assert self.go.acquire(timeout=30), "the test never let the step run"
+
+    def reached(self) -> None:
+        """Waits until the lane is held before its next step."""
+        assert self.entered.acquire(timeout=30), "the lane never came to its next step"
+
+    def step(self) -> None:
+        """Lets the held step run, then waits until the lane is held before the next one."""
+        self.go.release()
+        self.reached()
+
+    def release(self) -> None:
+        self.open = True
+        self.go.release()
+
+
 def test_newcomers_join_a_running_batch_in_groups(tiny_bundle: Path) -> None:
-    """One sentence arriving every 2 ms while ~7 ms decoder steps run: they are encoded in
-    groups (each admission is an encoder run), not one by one, and each result equals the
-    sentence decoded alone."""
+    """Sentences that arrive while a step runs join the running batch at the next step, all
+    together: one admission (one encoder run) per group, whatever their number — here 7, 4
+    and 4 single-sentence calls, each group a rule of its own (at least half the free rows
+    filled: 7 of 15, 4 of 8, 2 of 4). The steps are held by the test, so the groups are the
+    same on any machine. Each result equals the sentence decoded alone."""
+    from tests.doubles import before_each_step
+
     b = load_bundle(tiny_bundle)
     engine = ExactLength(Runtime(b, RuntimeConfig("cpu", "fp32", 1)), b.limits)
     obs = Counting()
-    sched = Scheduler(engine, SchedulerConfig(max_batch_rows=64, max_wait_ms=1.0), obs)
-    name = "step_inplace" if engine.rt.inplace else "step"  # the decoder in use
-    step = getattr(engine.rt, name)
-
-    def slow_step(*args: Any) -> Any:
-        time.sleep(0.006)  # decoder steps slower than arrivals, as with a bigger model
-        return step(*args)
-
-    setattr(engine.rt, name, slow_step)
+    sched = Scheduler(engine, SchedulerConfig(max_batch_rows=16, max_wait_ms=1.0), obs)
+    gate = Gate()
+    groups = [7, 4, 4]
     sched.start()
     try:
-        n = b.limits.max_target_tokens  # the longest a row may run
-        long = Exact([7, 8, 9], n)
-        futures = sched.submit([long]).futures
-        time.sleep(0.1)  # the long row is decoding
-        sources = [[5 + i % 50, 6 + (i * 7) % 40, 9] for i in range(24)]
-        for src in sources:
-            futures += sched.submit([SentenceJob(src, 8)]).futures
-            time.sleep(0.002)
-        results = [f.result(timeout=30) for f in futures]
+        with before_each_step(sched, gate):
+            long = Exact([7, 8, 9], b.limits.max_target_tokens)  # runs past every newcomer
+            futures = sched.submit([long]).futures
+            gate.reached()  # the long row, admitted alone, is about to take its first step
+            sources: list[list[int]] = []
+            for n in groups:
+                for _ in range(n):
+                    i = len(sources)
+                    sources.append([5 + i % 50, 6 + (i * 7) % 40, 9])
+                    futures += sched.submit([Exact(sources[-1], 8)]).futures
+                gate.step()
+            gate.release()
+            results = [f.result(timeout=30) for f in futures]
     finally:
         sched.stop(10)
-    newcomers = obs.admissions[1:]
-    assert sum(newcomers) == len(sources)
-    assert len(newcomers) <= len(sources) // 4, obs.admissions
-    assert max(obs.rows) > 3  # newcomers really shared steps with the long row
-    assert len(results[0].token_ids) == n
+    assert obs.admissions == [1, *groups]
+    assert obs.rows[:4] == [1, 8, 12, 16]  # the newcomers decoded beside the long row
+    assert len(results[0].token_ids) == b.limits.max_target_tokens
     for src, res in zip(sources, results[1:], strict=True):
-        assert res.token_ids == engine.decode_all([SentenceJob(src, 8)])[0].token_ids
+        assert res.token_ids == engine.decode_all([Exact(src, 8)])[0].token_ids
 
 
 class PerLane(Observer):
