@@ -704,16 +704,23 @@ def test_every_readme_metric_moves_under_a_workload(one_lane_server: ServerThrea
         gate.set()
         assert len(held.result(30).results) == 2
         assert stub.Translate(pb.TranslateRequest(sentences=["three", "forty-two"]), timeout=30)
+        gate = steps.hold()  # a deadline that passes while its sentence is decoding
+        with pytest.raises(grpc.RpcError) as decoding:
+            stub.Translate(pb.TranslateRequest(sentences=["seven"]), timeout=0.5)
+        assert decoding.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        gate.set()
     code = 'nmtserve_requests_total{{code="{}",method="Translate"}}'
 
     def moved(name: str, after: dict[str, float]) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
     wait_for(lambda: moved(code.format("CANCELLED"), srv.scrape()) == 1, "the cancel counted")
+    late = "nmtserve_decode_rows_past_deadline_total"
+    wait_for(lambda: moved(late, srv.scrape()) == 1, "the step after the deadline counted")
     after = srv.scrape()
-    codes = {"OK": 2, "INVALID_ARGUMENT": 1, "INTERNAL": 1, "DEADLINE_EXCEEDED": 1, "CANCELLED": 1}
+    codes = {"OK": 2, "INVALID_ARGUMENT": 1, "INTERNAL": 1, "DEADLINE_EXCEEDED": 2, "CANCELLED": 1}
     assert {c: moved(code.format(c), after) for c in codes} == codes
-    assert moved('nmtserve_sentences_dropped_total{reason="deadline"}', after) == 2
+    assert moved('nmtserve_sentences_dropped_total{reason="deadline"}', after) == 3
     assert moved('nmtserve_sentences_dropped_total{reason="cancelled"}', after) == 2
     assert moved("nmtserve_sentences_failed_total", after) == 1
     assert during["nmtserve_result_buffer_bytes"] > 0 == after["nmtserve_result_buffer_bytes"]
