@@ -578,3 +578,49 @@ def test_a_connection_age_under_a_second_is_refused(
     assert f"cannot start: --max-connection-age-s {age}: must be 0 (never) or at least 1" in (
         output(proc)
     ), output(proc)
+
+
+def test_the_health_check_in_a_container_environment(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """The image's HEALTHCHECK has a fixed command line and takes its TLS settings from
+    NMTSERVE_HEALTH_TLS_*. A variable set to nothing (a template's empty value) is unset: it
+    turned TLS on, with the system's CAs, against a plaintext server, and the container went
+    unhealthy. A failed check says why: gRPC gives every failed connection UNAVAILABLE, a
+    server down and a certificate from another CA alike."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from service.healthcheck import main as health
+    from tests.conftest import ServerThread
+    from tests.test_security import _cert, _write
+
+    issuers = []
+    for name in ("ca", "other-ca"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _cert(name, key, None, ca=True)
+        _write(tmp_path / name, cert, key)
+        issuers.append((cert.subject, key))
+    key = ec.generate_private_key(ec.SECP256R1())
+    _write(tmp_path / "server", _cert("server", key, issuers[0], server=True), key)
+    tls = {"tls_cert": str(tmp_path / "server.crt"), "tls_key": str(tmp_path / "server.key")}
+    plain, secure = (
+        ServerThread(tiny_bundle, drain_delay_s=0),
+        ServerThread(tiny_bundle, drain_delay_s=0, **tls),
+    )
+    try:
+        plain.wait_serving()
+        secure.wait_serving()
+        monkeypatch.setenv("NMTSERVE_HEALTH_TLS_CA", "")
+        assert health(["--target", plain.target]) == 0, capsys.readouterr().err
+        assert capsys.readouterr().out == f"{plain.target}: SERVING\n"
+        monkeypatch.setenv("NMTSERVE_HEALTH_TLS_CA", str(tmp_path / "ca.crt"))
+        assert health(["--target", secure.target]) == 0, capsys.readouterr().err
+        assert capsys.readouterr().out == f"{secure.target}: SERVING\n"
+        monkeypatch.setenv("NMTSERVE_HEALTH_TLS_CA", str(tmp_path / "other-ca.crt"))
+        assert health(["--target", secure.target]) == 1
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert err.startswith(f"{secure.target}: UNAVAILABLE: "), err
+        assert "CERTIFICATE_VERIFY_FAILED" in err, err
+    finally:
+        plain.stop()
+        secure.stop()
