@@ -624,3 +624,45 @@ def test_the_health_check_in_a_container_environment(
     finally:
         plain.stop()
         secure.stop()
+
+
+CUDA_IMAGE = "nmtserve:check-cuda"  # what `make cuda-image-check` builds from the cuda target
+
+
+def dockerfile_arg(name: str) -> str:
+    found = re.search(rf"^ARG {name}=(\S+)$", (REPO / "Dockerfile").read_text(), re.M)
+    assert found, name
+    return found.group(1)
+
+
+def test_the_default_cuda_base_has_the_cuda_that_onnxruntime_gpu_links() -> None:
+    """onnxruntime-gpu's CUDA provider links one CUDA major version (libcudart.so.N); on a
+    CUDA_BASE_IMAGE of another it cannot load, and a pod with --provider cuda exits 2 on every
+    GPU node. Read from the image `make cuda-image-check` built (onnxruntime-gpu installed as
+    the cuda target installs it); skipped where there is no such image."""
+    docker = shutil.which("docker")
+    if (
+        docker is None
+        or subprocess.run([docker, "image", "inspect", CUDA_IMAGE], capture_output=True).returncode
+    ):
+        pytest.skip(f"no {CUDA_IMAGE} image: make cuda-image-check builds it")
+    script = (
+        "python -c 'import importlib.metadata as m; print(m.version(\"onnxruntime-gpu\"))' && "
+        "ldd /opt/nmtserve/lib/python3*/site-packages/onnxruntime/capi/"
+        "libonnxruntime_providers_cuda.so"
+    )
+    out = subprocess.run(
+        [docker, "run", "--rm", "--entrypoint", "sh", CUDA_IMAGE, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    version = out.splitlines()[0]
+    if version != dockerfile_arg("ORT_VERSION"):
+        pytest.skip(f"{CUDA_IMAGE} has onnxruntime-gpu {version}: rebuild it")
+    linked = re.findall(r"^\s*libcudart\.so\.(\d+) ", out, re.M)
+    base = re.fullmatch(
+        r"nvidia/cuda:(\d+)\.\d+\.\d+-cudnn-runtime-\S+", dockerfile_arg("CUDA_BASE_IMAGE")
+    )
+    assert base, dockerfile_arg("CUDA_BASE_IMAGE")
+    assert linked == [base.group(1)], (linked, dockerfile_arg("CUDA_BASE_IMAGE"))
