@@ -23,7 +23,6 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from prometheus_client import generate_latest
 
 from service import client
 from service.client import TranslatorClient
@@ -43,6 +42,7 @@ PROM = REPO / "deploy" / "prometheus"
 ADAPTER = REPO / "deploy" / "prometheus-adapter" / "rules.yaml"
 K8S_VERSION = "1.33.0"
 METRIC = "nmtserve_queue_wait_seconds"  # the HPA's
+RECORDED_WAIT = "nmtserve:queue_wait_seconds:mean2m"  # the alerts'
 
 
 def tool(name: str) -> str:
@@ -238,52 +238,105 @@ def test_autoscaling_on_the_queue_wait_through_the_adapter() -> None:
     ]
     rules = yaml.safe_load(ADAPTER.read_text())["rules"]
     assert [r["name"]["as"] for r in rules] == [METRIC]
-    exported = generate_latest(Metrics().registry).decode()
-    for series in re.findall(
-        r"(nmtserve_\w+)\{", rules[0]["metricsQuery"] + rules[0]["seriesQuery"]
-    ):
-        assert f"\n{series} " in exported, f"{series} is not exported by the server"
+    read = re.findall(r"nmtserve_\w+", rules[0]["metricsQuery"] + rules[0]["seriesQuery"])
+    assert read and set(read) <= exported_series(), read
     fallback = one(rendered("cpu-autoscaling"), "HorizontalPodAutoscaler")
     assert [m["resource"]["name"] for m in fallback["spec"]["metrics"]] == ["cpu"]
 
 
-def test_adapter_query_evaluates_to_the_mean_wait(tmp_path: Path) -> None:
-    """The adapter's query, its templates filled as the adapter fills them for one pod,
-    evaluated by promtool: 5 s of waiting per second over 1 sentence leaving per second."""
+def exported_series() -> set[str]:
+    """Every series name the server's metrics give, labelled ones before their first sample."""
+    names = set()
+    for family in Metrics().registry.collect():
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}
+        names |= {family.name + s for s in suffixes.get(family.type, [""])}
+    return names
+
+
+def test_alert_rules_read_only_series_the_server_exports() -> None:
+    exprs = " ".join(
+        str(r["expr"])
+        for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"]
+        for r in g["rules"]
+    )
+    read = set(re.findall(r"\bnmtserve_\w+", exprs))
+    assert read and read <= exported_series(), read - exported_series()
+
+
+def adapter_query() -> str:
+    """The adapter's query, its templates filled as the adapter fills them for one pod."""
     query = yaml.safe_load(ADAPTER.read_text())["rules"][0]["metricsQuery"]
     query = query.replace("<<.GroupBy>>", "namespace, pod")
-    query = query.replace("<<.LabelMatchers>>", 'namespace="default",pod=~"nmtserve-.*"')
-    rule = {"groups": [{"name": "adapter", "rules": [{"record": "adapter:wait", "expr": query}]}]}
-    (tmp_path / "adapter.yml").write_text(yaml.safe_dump(rule))
-    pod = 'namespace="default",pod="nmtserve-abc"'
+    return query.replace("<<.LabelMatchers>>", 'namespace="default",pod=~"nmtserve-.*"')
+
+
+def recording_rule(name: str) -> str:
+    for group in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"]:
+        for rule in group["rules"]:
+            if rule.get("record") == name:
+                return str(rule["expr"])
+    raise AssertionError(f"no recording rule {name}")
+
+
+def promtool_value(
+    tmp_path: Path, expr: str, series: dict[str, str], scrape: str, evaluation: str, at: str
+) -> None:
+    """promtool evaluates `expr` as a recording rule every `evaluation` over `series` scraped
+    every `scrape`, and finds 5 (s of mean wait) at time `at`."""
+    rule = {"groups": [{"name": "case", "rules": [{"record": "case:wait", "expr": expr}]}]}
+    (tmp_path / "rule.yml").write_text(yaml.safe_dump(rule))
+    labels = 'namespace="default",pod="nmtserve-abc"'
     case = {
-        "rule_files": ["adapter.yml"],
-        "evaluation_interval": "1m",
+        "rule_files": ["rule.yml"],
+        "evaluation_interval": evaluation,
         "tests": [
             {
-                "interval": "1m",
+                "interval": scrape,
                 "input_series": [
-                    {"series": f"nmtserve_queue_wait_seconds_total{{{pod}}}", "values": "0+300x10"},
-                    {"series": f"nmtserve_queue_exits_total{{{pod}}}", "values": "0+60x10"},
+                    {"series": f"{n}{{{labels}}}", "values": v} for n, v in series.items()
                 ],
                 "promql_expr_test": [
                     {
-                        "expr": "adapter:wait",
-                        "eval_time": "5m",
-                        "exp_samples": [{"labels": f"adapter:wait{{{pod}}}", "value": 5}],
+                        "expr": "case:wait",
+                        "eval_time": at,
+                        "exp_samples": [{"labels": f"case:wait{{{labels}}}", "value": 5}],
                     }
                 ],
             }
         ],
     }
-    (tmp_path / "adapter_test.yml").write_text(yaml.safe_dump(case))
+    (tmp_path / "case_test.yml").write_text(yaml.safe_dump(case))
     res = subprocess.run(
-        [tool("promtool"), "test", "rules", "adapter_test.yml"],
+        [tool("promtool"), "test", "rules", "case_test.yml"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
     )
     assert res.returncode == 0 and "SUCCESS" in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+def test_adapter_query_evaluates_to_the_mean_wait(tmp_path: Path) -> None:
+    """The adapter's query evaluated by promtool: 5 s of waiting per second over 1 sentence
+    leaving per second."""
+    series = {
+        "nmtserve_queue_wait_seconds_total": "0+300x10",
+        "nmtserve_queue_exits_total": "0+60x10",
+    }
+    promtool_value(tmp_path, adapter_query(), series, "1m", "1m", "5m")
+
+
+@pytest.mark.parametrize("query", ["adapter", "recording rule"])
+def test_the_mean_wait_survives_a_failed_scrape(tmp_path: Path, query: str) -> None:
+    """Scraped every 30 s, one scrape failed, evaluated between scrapes (as Prometheus and the
+    adapter evaluate, never in step with the scrapes): the HPA's metric and the alert's
+    recording rule still have a value. Over a one-minute window one sample was left, no rate,
+    and the HPA had no metric for the pod (the alert's 10 minutes started again)."""
+    expr = adapter_query() if query == "adapter" else recording_rule(RECORDED_WAIT)
+    series = {  # samples every 30 s to 240 s, none at 270 s, on from 300 s
+        "nmtserve_queue_wait_seconds_total": "0+150x8 _ 1350+150x4",
+        "nmtserve_queue_exits_total": "0+30x8 _ 270+30x4",
+    }
+    promtool_value(tmp_path, expr, series, "30s", "20s", "280s")
 
 
 def readme_resources() -> list[dict[str, str]]:
