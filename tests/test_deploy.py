@@ -420,6 +420,8 @@ def test_compose_file_is_consistent() -> None:
         # a CPU limit, and lanes × threads to match it (not every host core per replica)
         assert int(env["NMTSERVE_LANES"]) * int(env["NMTSERVE_THREADS"]) == r["cpus"]
         assert r["mem_limit"] and not r["image"].endswith(":latest")
+        # the server exits 1 to be restarted (a lane failing batch after batch), 0 once drained
+        assert r["restart"] == "on-failure"
         grace = float(r["stop_grace_period"].removesuffix("s"))
         assert grace > server_config({k: str(v) for k, v in env.items()}).longest_drain_s()
 
