@@ -7,6 +7,8 @@ one DNS name reached within the connection age."""
 
 from __future__ import annotations
 
+import argparse
+import os
 import re
 import shutil
 import signal
@@ -100,6 +102,18 @@ def mib(quantity: str) -> float:
     return float(quantity[:-2]) * units[quantity[-2:]]
 
 
+HEALTH_COMMAND = ["python", "-m", "service", "health"]
+
+
+def health_timeout(command: list[str]) -> float:
+    """The seconds a health command waits for its answer (--timeout, else its default)."""
+    from service.healthcheck import add_health_args
+
+    parser = argparse.ArgumentParser()
+    add_health_args(parser)
+    return float(parser.parse_args(command[4:]).timeout)
+
+
 def server_config(env: dict[str, str]) -> ServerConfig:
     """The ServerConfig a pod's environment gives: its variables over the defaults."""
     values: dict[str, Any] = {}
@@ -142,8 +156,12 @@ def test_project_consistency(variant: str) -> None:
     env = env_of(c)
     assert ports["grpc"] == int(env["NMTSERVE_PORT"])
     assert ports["metrics"] == int(env["NMTSERVE_METRICS_PORT"])
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"]["port"] == ports["grpc"], probe
+    for probe in (c[p] for p in ("startupProbe", "readinessProbe", "livenessProbe")):
+        if "exec" in probe:  # with TLS on: the health command, within the probe's timeout
+            assert probe["exec"]["command"][:4] == HEALTH_COMMAND, probe
+            assert health_timeout(probe["exec"]["command"]) < probe["timeoutSeconds"], probe
+        else:
+            assert probe["grpc"]["port"] == ports["grpc"], probe
     for container in pod["containers"] + pod.get("initContainers", []):
         sc = container["securityContext"]
         assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
@@ -721,3 +739,57 @@ def test_the_default_cuda_base_has_the_cuda_that_onnxruntime_gpu_links() -> None
     )
     assert base, dockerfile_arg("CUDA_BASE_IMAGE")
     assert linked == [base.group(1)], (linked, dockerfile_arg("CUDA_BASE_IMAGE"))
+
+
+def test_the_tls_overlay_probes_reach_the_server_it_configures(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """overlays/tls as a pod runs it: the server takes its certificate from the rendered
+    environment and the mounted Secret (here files in a temporary directory, named as the
+    overlay says to create them), and every rendered probe command, in the pod's environment,
+    finds it SERVING within the probe's timeout; the base's probes, plaintext, cannot."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from tests.test_security import _cert, _write
+
+    docs = rendered("tls")
+    c = server(docs)
+    mount = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "tls")
+    env = {k: v.replace(mount, str(tmp_path)) for k, v in env_of(c).items()}
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("ca", ca_key, None, ca=True)
+    _write(tmp_path / "ca", ca, ca_key)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = env["NMTSERVE_HEALTH_TLS_SERVER_NAME"]  # the name the probes check the server by
+    _write(tmp_path / "tls", _cert(name, key, (ca.subject, ca_key), server=True, dns=name), key)
+    for var in ("NMTSERVE_TLS_CERT", "NMTSERVE_TLS_KEY"):
+        monkeypatch.setenv(var, env[var])
+    proc, port = start(tiny_bundle)
+    pod_env = {**os.environ, **env, "NMTSERVE_PORT": str(port)}
+
+    def probe(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+        python = [sys.executable] if command[0] == "python" else [command[0]]
+        return subprocess.run(
+            [*python, *command[1:]], env=pod_env, cwd=REPO, capture_output=True, text=True,
+            timeout=timeout,
+        )  # fmt: skip
+
+    try:
+        startup = c["startupProbe"]
+        for _ in range(startup["failureThreshold"]):
+            if probe(startup["exec"]["command"], startup["timeoutSeconds"]).returncode == 0:
+                break
+            assert proc.poll() is None, output(proc)
+            time.sleep(startup["periodSeconds"])
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            res = probe(c[kind]["exec"]["command"], c[kind]["timeoutSeconds"])
+            assert (res.returncode, res.stdout) == (0, f"127.0.0.1:{port}: SERVING\n"), res
+        plaintext = {k: v for k, v in pod_env.items() if not k.startswith("NMTSERVE_HEALTH_TLS")}
+        res = subprocess.run(
+            [sys.executable, "-m", "service", "health"], env=plaintext, cwd=REPO,
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert res.returncode == 1, res
+    finally:
+        proc.terminate()
+        proc.wait(60)

@@ -38,6 +38,7 @@ def _cert(
     issuer: Issuer | None,
     ca: bool = False,
     server: bool = False,
+    dns: str = "localhost",
 ) -> x509.Certificate:
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     issuer_name, issuer_key = issuer if issuer else (subject, key)
@@ -53,7 +54,7 @@ def _cert(
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if server:
-        san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        san = [x509.DNSName(dns), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
         b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
     return b.sign(issuer_key, hashes.SHA256())
 
