@@ -144,6 +144,20 @@ def test_rendered_manifests_validate_strictly(variant: str) -> None:
         kubernetes_validate.validate(d, K8S_VERSION, strict=True)
 
 
+def evictable_pods(pdb: dict[str, Any], pods: int) -> int:
+    """How many of `pods` healthy pods a PodDisruptionBudget's spec lets evictions take at once
+    (Kubernetes rounds a percentage of maxUnavailable or minAvailable up)."""
+
+    def count(value: int | str) -> int:
+        if isinstance(value, str):
+            return -(-pods * int(value.removesuffix("%")) // 100)
+        return value
+
+    if "maxUnavailable" in pdb:
+        return count(pdb["maxUnavailable"])
+    return max(0, pods - count(pdb["minAvailable"]))
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_project_consistency(variant: str) -> None:
     docs = rendered(variant)
@@ -182,7 +196,11 @@ def test_project_consistency(variant: str) -> None:
     hpa = one(docs, "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
-    assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]
+    # a voluntary eviction (a node drain) takes at most a quarter of the pods, or one, at every
+    # count the HPA may have set: a fixed minAvailable let a drain take all pods but that many
+    for pods in range(hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"] + 1):
+        evictable = evictable_pods(pdb["spec"], pods)
+        assert 1 <= evictable <= max(1, pods // 4), (pdb["spec"], pods, evictable)
     # the HPA owns the count: a replicas field would reset it on every apply
     assert "replicas" not in dep["spec"]
     # the image's own defaults agree with the manifests
