@@ -10,11 +10,13 @@
 #
 # BASE_IMAGE: any Debian-like image with python3 (≥ 3.10) and its venv module (the official
 # python:3.11-slim-bookworm by default; `make container-check` uses a locally built Debian base).
-# CUDA_BASE_IMAGE: a CUDA 12 + cuDNN 9 runtime image; python3 is installed into it when missing.
+# CUDA_BASE_IMAGE: a CUDA + cuDNN 9 runtime image of the CUDA major version that onnxruntime-gpu
+# ORT_VERSION is built for (1.31.1: CUDA 13, so GPU nodes need an NVIDIA driver >= 580); python3
+# is installed into it when missing, and the build stops where its CUDA is another version.
 # ORT_VERSION: onnxruntime's version in both images (onnxruntime on CPU, onnxruntime-gpu on
 # CUDA), so both run the same graphs with the same runtime.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
-ARG CUDA_BASE_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
+ARG CUDA_BASE_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 ARG ORT_VERSION=1.31.1
 ARG BUNDLE=models/default
 
@@ -66,7 +68,7 @@ ENTRYPOINT ["python", "-m", "service", "serve"]
 
 # ---------------------------------------------------------------- CUDA: python3 on the CUDA base
 # CUDA runtime images carry no Python: installed from the base's own distribution, whose
-# release decides its version (Ubuntu 22.04: 3.10).
+# release decides its version (Ubuntu 24.04: 3.12).
 FROM ${CUDA_BASE_IMAGE} AS cuda-python
 # hadolint ignore=DL3008
 RUN if ! python3 -c "import ensurepip, venv" 2>/dev/null; then \
@@ -90,6 +92,17 @@ RUN python3 -m venv /opt/nmtserve \
     && /opt/nmtserve/bin/pip uninstall --yes onnxruntime \
     && /opt/nmtserve/bin/pip install "onnxruntime-gpu==${ORT_VERSION}" \
     && rm -rf /opt/nmtserve/lib/python3*/site-packages/pip
+# onnxruntime-gpu's CUDA provider links one CUDA major version (libcudart.so.N): on a base with
+# another it cannot load, and --provider cuda refuses to start on every GPU node. The nvidia/cuda
+# images name theirs in CUDA_VERSION; a base without it is not checked.
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+RUN need=$(ldd /opt/nmtserve/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime_providers_cuda.so \
+        | sed -n 's/^[[:space:]]*libcudart[.]so[.]\([0-9]*\) .*/\1/p') \
+    && echo "onnxruntime-gpu ${ORT_VERSION} links CUDA ${need}; the base has CUDA ${CUDA_VERSION:-(not named)}" \
+    && if [ -n "${CUDA_VERSION:-}" ] && [ "${CUDA_VERSION%%.*}" != "$need" ]; then \
+        echo "CUDA_BASE_IMAGE has CUDA ${CUDA_VERSION}: onnxruntime-gpu ${ORT_VERSION} needs a CUDA ${need} base" >&2; \
+        exit 1; \
+    fi
 
 FROM cuda-python AS cuda
 ARG BUNDLE

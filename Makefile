@@ -102,7 +102,7 @@ container-check: model
 # Opt-in: build (not run) the Dockerfile's cuda target on a Python-less Debian stand-in for the
 # CUDA base image (needs root, as container-check).
 cuda-image-check: model
-	BUNDLE=$(BUNDLE) deploy/cuda-image-check.sh
+	PY=$(PY) BUNDLE=$(BUNDLE) deploy/cuda-image-check.sh
 
 # Opt-in, after container-check: three replicas + Prometheus + the load-test job, via compose.
 compose-check: tools

@@ -5,10 +5,12 @@
 # CUDA_BASE_IMAGE (like the CUDA runtime images, which carry none): the build then has to
 # install python3 itself, which is the step the CUDA base needs. What this proves: every
 # Dockerfile step of the cuda target runs, onnxruntime-gpu installs at the CPU image's pinned
-# version and offers the CUDA provider. What it cannot prove: CUDA itself (no GPU, no CUDA
-# libraries in the stand-in base).
+# version and offers the CUDA provider, and that its CUDA provider links the CUDA major version
+# of the default CUDA_BASE_IMAGE (tests/test_deploy.py reads it from the built image). What it
+# cannot prove: CUDA itself (no GPU, no CUDA libraries in the stand-in base).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
 BUNDLE=${BUNDLE:-models/default}
 STANDIN=${STANDIN:-nmtserve-base:bookworm-nopython}
 # Docker's classic builder runs every stage before the target, the CPU ones too: their base
@@ -42,5 +44,7 @@ except md.PackageNotFoundError:
     pass
 "
 docker run --rm --entrypoint sh nmtserve:check-cuda -c "ls /models/default/manifest.json; id -u"
+grep "links CUDA" /tmp/nmtserve-build-cuda.log | tail -1 || true
+"$PY" -m pytest -q -p no:cacheprovider tests/test_deploy.py -k default_cuda_base_has_the_cuda
 echo "nmtserve:check-cuda: $(docker image inspect --format '{{.Size}}' nmtserve:check-cuda | awk '{printf "%.0f MB", $1/1e6}')"
 echo "CUDA IMAGE BUILT (not run: no GPU here)"

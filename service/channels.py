@@ -56,11 +56,12 @@ def token_of(args: argparse.Namespace) -> str | None:
 def credentials(
     tls_ca: str | None, tls_cert: str | None = None, tls_key: str | None = None
 ) -> grpc.ChannelCredentials | None:
-    """TLS channel credentials from PEM files, or None for plaintext (no CA and no certificate).
+    """TLS channel credentials from PEM files, or None for plaintext (no CA and no certificate;
+    an empty one counts as none, as an environment variable set to nothing does).
     ValueError when a client certificate comes without its key or the other way round."""
     if bool(tls_cert) != bool(tls_key):
         raise ValueError("tls_cert and tls_key go together")
-    if tls_ca is None and not tls_cert:
+    if not tls_ca and not tls_cert:
         return None
 
     def read(path: str | None) -> bytes | None:

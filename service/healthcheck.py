@@ -48,8 +48,8 @@ def cmd_health(args: argparse.Namespace) -> int:
                 .Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
                 .status
             )
-    except grpc.RpcError as e:
-        print(f"{args.target}: {e.code().name}", file=sys.stderr)
+    except grpc.RpcError as e:  # why, too: a TLS failure is UNAVAILABLE like a server down
+        print(f"{args.target}: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
     name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
     print(f"{args.target}: {name}")

@@ -7,6 +7,7 @@ one DNS name reached within the connection age."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -25,7 +26,6 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from prometheus_client import generate_latest
 
 from service import client
 from service.client import TranslatorClient
@@ -33,7 +33,7 @@ from service.metrics import Metrics
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
 from service.server import ServerConfig
-from service.settings import env_name
+from service.settings import env_name, flag
 from tests.test_server_process import free_port, output, served, start, wait_serving
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +45,7 @@ PROM = REPO / "deploy" / "prometheus"
 ADAPTER = REPO / "deploy" / "prometheus-adapter" / "rules.yaml"
 K8S_VERSION = "1.33.0"
 METRIC = "nmtserve_queue_wait_seconds"  # the HPA's
+RECORDED_WAIT = "nmtserve:queue_wait_seconds:mean2m"  # the alerts'
 
 
 def tool(name: str) -> str:
@@ -102,6 +103,18 @@ def mib(quantity: str) -> float:
     return float(quantity[:-2]) * units[quantity[-2:]]
 
 
+HEALTH_COMMAND = ["python", "-m", "service", "health"]
+
+
+def health_timeout(command: list[str]) -> float:
+    """The seconds a health command waits for its answer (--timeout, else its default)."""
+    from service.healthcheck import add_health_args
+
+    parser = argparse.ArgumentParser()
+    add_health_args(parser)
+    return float(parser.parse_args(command[4:]).timeout)
+
+
 def server_config(env: dict[str, str]) -> ServerConfig:
     """The ServerConfig a pod's environment gives: its variables over the defaults."""
     values: dict[str, Any] = {}
@@ -132,6 +145,20 @@ def test_rendered_manifests_validate_strictly(variant: str) -> None:
         kubernetes_validate.validate(d, K8S_VERSION, strict=True)
 
 
+def evictable_pods(pdb: dict[str, Any], pods: int) -> int:
+    """How many of `pods` healthy pods a PodDisruptionBudget's spec lets evictions take at once
+    (Kubernetes rounds a percentage of maxUnavailable or minAvailable up)."""
+
+    def count(value: int | str) -> int:
+        if isinstance(value, str):
+            return -(-pods * int(value.removesuffix("%")) // 100)
+        return value
+
+    if "maxUnavailable" in pdb:
+        return count(pdb["maxUnavailable"])
+    return max(0, pods - count(pdb["minAvailable"]))
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_project_consistency(variant: str) -> None:
     docs = rendered(variant)
@@ -144,11 +171,12 @@ def test_project_consistency(variant: str) -> None:
     env = env_of(c)
     assert ports["grpc"] == int(env["NMTSERVE_PORT"])
     assert ports["metrics"] == int(env["NMTSERVE_METRICS_PORT"])
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        if "exec" in c[probe]:  # overlays/tls: test_the_health_checks_reach_a_tls_server
-            assert c[probe]["exec"]["command"] in [cmd for _, cmd in healthchecks()], probe
+    for probe in (c[p] for p in ("startupProbe", "readinessProbe", "livenessProbe")):
+        if "exec" in probe:  # with TLS on: the health command, within the probe's timeout
+            assert probe["exec"]["command"][:4] == HEALTH_COMMAND, probe
+            assert health_timeout(probe["exec"]["command"]) < probe["timeoutSeconds"], probe
         else:
-            assert c[probe]["grpc"]["port"] == ports["grpc"], probe
+            assert probe["grpc"]["port"] == ports["grpc"], probe
     for container in pod["containers"] + pod.get("initContainers", []):
         sc = container["securityContext"]
         assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
@@ -169,7 +197,11 @@ def test_project_consistency(variant: str) -> None:
     hpa = one(docs, "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
-    assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]
+    # a voluntary eviction (a node drain) takes at most a quarter of the pods, or one, at every
+    # count the HPA may have set: a fixed minAvailable let a drain take all pods but that many
+    for pods in range(hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"] + 1):
+        evictable = evictable_pods(pdb["spec"], pods)
+        assert 1 <= evictable <= max(1, pods // 4), (pdb["spec"], pods, evictable)
     # the HPA owns the count: a replicas field would reset it on every apply
     assert "replicas" not in dep["spec"]
     # the image's own defaults agree with the manifests
@@ -309,52 +341,105 @@ def test_autoscaling_on_the_queue_wait_through_the_adapter() -> None:
     ]
     rules = yaml.safe_load(ADAPTER.read_text())["rules"]
     assert [r["name"]["as"] for r in rules] == [METRIC]
-    exported = generate_latest(Metrics().registry).decode()
-    for series in re.findall(
-        r"(nmtserve_\w+)\{", rules[0]["metricsQuery"] + rules[0]["seriesQuery"]
-    ):
-        assert f"\n{series} " in exported, f"{series} is not exported by the server"
+    read = re.findall(r"nmtserve_\w+", rules[0]["metricsQuery"] + rules[0]["seriesQuery"])
+    assert read and set(read) <= exported_series(), read
     fallback = one(rendered("cpu-autoscaling"), "HorizontalPodAutoscaler")
     assert [m["resource"]["name"] for m in fallback["spec"]["metrics"]] == ["cpu"]
 
 
-def test_adapter_query_evaluates_to_the_mean_wait(tmp_path: Path) -> None:
-    """The adapter's query, its templates filled as the adapter fills them for one pod,
-    evaluated by promtool: 5 s of waiting per second over 1 sentence leaving per second."""
+def exported_series() -> set[str]:
+    """Every series name the server's metrics give, labelled ones before their first sample."""
+    names = set()
+    for family in Metrics().registry.collect():
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}
+        names |= {family.name + s for s in suffixes.get(family.type, [""])}
+    return names
+
+
+def test_alert_rules_read_only_series_the_server_exports() -> None:
+    exprs = " ".join(
+        str(r["expr"])
+        for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"]
+        for r in g["rules"]
+    )
+    read = set(re.findall(r"\bnmtserve_\w+", exprs))
+    assert read and read <= exported_series(), read - exported_series()
+
+
+def adapter_query() -> str:
+    """The adapter's query, its templates filled as the adapter fills them for one pod."""
     query = yaml.safe_load(ADAPTER.read_text())["rules"][0]["metricsQuery"]
     query = query.replace("<<.GroupBy>>", "namespace, pod")
-    query = query.replace("<<.LabelMatchers>>", 'namespace="default",pod=~"nmtserve-.*"')
-    rule = {"groups": [{"name": "adapter", "rules": [{"record": "adapter:wait", "expr": query}]}]}
-    (tmp_path / "adapter.yml").write_text(yaml.safe_dump(rule))
-    pod = 'namespace="default",pod="nmtserve-abc"'
+    return query.replace("<<.LabelMatchers>>", 'namespace="default",pod=~"nmtserve-.*"')
+
+
+def recording_rule(name: str) -> str:
+    for group in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"]:
+        for rule in group["rules"]:
+            if rule.get("record") == name:
+                return str(rule["expr"])
+    raise AssertionError(f"no recording rule {name}")
+
+
+def promtool_value(
+    tmp_path: Path, expr: str, series: dict[str, str], scrape: str, evaluation: str, at: str
+) -> None:
+    """promtool evaluates `expr` as a recording rule every `evaluation` over `series` scraped
+    every `scrape`, and finds 5 (s of mean wait) at time `at`."""
+    rule = {"groups": [{"name": "case", "rules": [{"record": "case:wait", "expr": expr}]}]}
+    (tmp_path / "rule.yml").write_text(yaml.safe_dump(rule))
+    labels = 'namespace="default",pod="nmtserve-abc"'
     case = {
-        "rule_files": ["adapter.yml"],
-        "evaluation_interval": "1m",
+        "rule_files": ["rule.yml"],
+        "evaluation_interval": evaluation,
         "tests": [
             {
-                "interval": "1m",
+                "interval": scrape,
                 "input_series": [
-                    {"series": f"nmtserve_queue_wait_seconds_total{{{pod}}}", "values": "0+300x10"},
-                    {"series": f"nmtserve_queue_exits_total{{{pod}}}", "values": "0+60x10"},
+                    {"series": f"{n}{{{labels}}}", "values": v} for n, v in series.items()
                 ],
                 "promql_expr_test": [
                     {
-                        "expr": "adapter:wait",
-                        "eval_time": "5m",
-                        "exp_samples": [{"labels": f"adapter:wait{{{pod}}}", "value": 5}],
+                        "expr": "case:wait",
+                        "eval_time": at,
+                        "exp_samples": [{"labels": f"case:wait{{{labels}}}", "value": 5}],
                     }
                 ],
             }
         ],
     }
-    (tmp_path / "adapter_test.yml").write_text(yaml.safe_dump(case))
+    (tmp_path / "case_test.yml").write_text(yaml.safe_dump(case))
     res = subprocess.run(
-        [tool("promtool"), "test", "rules", "adapter_test.yml"],
+        [tool("promtool"), "test", "rules", "case_test.yml"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
     )
     assert res.returncode == 0 and "SUCCESS" in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+def test_adapter_query_evaluates_to_the_mean_wait(tmp_path: Path) -> None:
+    """The adapter's query evaluated by promtool: 5 s of waiting per second over 1 sentence
+    leaving per second."""
+    series = {
+        "nmtserve_queue_wait_seconds_total": "0+300x10",
+        "nmtserve_queue_exits_total": "0+60x10",
+    }
+    promtool_value(tmp_path, adapter_query(), series, "1m", "1m", "5m")
+
+
+@pytest.mark.parametrize("query", ["adapter", "recording rule"])
+def test_the_mean_wait_survives_a_failed_scrape(tmp_path: Path, query: str) -> None:
+    """Scraped every 30 s, one scrape failed, evaluated between scrapes (as Prometheus and the
+    adapter evaluate, never in step with the scrapes): the HPA's metric and the alert's
+    recording rule still have a value. Over a one-minute window one sample was left, no rate,
+    and the HPA had no metric for the pod (the alert's 10 minutes started again)."""
+    expr = adapter_query() if query == "adapter" else recording_rule(RECORDED_WAIT)
+    series = {  # samples every 30 s to 240 s, none at 270 s, on from 300 s
+        "nmtserve_queue_wait_seconds_total": "0+150x8 _ 1350+150x4",
+        "nmtserve_queue_exits_total": "0+30x8 _ 270+30x4",
+    }
+    promtool_value(tmp_path, expr, series, "30s", "20s", "280s")
 
 
 def readme_resources() -> list[dict[str, str]]:
@@ -438,6 +523,8 @@ def test_compose_file_is_consistent() -> None:
         # a CPU limit, and lanes × threads to match it (not every host core per replica)
         assert int(env["NMTSERVE_LANES"]) * int(env["NMTSERVE_THREADS"]) == r["cpus"]
         assert r["mem_limit"] and not r["image"].endswith(":latest")
+        # the server exits 1 to be restarted (a lane failing batch after batch), 0 once drained
+        assert r["restart"] == "on-failure"
         grace = float(r["stop_grace_period"].removesuffix("s"))
         assert grace > server_config({k: str(v) for k, v in env.items()}).longest_drain_s()
 
@@ -591,3 +678,155 @@ def test_health_command_is_light(tiny_bundle: Path) -> None:
         [*command, "--target", f"127.0.0.1:{port}"], capture_output=True, text=True
     )
     assert res.returncode == 1 and "UNAVAILABLE" in res.stderr
+
+
+# A server started in-process, whose event loop's self-pipe is filled the way a dropped
+# connection fills it (every cancelled sentence's future schedules a wake-up on the loop with
+# call_soon_threadsafe, one byte each: 40 calls of 256 sentences cancelled at once did it),
+# and then SIGTERM, as the kubelet sends it.
+_SIGTERM_ON_A_FULL_SELF_PIPE = """
+import asyncio, signal, sys
+from service.server import Server, ServerConfig
+
+async def main() -> None:
+    server = Server(ServerConfig(bundle=sys.argv[1], port=0, drain_delay_s=0, grace_s=1))
+    run = asyncio.ensure_future(server.run())
+    while not server.serving:
+        assert not run.done(), run.result()
+        await asyncio.sleep(0.05)
+    loop = asyncio.get_running_loop()
+    for _ in range(20_000):
+        loop.call_soon_threadsafe(int)
+    signal.raise_signal(signal.SIGTERM)
+    await asyncio.wait_for(run, 10)
+    print("drained")
+
+asyncio.run(main())
+"""
+
+
+def test_sigterm_is_not_lost_while_the_loop_is_flooded(tiny_bundle: Path) -> None:
+    """SIGTERM starts the drain even when it arrives while the event loop's self-pipe is full.
+    asyncio's own signal handling learns of a signal from a byte in that pipe, and a signal
+    that found it full was dropped: the server kept serving until the kubelet killed it at
+    the end of terminationGracePeriodSeconds, cutting every call under way."""
+    res = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_ON_A_FULL_SELF_PIPE, str(tiny_bundle)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert res.returncode == 0 and res.stdout == "drained\n", res.stdout + res.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "problem"),
+    [
+        ("max_connection_age_s", "0.0004", "must be 0 (never) or at least 1"),
+        ("max_connection_age_s", "0.5", "must be 0 (never) or at least 1"),
+        ("max_connection_age_grace_s", "0.0", "must be at least 1 with a connection age"),
+    ],
+)
+def test_a_connection_age_or_grace_under_a_second_is_refused(
+    tiny_bundle: Path, setting: str, value: str, problem: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a pod's environment as from the flag. gRPC takes the age in whole milliseconds:
+    0.0004 s became 0 ms and ended every connection as it opened (calls hung until their
+    deadline: 3 of 20 in a measured run), where 0 means never. A grace of 0 cut calls under
+    way whenever a connection ended (55 of 1099 calls of a few ms, age 1 s)."""
+    monkeypatch.setenv(env_name(setting), value)
+    proc, _ = start(tiny_bundle)
+    try:
+        assert proc.wait(30) == 2
+    finally:
+        proc.kill()  # one that started anyway
+    assert f"cannot start: {flag(setting)} {value}: {problem}" in output(proc), output(proc)
+
+
+def test_the_health_check_in_a_container_environment(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """The image's HEALTHCHECK has a fixed command line and takes its TLS settings from
+    NMTSERVE_HEALTH_TLS_*. A variable set to nothing (a template's empty value) is unset: it
+    turned TLS on, with the system's CAs, against a plaintext server, and the container went
+    unhealthy. A failed check says why: gRPC gives every failed connection UNAVAILABLE, a
+    server down and a certificate from another CA alike."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from service.healthcheck import main as health
+    from tests.conftest import ServerThread
+    from tests.test_security import _write, certificate
+
+    issuers = []
+    for name in ("ca", "other-ca"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = certificate(name, key, None, ca=True)
+        _write(tmp_path / name, cert, key)
+        issuers.append((cert.subject, key))
+    key = ec.generate_private_key(ec.SECP256R1())
+    _write(tmp_path / "server", certificate("server", key, issuers[0], server=True), key)
+    tls = {"tls_cert": str(tmp_path / "server.crt"), "tls_key": str(tmp_path / "server.key")}
+    plain, secure = (
+        ServerThread(tiny_bundle, drain_delay_s=0),
+        ServerThread(tiny_bundle, drain_delay_s=0, **tls),
+    )
+    try:
+        plain.wait_serving()
+        secure.wait_serving()
+        monkeypatch.setenv("NMTSERVE_HEALTH_TLS_CA", "")
+        assert health(["--target", plain.target]) == 0, capsys.readouterr().err
+        assert capsys.readouterr().out == f"{plain.target}: SERVING\n"
+        monkeypatch.setenv("NMTSERVE_HEALTH_TLS_CA", str(tmp_path / "ca.crt"))
+        assert health(["--target", secure.target]) == 0, capsys.readouterr().err
+        assert capsys.readouterr().out == f"{secure.target}: SERVING\n"
+        monkeypatch.setenv("NMTSERVE_HEALTH_TLS_CA", str(tmp_path / "other-ca.crt"))
+        assert health(["--target", secure.target]) == 1
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert err.startswith(f"{secure.target}: UNAVAILABLE: "), err
+        assert "CERTIFICATE_VERIFY_FAILED" in err, err
+    finally:
+        plain.stop()
+        secure.stop()
+
+
+CUDA_IMAGE = "nmtserve:check-cuda"  # what `make cuda-image-check` builds from the cuda target
+
+
+def dockerfile_arg(name: str) -> str:
+    found = re.search(rf"^ARG {name}=(\S+)$", (REPO / "Dockerfile").read_text(), re.M)
+    assert found, name
+    return found.group(1)
+
+
+def test_the_default_cuda_base_has_the_cuda_that_onnxruntime_gpu_links() -> None:
+    """onnxruntime-gpu's CUDA provider links one CUDA major version (libcudart.so.N); on a
+    CUDA_BASE_IMAGE of another it cannot load, and a pod with --provider cuda exits 2 on every
+    GPU node. Read from the image `make cuda-image-check` built (onnxruntime-gpu installed as
+    the cuda target installs it); skipped where there is no such image."""
+    docker = shutil.which("docker")
+    if (
+        docker is None
+        or subprocess.run([docker, "image", "inspect", CUDA_IMAGE], capture_output=True).returncode
+    ):
+        pytest.skip(f"no {CUDA_IMAGE} image: make cuda-image-check builds it")
+    script = (
+        "python -c 'import importlib.metadata as m; print(m.version(\"onnxruntime-gpu\"))' && "
+        "ldd /opt/nmtserve/lib/python3*/site-packages/onnxruntime/capi/"
+        "libonnxruntime_providers_cuda.so"
+    )
+    out = subprocess.run(
+        [docker, "run", "--rm", "--entrypoint", "sh", CUDA_IMAGE, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    version = out.splitlines()[0]
+    if version != dockerfile_arg("ORT_VERSION"):
+        pytest.skip(f"{CUDA_IMAGE} has onnxruntime-gpu {version}: rebuild it")
+    linked = re.findall(r"^\s*libcudart\.so\.(\d+) ", out, re.M)
+    base = re.fullmatch(
+        r"nvidia/cuda:(\d+)\.\d+\.\d+-cudnn-runtime-\S+", dockerfile_arg("CUDA_BASE_IMAGE")
+    )
+    assert base, dockerfile_arg("CUDA_BASE_IMAGE")
+    assert linked == [base.group(1)], (linked, dockerfile_arg("CUDA_BASE_IMAGE"))
