@@ -37,7 +37,7 @@ from typing import ClassVar, TypeVar
 import numpy as np
 
 from service.bundle import Limits
-from service.runtime import Cache, Runtime, to_host
+from service.runtime import Cache, InPlaceStep, Runtime, to_host
 
 
 class AttentionMode(enum.IntEnum):
@@ -368,6 +368,9 @@ class InPlaceBatch(DecodeBatch):
     cost does not grow with the oldest row's age and a newcomer has nothing to copy."""
 
     inplace: ClassVar[bool] = True
+    # The decoder's binding, kept while the arrays stay the same (the batches a step on share
+    # it); its logits and attention buffers are rewritten every step.
+    binding: InPlaceStep = field(kw_only=True, repr=False)
 
     @classmethod
     def fresh(
@@ -375,11 +378,11 @@ class InPlaceBatch(DecodeBatch):
     ) -> InPlaceBatch:
         """Buffers of no rows yet: reserve() grows them (rows that join a batch take its)."""
         first = cls._first_step(rt, len(rows))
-        return cls(rows, *first, src_mask, rt.cache_buffers(0, 0), cross)
+        return cls(rows, *first, src_mask, rt.cache_buffers(0, 0), cross, binding=InPlaceStep(rt))
 
     def decode(self, rt: Runtime) -> tuple[np.ndarray, list[np.ndarray], InPlaceBatch]:
         logits, cross_attn = rt.step_inplace(
-            self.tokens, self.positions, self.src_mask, self.past, self.cross
+            self.tokens, self.positions, self.src_mask, self.past, self.cross, self.binding
         )
         return logits, cross_attn, self
 
