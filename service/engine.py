@@ -111,17 +111,18 @@ class Row:
     def take(
         self, token: int, logits: np.ndarray, cross_attn: list[np.ndarray], i: int, eos: int
     ) -> str | None:
-        """Adds this step's token (the step's row i; logits (V,)): why the row finished, if it
-        did."""
-        scores = self.job.options.scores
-        lp = _log_prob(logits, token) if scores else 0.0
+        """Adds this step's token (the step's row i; logits (B, V)): why the row finished, if
+        it did. What a row did not ask for (scores, attention, alignment) costs nothing."""
+        o = self.job.options
+        lp = _log_prob(logits[i], token) if o.scores else 0.0
         if token == eos:
             self.eos_log_prob = lp
             return "eos"
         self.tokens.append(token)
-        if scores:
+        if o.scores:
             self.log_probs.append(lp)
-        self.record_attention(cross_attn, i)
+        if o.attention or o.alignment:
+            self.record_attention(cross_attn, i)
         return "length" if len(self.tokens) >= self.job.limit else None
 
 
@@ -524,12 +525,13 @@ class Engine:
         live = tidy.live
         logits, cross_attn, after = tidy.decode(self.rt)
         nxt = logits.argmax(axis=-1)  # (B,)
+        tokens = nxt.tolist()  # Python ints, converted at once
         finished: list[tuple[SentenceJob, SentenceResult]] = []
         done: list[int] = []
         for i in live:
             row = tidy.rows[i]
             assert row is not None
-            reason = row.take(int(nxt[i]), logits[i], cross_attn, i, self.rt.eos_id)
+            reason = row.take(tokens[i], logits, cross_attn, i, self.rt.eos_id)
             if reason is not None:
                 finished.append((row.job, self._result(row, reason)))
                 done.append(i)

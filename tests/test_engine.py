@@ -263,6 +263,22 @@ def test_inplace_binding_is_kept_until_the_arrays_change(
     assert bound(batch) is not second
 
 
+def test_each_option_is_kept_on_its_own(either: Engine) -> None:
+    """A row keeps exactly what it asked for: alignment or scores without attention, nothing
+    for a plain row; what it keeps equals what a row asking for everything gets."""
+    src = sources(either, 1, seed=9)[0]
+    full = replace(OPTS, alignment=True)
+    asks = [DecodeOptions(alignment=True), DecodeOptions(scores=True), DecodeOptions(), full]
+    jobs = [SentenceJob(src, 6, o) for o in asks]
+    align, scores, plain, every = either.decode_all(jobs)
+    assert every.alignment and every.token_log_probs and every.attention is not None
+    assert align.alignment == every.alignment and align.attention is None
+    assert align.token_log_probs is None and scores.alignment is None
+    assert scores.token_log_probs == every.token_log_probs and scores.attention is None
+    assert plain.alignment is plain.token_log_probs is plain.attention is None
+    assert align.token_ids == scores.token_ids == plain.token_ids == every.token_ids
+
+
 def test_kv_cache_setting_is_checked(tiny_bundle: Path) -> None:
     with pytest.raises(ValueError, match="kv_cache"):
         RuntimeConfig(kv_cache="sometimes")
