@@ -9,14 +9,9 @@ query heads, so the packed layout is exactly the three side by side). Per layer 
 MatMuls, two Adds and their dispatches fewer, and one GEMM three times as wide; the arithmetic
 and every output are unchanged (measured: bit-identical logits and caches).
 
-What was tried and not kept (figures in benchmarks/RESULTS.md): the same fusion in the encoders
-(the cross-attention keys/values of all layers as one MatMul, Q/K/V of the self-attention), which
-needs a Split that copies its outputs and was slower at larger batches; onnxruntime's offline
-transformer fusions (``onnxruntime.transformers.optimizer``: residual Add + LayerNorm as
-``SkipLayerNormalization``), which onnxruntime's load-time optimiser already does for post-norm
-models and which made the pre-norm default model's step slower at batch 8; and saving
-onnxruntime's own optimised graph, which is what the service builds at load time anyway and ties
-the file to one onnxruntime version.
+Only decoder_kv: in the encoders the same fusion needs a Split that copies its outputs and
+was not faster, and the residual Add + LayerNorm fusions onnxruntime makes itself when it loads
+a graph (benchmarks/RESULTS.md, issue 18).
 """
 
 from __future__ import annotations

@@ -444,15 +444,15 @@ class Runtime:
 class InPlaceStep:
     """A batch's binding of decoder_kv.onnx, kept from one step to the next.
 
-    Binding the graph's inputs and outputs anew for every step (an IOBinding, an OrtValue per
-    cache, cross key/value and output) cost as much CPU as the default model's whole run at
-    batch 1 (benchmarks/step_profile.py). A step whose arrays are the ones bound last time (the
-    same cache buffers, cross keys/values and source mask objects, the same rows) only copies
-    its tokens and positions into the bound input buffers and runs. Everything is bound by
-    address, so what the batch changes in place (a newcomer placed in a free slot) is seen; a
-    new array (the batch grown, filtered or its source widened) is bound afresh. The logits
-    and cross-attention arrays a step returns are this object's buffers, which the next step
-    overwrites. One batch, one thread: batches do not share it."""
+    Binding the graph's inputs and outputs (an IOBinding, an OrtValue per cache, cross
+    key/value and output) costs CPU comparable to a small model's whole run, and onnxruntime
+    runs a fresh binding more slowly (benchmarks/step_profile.py). A step whose arrays are the
+    ones bound last time (the same cache buffers, cross keys/values and source mask objects,
+    the same rows) only copies its tokens and positions into the bound input buffers and runs.
+    Everything is bound by address, so what the batch changes in place (a newcomer placed in a
+    free slot) is seen; a new array (the batch grown, filtered or its source widened) is bound
+    afresh. The logits and cross-attention arrays a step returns are this object's buffers,
+    which the next step overwrites. One batch, one thread: batches do not share it."""
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
