@@ -18,6 +18,9 @@ token brings its position in its own sentence and its sentence's index, and atte
 sentence only. Its outputs are per token; the server scatters them into a padded batch. A few
 sentences of mixed lengths (what a running batch admits at a time) then cost their real tokens,
 not rows × the longest.
+
+``export_all`` writes the graphs as the bundle carries them: ``decoder_kv.onnx`` with each
+layer's Q/K/V projections as one MatMul (``export.optimize``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from export.model import KV, StepOutput, Transformer
+from export.optimize import optimize_decoder_kv
 from service.bundle import graph_io
 
 OPSET = 17
@@ -225,12 +229,15 @@ def export_packed_encoder(model: Transformer, out_dir: Path, opset: int = OPSET)
 
 
 def export_all(model: Transformer, out_dir: Path, opset: int = OPSET) -> list[Path]:
-    """Every graph of a bundle: encoder, decoder, decoder_kv and encoder_packed."""
-    return [
+    """Every graph of a bundle: encoder, decoder, decoder_kv and encoder_packed, with
+    decoder_kv's Q/K/V projections fused (export.optimize): the graphs as they are served."""
+    paths = [
         *export_graphs(model, out_dir, opset),
         export_cached_decoder(model, out_dir, opset),
         export_packed_encoder(model, out_dir, opset),
     ]
+    optimize_decoder_kv(out_dir / "decoder_kv.onnx", len(model.decoder_layers))
+    return paths
 
 
 def _export(

@@ -27,6 +27,7 @@ from export.checkpoint import model_from_checkpoint
 from export.data import Pair
 from export.model import Transformer
 from export.onnx_export import OPSET, export_all
+from export.optimize import FUSED_QKV
 from export.rundir import load_run, load_split
 from export.tokenizer import Tokenizer
 from export.verify import (
@@ -281,6 +282,8 @@ def export_record(checkpoint: Path, int8: bool) -> dict[str, Any]:
         "exporter": "torch.onnx (TorchScript-based)",
         "int8": int8,
         "quantization": "onnxruntime dynamic, QInt8 weights, MatMul" if int8 else None,
+        # export_all applies it to every bundle (int8 graphs are quantized from the fused ones)
+        "graph_optimizations": {"decoder_kv": FUSED_QKV},
         "torch": torch.__version__,
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,

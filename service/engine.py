@@ -38,7 +38,7 @@ import numpy as np
 
 from service.bundle import Limits
 from service.cacheops import HOST, Cache, CacheOps
-from service.runtime import Runtime
+from service.runtime import InPlaceStep, Runtime
 
 
 class AttentionMode(enum.IntEnum):
@@ -112,17 +112,18 @@ class Row:
     def take(
         self, token: int, logits: np.ndarray, cross_attn: list[np.ndarray], i: int, eos: int
     ) -> str | None:
-        """Adds this step's token (the step's row i; logits (V,)): why the row finished, if it
-        did."""
-        scores = self.job.options.scores
-        lp = _log_prob(logits, token) if scores else 0.0
+        """Adds this step's token (the step's row i; logits (B, V)): why the row finished, if
+        it did. What a row did not ask for (scores, attention, alignment) costs nothing."""
+        o = self.job.options
+        lp = _log_prob(logits[i], token) if o.scores else 0.0
         if token == eos:
             self.eos_log_prob = lp
             return "eos"
         self.tokens.append(token)
-        if scores:
+        if o.scores:
             self.log_probs.append(lp)
-        self.record_attention(cross_attn, i)
+        if o.attention or o.alignment:
+            self.record_attention(cross_attn, i)
         return "length" if len(self.tokens) >= self.job.limit else None
 
 
@@ -347,6 +348,9 @@ class InPlaceBatch(DecodeBatch):
     cost does not grow with the oldest row's age and a newcomer has nothing to copy."""
 
     inplace: ClassVar[bool] = True
+    # The decoder's binding, kept while the arrays stay the same (the batches a step on share
+    # it); its logits and attention buffers are rewritten every step.
+    binding: InPlaceStep = field(kw_only=True, repr=False)
 
     @classmethod
     def fresh(
@@ -354,11 +358,14 @@ class InPlaceBatch(DecodeBatch):
     ) -> InPlaceBatch:
         """Buffers of no rows yet: reserve() grows them (rows that join a batch take its)."""
         first = cls._first_step(rt, len(rows))
-        return cls(rows, *first, src_mask, rt.cache_buffers(0, 0), cross, ops=rt.cache_ops)
+        buffers = rt.cache_buffers(0, 0)
+        return cls(
+            rows, *first, src_mask, buffers, cross, ops=rt.cache_ops, binding=InPlaceStep(rt)
+        )
 
     def decode(self, rt: Runtime) -> tuple[np.ndarray, list[np.ndarray], InPlaceBatch]:
         logits, cross_attn = rt.step_inplace(
-            self.tokens, self.positions, self.src_mask, self.past, self.cross
+            self.tokens, self.positions, self.src_mask, self.past, self.cross, self.binding
         )
         return logits, cross_attn, self
 
@@ -500,12 +507,13 @@ class Engine:
         late = sum(1 for r in tidy.live_rows() if r.job.expired(now))
         logits, cross_attn, after = tidy.decode(self.rt)
         nxt = logits.argmax(axis=-1)  # (B,)
+        tokens = nxt.tolist()  # Python ints, converted at once
         finished: list[tuple[SentenceJob, SentenceResult]] = []
         done: list[int] = []
         for i in live:
             row = tidy.rows[i]
             assert row is not None
-            reason = row.take(int(nxt[i]), logits[i], cross_attn, i, self.rt.eos_id)
+            reason = row.take(tokens[i], logits, cross_attn, i, self.rt.eos_id)
             if reason is not None:
                 finished.append((row.job, self._result(row, reason)))
                 done.append(i)

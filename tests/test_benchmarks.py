@@ -1,6 +1,10 @@
-"""The engine benchmark's own checks: a figure only counts when the tokens agree."""
+"""The benchmarks' own checks: a figure only counts when the tokens agree; the step profile's
+parts add up; the graph A/B compares outputs first."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,3 +37,33 @@ def test_an_fp32_engine_with_other_tokens_fails_the_benchmark(
 def test_spread_is_the_median_and_range() -> None:
     assert spread([3.0, 1.0, 2.0]) == "2.00 (1.00–3.00)"
     assert spread([1.5]) == "1.50" and spread([]) == "—"
+
+
+def test_step_profile_parts_add_up_to_the_step(tiny_bundle: Path, capsys: Any) -> None:
+    """benchmarks/step_profile.py: session run, runtime and engine are nested timers, so the
+    three parts (each without the one inside it) add up to the whole step."""
+    from benchmarks.step_profile import main
+
+    args = ["--bundle", str(tiny_bundle), "--batch", "2", "--steps", "40", "--warmup", "3"]
+    assert main(args) == 0
+    rows = {
+        cells[0]: [float(cells[1]), float(cells[3])]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| ") and (cells := [c.strip() for c in line.strip("|").split("|")])
+        and cells[1].replace(".", "").isdigit()
+    }  # fmt: skip
+    assert set(rows) == {"session run", "runtime", "engine", "whole step"}
+    for col in (0, 1):  # wall, CPU
+        parts = sum(rows[p][col] for p in ("session run", "runtime", "engine"))
+        assert abs(parts - rows["whole step"][col]) <= 0.2, (col, rows)
+        assert rows["session run"][col] > 0
+
+
+def test_graph_ab_of_a_bundle_with_itself(tiny_bundle: Path, capsys: Any) -> None:
+    """benchmarks/graph_ab.py compares the two graphs' outputs before timing them."""
+    from benchmarks.graph_ab import main
+
+    args = ["--a", str(tiny_bundle), "--b", str(tiny_bundle), "--batches", "1,3"]
+    assert main([*args, "--rounds", "2", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("max abs logit diff 0.00e+00") == 2 and out.count("| b/a |") == 2

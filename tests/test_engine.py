@@ -331,6 +331,71 @@ def test_inplace_cache_is_shared_compacted_and_grown(engine: Engine, inplace: En
         same(finished[id(j)], engine.decode_all([replace(j)])[0])
 
 
+def test_inplace_binding_is_kept_until_the_arrays_change(
+    tiny_bundle: Path, inplace: Engine
+) -> None:
+    """A batch keeps its decoder binding from step to step (no rebinding per step), also when
+    a newcomer is written into a free slot in place; a batch with new arrays is bound afresh.
+    Every step's logits equal a step bound from scratch on the same state (by a runtime of
+    its own, without the engine's eos masking)."""
+    rt = Runtime(load_bundle(tiny_bundle), RuntimeConfig("cpu", "fp32", 1))
+    srcs = [s[:4] for s in sources(inplace, 4, seed=7)]  # short: a newcomer widens them
+    longer = sources(inplace, 1, seed=8)[0][:3] * 4  # 12 tokens
+    batch = inplace.start([job(s, 30, exact=True) for s in srcs])  # buffers of 4 rows
+
+    def step_checked(before: DecodeBatch) -> DecodeBatch:
+        b = before.tidy()  # as Engine.step does first (a tidy batch stays the same object)
+        assert b is not None
+        fresh_caches = [buf.copy() for buf in b.past]
+        fresh, _ = rt.step_inplace(b.tokens, b.positions, b.src_mask, fresh_caches, b.cross)
+        _, nb, _ = inplace.step(b)  # ExactLength masks eos in the kept binding's logits only
+        assert nb is not None
+        kept = nb.binding.logits[:, 0, :]  # type: ignore[attr-defined]
+        assert kept is not fresh
+        fresh[:, rt.eos_id] = kept[:, rt.eos_id]
+        np.testing.assert_array_equal(kept, fresh)
+        return nb
+
+    def bound(b: DecodeBatch) -> object:
+        return b.binding.binding  # type: ignore[attr-defined]
+
+    batch = step_checked(batch)
+    first = bound(batch)
+    for _ in range(3):
+        batch = step_checked(batch)
+        assert bound(batch) is first
+    batch.release(1)
+    batch = inplace.admit(batch, [job(srcs[1][:2], 30, exact=True)])  # into the free slot
+    batch = step_checked(batch)
+    assert bound(batch) is first
+    batch.release(1)
+    batch = inplace.admit(batch, [job(longer, 30, exact=True)])  # free slot, wider source
+    assert batch.source_len == len(longer) and len(batch) == 4
+    batch = step_checked(batch)
+    assert bound(batch) is not first
+    second = bound(batch)
+    batch.release(0)
+    batch.release(2)  # half free: compacted (fewer rows)
+    batch = step_checked(batch)
+    assert bound(batch) is not second
+
+
+def test_each_option_is_kept_on_its_own(either: Engine) -> None:
+    """A row keeps exactly what it asked for: alignment or scores without attention, nothing
+    for a plain row; what it keeps equals what a row asking for everything gets."""
+    src = sources(either, 1, seed=9)[0]
+    full = replace(OPTS, alignment=True)
+    asks = [DecodeOptions(alignment=True), DecodeOptions(scores=True), DecodeOptions(), full]
+    jobs = [SentenceJob(src, 6, o) for o in asks]
+    align, scores, plain, every = either.decode_all(jobs)
+    assert every.alignment and every.token_log_probs and every.attention is not None
+    assert align.alignment == every.alignment and align.attention is None
+    assert align.token_log_probs is None and scores.alignment is None
+    assert scores.token_log_probs == every.token_log_probs and scores.attention is None
+    assert plain.alignment is plain.token_log_probs is plain.attention is None
+    assert align.token_ids == scores.token_ids == plain.token_ids == every.token_ids
+
+
 def test_kv_cache_setting_is_checked(tiny_bundle: Path) -> None:
     with pytest.raises(ValueError, match="kv_cache"):
         RuntimeConfig(kv_cache="sometimes")
