@@ -164,6 +164,7 @@ def ort_profile(rt: Runtime, args: argparse.Namespace) -> list[str]:
         by_op[op_of[name]] += statistics.median(durations)
         nodes[op_of[name]] += 1
     kernels, run = sum(by_op.values()), statistics.median(runs)
+    parts = matmul_parts(events, vocab=rt.bundle.target_vocab_size, peak=args.peak_gflops)
     lines = [
         f"onnxruntime profile of {part} ({len(per_node)} nodes; wall µs, median per node):",
         "| operator | nodes | µs/run | share of kernels |",
@@ -173,6 +174,52 @@ def ort_profile(rt: Runtime, args: argparse.Namespace) -> list[str]:
         lines.append(f"| {op} | {nodes[op]} | {us:.1f} | {us / kernels:.0%} |")
     lines.append(f"median run {run:.0f} µs, of which kernels {kernels:.0f} µs and "
                  f"{run - kernels:.0f} µs between them (executor, allocation)")  # fmt: skip
+    return [*lines, "", *parts]
+
+
+MATMULS = ("MatMul", "FusedMatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul")
+
+
+def matmul_parts(events: list[dict[str, Any]], vocab: int, peak: float) -> list[str]:
+    """The matrix products of the step by part of the model (output layer: N = the vocabulary;
+    feed-forward: K or N the widest inner size; attention projections: the rest), each with the
+    FLOP rate it reached, from every kernel event's own input shapes (rows that finished are
+    not counted), against the machine's fp32 peak (all intra-op threads together)."""
+    products = []  # (µs, rows, K, N) of every kernel event of a projection
+    for e in events:
+        a = e.get("args", {})
+        if e.get("cat") != "Node" or a.get("op_name") not in MATMULS:
+            continue
+        inputs = [next(iter(d.values())) for d in a.get("input_type_shape", [])]
+        outputs = [next(iter(d.values())) for d in a.get("output_type_shape", [])]
+        if len(inputs) != 1 or not outputs:
+            # onnxruntime lists only the activations of a product with a prepacked weight;
+            # two of them (attention scores) are no projection
+            continue
+        x, y = inputs[0], outputs[0]
+        products.append((float(e["dur"]), int(np.prod(x[:-1])), x[-1], y[-1]))
+    widest = max((max(k, n) for _, _, k, n in products if n != vocab), default=0)
+    us: dict[str, float] = collections.defaultdict(float)
+    flops: dict[str, float] = collections.defaultdict(float)
+    for dur, rows, k, n in products:
+        part = (
+            "output layer" if n == vocab
+            else "feed-forward" if widest in (k, n)
+            else "attention projections"
+        )  # fmt: skip
+        us[part] += dur
+        flops[part] += 2.0 * rows * k * n
+    total = sum(us.values()) or 1.0
+    lines = [
+        "matrix products by part (GFLOP/s from each kernel's own shapes):",
+        "| part | share of their time | GFLOP/s | % of fp32 peak |",
+        "|---|---:|---:|---:|",
+    ]
+    for part in ("attention projections", "feed-forward", "output layer"):
+        if us[part]:
+            rate = flops[part] / us[part] / 1e3
+            share = us[part] / total
+            lines.append(f"| {part} | {share:.0%} | {rate:.1f} | {100 * rate / peak:.0f} |")
     return lines
 
 
@@ -188,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=64, help="output tokens per row at most")
     ap.add_argument("--kv-cache", default="auto", choices=["auto", "inplace", "concat"])
     ap.add_argument("--ort-profile", action="store_true", help="onnxruntime's per-op profile too")
+    ap.add_argument(
+        "--peak-gflops", type=float, default=156.5, help="the machine's fp32 peak (2-core Zen 3)"
+    )
     args = ap.parse_args(argv)
     bundle = load_bundle(args.bundle)
     cfg = RuntimeConfig("cpu", args.precision, args.threads, kv_cache=args.kv_cache)

@@ -67,3 +67,33 @@ def test_graph_ab_of_a_bundle_with_itself(tiny_bundle: Path, capsys: Any) -> Non
     assert main([*args, "--rounds", "2", "--steps", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("max abs logit diff 0.00e+00") == 2 and out.count("| b/a |") == 2
+
+
+def test_step_profile_rates_the_matrix_products_by_part() -> None:
+    """Each projection's FLOPs from its kernel event's own shapes (rows × K × N × 2), grouped
+    as the output layer (N = the vocabulary), feed-forward (the widest inner size) and the
+    rest; a product of two activations (two listed inputs) is not a projection."""
+    from benchmarks.step_profile import matmul_parts
+
+    def event(op: str, inputs: list[list[int]], out: list[int], dur: float) -> dict[str, Any]:
+        args = {
+            "op_name": op,
+            "input_type_shape": [{"float": s} for s in inputs],
+            "output_type_shape": [{"float": out}],
+        }
+        return {"cat": "Node", "name": f"n{dur}", "dur": dur, "args": args}
+
+    events = [
+        event("MatMul", [[2, 1, 4]], [2, 1, 10], 10.0),  # output layer: 160 FLOP in 10 µs
+        event("MatMul", [[2, 1, 4]], [2, 1, 16], 4.0),  # feed-forward up: 256 FLOP
+        event("MatMul", [[2, 1, 16]], [2, 1, 4], 4.0),  # feed-forward down: 256 FLOP
+        event("MatMul", [[2, 1, 4]], [2, 1, 12], 2.0),  # Q|K|V: 192 FLOP
+        event("FusedMatMul", [[2, 4, 1, 8], [2, 4, 8, 5]], [2, 4, 1, 5], 50.0),  # scores
+        {"cat": "Session", "name": "model_run", "dur": 99.0},
+    ]
+    lines = matmul_parts(events, vocab=10, peak=0.1)
+    assert lines[3:] == [
+        "| attention projections | 10% | 0.1 | 96 |",  # 192 FLOP / 2 µs = 0.096 GFLOP/s
+        "| feed-forward | 40% | 0.1 | 64 |",  # 512 / 8
+        "| output layer | 50% | 0.0 | 16 |",  # 160 / 10
+    ]
