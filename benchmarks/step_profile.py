@@ -236,11 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-cache", default="auto", choices=["auto", "inplace", "concat"])
     ap.add_argument("--ort-profile", action="store_true", help="onnxruntime's per-op profile too")
     ap.add_argument(
+        "--spin", action="store_true", help="let idle intra-op threads spin (the server does not)"
+    )
+    ap.add_argument(
         "--peak-gflops", type=float, default=156.5, help="the machine's fp32 peak (2-core Zen 3)"
     )
     args = ap.parse_args(argv)
     bundle = load_bundle(args.bundle)
-    cfg = RuntimeConfig("cpu", args.precision, args.threads, kv_cache=args.kv_cache)
+    cfg = RuntimeConfig("cpu", args.precision, args.threads, kv_cache=args.kv_cache, spin=args.spin)
     rt = Runtime(bundle, cfg)
     clock, steps = profile(Engine(rt, bundle.limits, capacity=args.batch), rt, args)
     print(f"{args.bundle} ({args.precision}, {rt.describe()}), batch {args.batch}, {steps} steps")
