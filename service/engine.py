@@ -503,8 +503,7 @@ class Engine:
         tidy = batch.tidy()
         if tidy is None:
             return [], None, StepStats(0, 0.0, 0.0)
-        live = tidy.live
-        late = sum(1 for r in tidy.live_rows() if r.job.expired(now))
+        live, late = tidy.live, 0
         logits, cross_attn, after = tidy.decode(self.rt)
         nxt = logits.argmax(axis=-1)  # (B,)
         tokens = nxt.tolist()  # Python ints, converted at once
@@ -513,6 +512,7 @@ class Engine:
         for i in live:
             row = tidy.rows[i]
             assert row is not None
+            late += row.job.expired(now)  # its deadline had passed when the step began
             reason = row.take(tokens[i], logits, cross_attn, i, self.rt.eos_id)
             if reason is not None:
                 finished.append((row.job, self._result(row, reason)))
