@@ -42,7 +42,7 @@ from service.security import TokenAuth, load_tokens, server_credentials
 from service.settings import INT32, check, setting
 from service.streaming import ResultBuffer, on_loop, stream, window_bytes
 from service.translator import (
-    MAX_CALL_CHARS,
+    CHARS_PER_CALL_TOKEN,
     MAX_REQUEST_ID,
     ModelInfo,
     RequestOptions,
@@ -85,11 +85,12 @@ class ServerConfig:
     metrics_host: str = setting("127.0.0.1", "address of the metrics endpoint")
     max_sentences: int = setting(256, "sentences per request at most", 1, 1_000_000)
     max_call_chars: int = setting(
-        MAX_CALL_CHARS,
+        0,
         "characters of one call's sentences together, at most (INVALID_ARGUMENT above), checked "
         "before tokenizing so that no call stalls the server on megabytes of text; a sentence "
-        "within the token limit is translated however many characters it has, up to this",
-        1,
+        f"within the token limit is translated however many characters it has, up to this (0: "
+        f"{CHARS_PER_CALL_TOKEN} per token of --max-call-tokens)",
+        0,
         INT32,
     )
     max_message_bytes: int = setting(

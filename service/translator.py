@@ -24,12 +24,13 @@ MAX_REQUEST_ID = 128
 # A response also carries the request id: at most MAX_REQUEST_ID characters of up to 4 bytes
 # each, with its tag and length.
 _REQUEST_ID_BYTES = 4 * MAX_REQUEST_ID + 4
-# Characters of one call's sentences together, at most (the server's --max-call-chars): checked
-# before anything is tokenized, since tokenizing runs on the event loop (about a microsecond a
-# character: a megabyte stalls every call for a second). The token limits are what bound a
-# sentence; this only bounds the work of finding out: 16 characters per token of the default
-# per-call limit of 4096 tokens, several times what text in any script needs.
-MAX_CALL_CHARS = 65_536
+# Characters of one call's sentences together, at most (the server's --max-call-chars; 0, its
+# default, follows --max-call-tokens): checked before anything is tokenized, since tokenizing
+# runs on the event loop (about a microsecond a character: a megabyte stalls every call for a
+# second). The token limits are what bound a sentence; this only bounds the work of finding
+# out: 16 characters per token of the per-call limit (65,536 for the default 4096 tokens),
+# several times what text in any script needs.
+CHARS_PER_CALL_TOKEN = 16
 MAX_VIOLATIONS = 10  # listed in an error (the rest counted), so that it fits the metadata limit
 
 
@@ -106,14 +107,13 @@ class Translator:
         observer: Observer | None = None,
         max_message_bytes: int = 4 * 1024 * 1024,
         on_fatal: Callable[[BaseException], None] | None = None,
-        max_call_chars: int = MAX_CALL_CHARS,
+        max_call_chars: int = 0,
     ) -> None:
         self.bundle = bundle
         self.limits = bundle.limits
         self.max_sentences = max_sentences
         self.max_message_bytes = max_message_bytes
         self.tok: TextTokenizer = load_tokenizer(bundle)
-        self.max_call_chars = max_call_chars
         # The longest piece in bytes bounds the text of a translation of T tokens.
         self.max_piece_bytes = max(len(p.encode("utf-8")) for p in self.tok.all_pieces())
         self.n_layers = int(bundle.model["n_decoder_layers"])
@@ -122,6 +122,7 @@ class Translator:
         lanes, runtime_cfg = plan_lanes(scheduler_cfg.lanes, runtime_cfg or RuntimeConfig())
         scheduler_cfg = replace(scheduler_cfg, lanes=lanes)
         self.scheduler_cfg = scheduler_cfg
+        self.max_call_chars = max_call_chars or CHARS_PER_CALL_TOKEN * scheduler_cfg.max_call_tokens
         self.runtime = Runtime(bundle, runtime_cfg)
         self.scheduler = Scheduler.over(self.runtime, scheduler_cfg, observer, on_fatal)
 
