@@ -30,7 +30,7 @@ from export.model import greedy_decode
 from export.rundir import load_split
 from export.tokenizer import Tokenizer
 from export.train import pad, translate_ids
-from service.bundle import Limits
+from service.bundle import Limits, load_bundle
 from service.proto_gen.nmtserve.v1 import translation_pb2 as pb
 from service.proto_gen.nmtserve.v1 import translation_pb2_grpc as pb_grpc
 from service.scheduler import DeadlineExceeded
@@ -365,6 +365,20 @@ def test_a_call_over_the_character_limit_is_refused_as_a_whole(stub, encodes) ->
     why = "80000 characters in one call, over the server's limit of 65536 characters per call"
     assert bad_request(e.value) == [("sentences", f"{why}: split the request")]
     assert encodes == []
+
+
+def test_the_character_limit_follows_the_call_token_limit(tiny_bundle: Path) -> None:
+    """--max-call-chars 0 (the default) is 16 characters per token of --max-call-tokens: a
+    server with a lower token limit has a lower character cap, and an explicit one wins."""
+    from service.server import ServerConfig
+    from service.translator import Translator
+
+    for flat, cap in (({"max_call_tokens": 100}, 1600), ({"max_call_chars": 99}, 99)):
+        cfg = ServerConfig.from_settings(lanes=1, **flat)
+        tr = Translator(
+            load_bundle(tiny_bundle), cfg.runtime, cfg.scheduler, max_call_chars=cfg.max_call_chars
+        )
+        assert tr.max_call_chars == cap  # not started: no lanes to stop
 
 
 @pytest.mark.parametrize(
