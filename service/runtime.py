@@ -39,6 +39,7 @@ import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -111,6 +112,29 @@ class RuntimeConfig:
 
 
 MAX_AUTO_LANES = 4
+
+# A decoder step of a model this small (multiply-adds per row and step) runs on one intra-op
+# thread whatever the lane's budget: its kernels are so short that waking a second thread for
+# each costs more than the half of the work it takes over. Measured on this project's 2-core
+# machine (benchmarks/RESULTS.md, issue 18): the default model (0.5 M per row) steps 1.2-1.3x
+# faster on one thread than on two at batches of 1, 8 and 32 rows; marian-small (4.8 M) steps
+# as fast on one at batch 1 and 3 % slower at 8, so it keeps the budget.
+ONE_THREAD_STEP_MACS = 2_000_000
+
+
+def step_macs(model: dict[str, Any], vocab: int) -> int:
+    """A decoder step's multiply-adds per row: per layer the self-attention's four projections,
+    the cross-attention's query and output (its keys and values come from the encoder) and the
+    feed-forward; then the output layer."""
+    d, ff = int(model["d_model"]), int(model["d_ff"])
+    return int(model["n_decoder_layers"]) * (6 * d * d + 2 * d * ff) + d * vocab
+
+
+def decoder_threads(threads: int, model: dict[str, Any], vocab: int, provider: str) -> int:
+    """The decoder session's intra-op threads: the lane's, or one for a small model on the
+    CPU (see ONE_THREAD_STEP_MACS)."""
+    small = provider == CPU and step_macs(model, vocab) < ONE_THREAD_STEP_MACS
+    return 1 if small else threads
 
 
 def plan_lanes(lanes: int, cfg: RuntimeConfig) -> tuple[int, RuntimeConfig]:
@@ -287,14 +311,18 @@ class Runtime:
         opts = session_options(cfg, self.threads)
         providers = providers_for(cfg.provider)
 
-        def open_graph(part: str) -> ort.InferenceSession:
-            return open_session(bundle, cfg.precision, part, opts, providers)
+        def open_graph(part: str, options: ort.SessionOptions = opts) -> ort.InferenceSession:
+            return open_session(bundle, cfg.precision, part, options, providers)
 
         self.encoder = open_graph("encoder")
         self.provider = self.encoder.get_providers()[0]
         self.packing, self.inplace = choose_graphs(bundle, cfg, self.provider)
         self.packed_encoder = open_graph("encoder_packed") if self.packing != "off" else None
-        self.decoder = open_graph("decoder_kv" if self.inplace else "decoder")
+        self.decoder_threads = decoder_threads(self.threads, model, self.vocab_size, self.provider)
+        self.decoder = open_graph(
+            "decoder_kv" if self.inplace else "decoder",
+            opts if self.decoder_threads == self.threads else session_options(cfg, 1),
+        )
         self.provider = self.decoder.get_providers()[0]
         if cfg.provider == "cuda" and self.provider != CUDA:
             raise RuntimeError("--provider cuda: onnxruntime could not start CUDA on this machine")
@@ -324,6 +352,12 @@ class Runtime:
         else:
             cache = "concatenated"
         packing = {"auto": "packed where cheaper than padded", "always": "packed", "off": "padded"}
+        on_one = ""
+        if self.decoder_threads < self.threads:
+            on_one = (
+                f" (the decoder's: {self.decoder_threads}, a step this small gains nothing "
+                "from more)"
+            )
         # each session's providers in priority order: nodes the first cannot run fall back
         sessions = {
             "encoder": self.encoder,
@@ -335,7 +369,8 @@ class Runtime:
         )
         return (
             f"execution provider {self.provider} ({graphs}), {self.cfg.precision} graphs, "
-            f"{self.threads} intra-op threads, KV cache {cache}, encoder {packing[self.packing]}"
+            f"{self.threads} intra-op threads{on_one}, KV cache {cache}, "
+            f"encoder {packing[self.packing]}"
         )
 
     def encode(self, ids: np.ndarray, mask: np.ndarray) -> list[Cache]:

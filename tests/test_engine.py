@@ -559,3 +559,49 @@ def test_start_up_log_names_each_graphs_provider(tiny_bundle: Path) -> None:
         "execution provider CPUExecutionProvider (encoder on CPUExecutionProvider, "
         "encoder_packed on CPUExecutionProvider, decoder_kv on CPUExecutionProvider), int8 graphs"
     )
+
+
+def test_a_small_models_decoder_runs_on_one_thread(tiny_bundle: Path) -> None:
+    """README (--threads): a decoder step under ONE_THREAD_STEP_MACS multiply-adds per row runs
+    on one intra-op thread whatever the lane's budget (a second only costs there); the encoder
+    keeps the budget, and so does a larger model's decoder, or any on CUDA."""
+    from service.runtime import CPU, CUDA, decoder_threads, step_macs
+
+    rt = Runtime(load_bundle(tiny_bundle), RuntimeConfig("cpu", "fp32", 2))
+    assert rt.encoder.get_session_options().intra_op_num_threads == 2
+    assert rt.decoder.get_session_options().intra_op_num_threads == 1
+    assert "2 intra-op threads (the decoder's: 1, a step this small" in rt.describe()
+    one = Runtime(load_bundle(tiny_bundle), RuntimeConfig("cpu", "fp32", 1))
+    assert "decoder's" not in one.describe()
+    # worked out by hand: L (6 d² + 2 d ff) + d V
+    default = {"d_model": 128, "d_ff": 512, "n_decoder_layers": 2}
+    marian_small = {"d_model": 256, "d_ff": 1024, "n_decoder_layers": 3}
+    assert step_macs(default, 400) == 2 * (6 * 128**2 + 2 * 128 * 512) + 128 * 400 == 509_952
+    assert step_macs(marian_small, 8000) == 4_800_512
+    assert decoder_threads(2, default, 400, CPU) == 1
+    assert decoder_threads(2, default, 400, CUDA) == 2
+    assert decoder_threads(2, marian_small, 8000, CPU) == 2
+
+
+def test_offline_batches_reserve_cache_rows_for_themselves_only(inplace: Engine) -> None:
+    """decode_all's batches never take newcomers, so their in-place buffers hold their own
+    rows (zeroing the engine's whole capacity for a batch of one cost a small model more per
+    sentence than its encoder); a batch started for the scheduler keeps the capacity."""
+    rows: list[int] = []
+    start = inplace.start
+
+    def spy(jobs: list[SentenceJob], cache: bool = True, room: int | None = None) -> DecodeBatch:
+        batch = start(jobs, cache, room)
+        rows.append(int(batch.past[0].shape[0]))
+        return batch
+
+    inplace.start = spy  # type: ignore[method-assign]
+    try:
+        srcs = sources(inplace, 3, seed=5)
+        got = inplace.decode_all([job(s, 6) for s in srcs], max_rows=2)
+        assert rows == [2, 1]
+        assert inplace.start([job(srcs[0], 6)]).past[0].shape[0] == inplace.capacity == 4
+    finally:
+        del inplace.start
+    for s, res in zip(srcs, got, strict=True):
+        same(res, solo(inplace, s, 6))
