@@ -211,7 +211,9 @@ class DecodeBatch(ABC):
         """The batch a step on: `tokens` the rows' new last tokens, every live row one position
         further, the rows at `done` released."""
         positions = self.positions + 1
-        positions[self.free] = 0
+        free = self.free
+        if free:
+            positions[free] = 0
         rows, tokens = list(self.rows), tokens.astype(np.int64)
         out = replace(self, rows=rows, tokens=tokens, positions=positions)
         for i in done:
@@ -431,9 +433,13 @@ class Engine:
         self.layout: type[DecodeBatch] = InPlaceBatch if runtime.inplace else ConcatBatch
         self.last_encode: EncodeStats | None = None  # figures of the latest encoder run
 
-    def start(self, jobs: list[SentenceJob], cache: bool = True) -> DecodeBatch:
+    def start(
+        self, jobs: list[SentenceJob], cache: bool = True, room: int | None = None
+    ) -> DecodeBatch:
         """Runs the encoder over new sentences → a batch ready for its first step (BOS).
-        cache=False: no in-place cache buffers (the rows are about to join another batch)."""
+        cache=False: no in-place cache buffers (the rows are about to join another batch);
+        room: the rows those buffers are first made for (default: the engine's capacity, so
+        that newcomers can join without a copy)."""
         n = len(jobs)
         s = max(1, max(len(j.source_ids) for j in jobs))
         ids = np.full((n, s), self.rt.pad_id, np.int64)
@@ -444,7 +450,7 @@ class Engine:
         rows: list[Row | None] = [Row(j, max(1, len(j.source_ids))) for j in jobs]
         batch = self.layout.fresh(self.rt, rows, mask, self._encode(ids, mask))
         if cache:
-            batch.reserve(max(n, self.capacity), self._cache_length(jobs))
+            batch.reserve(max(n, self.capacity if room is None else room), self._cache_length(jobs))
         return batch
 
     def _encode(self, ids: np.ndarray, mask: np.ndarray) -> list[Cache]:
@@ -561,9 +567,9 @@ class Engine:
             else:
                 results[i] = self.empty_result(jobs[i])
         for start in range(0, len(todo), max_rows):
-            batch: DecodeBatch | None = self.start(
-                [jobs[i] for i in todo[start : start + max_rows]]
-            )
+            group = [jobs[i] for i in todo[start : start + max_rows]]
+            # nothing joins an offline batch: buffers for its own rows only
+            batch: DecodeBatch | None = self.start(group, room=len(group))
             while batch is not None:
                 done, batch, _ = self.step(batch)
                 for job, res in done:
