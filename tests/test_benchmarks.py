@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from benchmarks.engines import mismatched, spread, verdict
@@ -97,3 +98,25 @@ def test_step_profile_rates_the_matrix_products_by_part() -> None:
         "| feed-forward | 40% | 0.1 | 64 |",  # 512 / 8
         "| output layer | 50% | 0.0 | 16 |",  # 160 / 10
     ]
+
+
+def test_int8_drift_is_zero_against_itself_and_measured_against_int8(
+    tiny_bundle: Path, capsys: Any
+) -> None:
+    """benchmarks/int8_drift.py: fp32 against itself drifts by exactly nothing; the tiny
+    bundle's int8 graphs drift by something, and every share is a share."""
+    from benchmarks.int8_drift import drift, main, sources
+    from service.bundle import load_bundle
+    from service.runtime import Runtime, RuntimeConfig
+
+    b = load_bundle(tiny_bundle)
+    fp32, int8 = (Runtime(b, RuntimeConfig("cpu", p, 1)) for p in ("fp32", "int8"))
+    ids = sources(fp32, 6, 5, seed=1)
+    assert not np.isin(ids, [fp32.pad_id, fp32.eos_id, fp32.bos_id]).any()
+    same = drift(fp32, fp32, ids, 7)
+    assert (same.max_abs, same.mean_abs, same.top1_agree, same.rows_same) == (0.0, 0.0, 1.0, 1.0)
+    d = drift(fp32, int8, ids, 7)
+    assert 0 < d.mean_abs <= d.max_abs and d.logit_std > 0
+    assert all(0 <= x <= 1 for x in (d.top1_agree, d.rows_same, d.tokens_same))
+    assert main(["--bundle", str(tiny_bundle), "--sentences", "3", "--tokens", "4"]) == 0
+    assert "| max abs Δ logit |" in capsys.readouterr().out
