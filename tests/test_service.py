@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -401,6 +402,23 @@ def test_corrupt_request_bytes(server: ServerThread, stub, body: bytes) -> None:
                     list(reply)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, e.value)
             assert "not a valid nmtserve.v1.TranslateRequest" in (e.value.details() or "")
+    assert stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30).results
+
+
+def test_a_call_without_a_request_message(server: ServerThread, stub) -> None:
+    """A raw call that half-closes without sending its request (no client stub does):
+    INVALID_ARGUMENT naming the message, counted so (the servicer reads each request itself)."""
+    registry = server.server.metrics.registry
+    labels = {"method": "TranslateStream", "code": "INVALID_ARGUMENT"}
+    before = registry.get_sample_value("nmtserve_requests_total", labels) or 0
+    with grpc.insecure_channel(server.target) as ch:
+        rpc = ch.stream_stream("/nmtserve.v1.Translator/TranslateStream")
+        with pytest.raises(grpc.RpcError) as e:
+            list(rpc(iter([]), timeout=10))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details() == "the call carried no nmtserve.v1.TranslateRequest message"
+    counted = partial(registry.get_sample_value, "nmtserve_requests_total", labels)
+    wait_for(lambda: counted() == before + 1, "the call counted")  # as its handler ends
     assert stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30).results
 
 
