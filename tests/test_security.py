@@ -229,7 +229,11 @@ def test_message_size_limit(server) -> None:
     "Metrics")."""
     registry = server.server.metrics.registry
     labels = {"method": "Translate", "code": "CANCELLED"}
-    before = registry.get_sample_value("nmtserve_requests_total", labels) or 0
+
+    def counted() -> float:
+        return registry.get_sample_value("nmtserve_requests_total", labels) or 0
+
+    before = counted()
     with grpc.insecure_channel(server.target) as ch:
         stub = pb_grpc.TranslatorStub(ch)
         with pytest.raises(grpc.RpcError) as e:
@@ -237,10 +241,10 @@ def test_message_size_limit(server) -> None:
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30).results
     deadline = time.monotonic() + 10  # counted when the handler has ended, after the answer
-    while registry.get_sample_value("nmtserve_requests_total", labels) == before:
+    while counted() == before:
         assert time.monotonic() < deadline, "the refused call was not counted"
         time.sleep(0.01)
-    assert registry.get_sample_value("nmtserve_requests_total", labels) == before + 1
+    assert counted() == before + 1
 
 
 def test_service_loads_no_pickle_and_no_code() -> None:
