@@ -350,6 +350,9 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         except grpc.aio.AbortError:  # answered with a status
             code = context.code()
             raise
+        except Exception:  # none comes past _call; gRPC would answer it UNKNOWN
+            code = grpc.StatusCode.UNKNOWN
+            raise
         finally:
             self.metrics.requests.labels(method, code.name).inc()
             self.metrics.latency.labels(method).observe(time.perf_counter() - start)
