@@ -3,7 +3,8 @@ status (and its google.rpc details) is sent."""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2
@@ -60,7 +61,11 @@ def to_rpc_error(e: BaseException) -> RpcError:
     return RpcError(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
 
 
-async def abort(context: grpc.aio.ServicerContext, err: RpcError) -> None:
+async def abort(context: grpc.aio.ServicerContext, err: RpcError) -> NoReturn:
+    """Ends the call with err's status (raises grpc.aio.AbortError, as gRPC wants). A call that
+    gRPC has ended meanwhile (its client went away, its deadline passed) can no longer be
+    answered: that raises asyncio.CancelledError, as gRPC itself does to a handler whose call
+    it ends, so that every call it ended is handled (and counted) alike."""
     details = []
     for d in err.details:
         packed = any_pb2.Any()
@@ -69,4 +74,10 @@ async def abort(context: grpc.aio.ServicerContext, err: RpcError) -> None:
     status = status_pb2.Status(
         code=getattr(code_pb2, err.code.name), message=err.message, details=details
     )
-    await context.abort_with_status(rpc_status.to_status(status))
+    try:
+        await context.abort_with_status(rpc_status.to_status(status))
+    except grpc.aio.AbortError:
+        raise
+    except Exception as gone:  # the answer failed: gRPC had ended the call
+        raise asyncio.CancelledError() from gone
+    raise AssertionError("abort_with_status returned")  # pragma: no cover

@@ -122,7 +122,15 @@ class Translator:
         lanes, runtime_cfg = plan_lanes(scheduler_cfg.lanes, runtime_cfg or RuntimeConfig())
         scheduler_cfg = replace(scheduler_cfg, lanes=lanes)
         self.scheduler_cfg = scheduler_cfg
-        self.max_call_chars = max_call_chars or CHARS_PER_CALL_TOKEN * scheduler_cfg.max_call_tokens
+        tokens = scheduler_cfg.max_call_tokens
+        self.max_call_chars = max_call_chars or CHARS_PER_CALL_TOKEN * tokens
+        # where the cap comes from, in its refusals: the flag an operator would raise
+        self._char_cap_origin = (
+            "--max-call-chars"
+            if max_call_chars
+            else f"{CHARS_PER_CALL_TOKEN} per token of --max-call-tokens {tokens}, "
+            "as --max-call-chars is 0"
+        )
         self.runtime = Runtime(bundle, runtime_cfg)
         self.scheduler = Scheduler.over(self.runtime, scheduler_cfg, observer, on_fatal)
 
@@ -253,21 +261,17 @@ class Translator:
         chars = sum(len(s) for s in sentences)
         if chars <= cap:
             return []
+        limit = f"the server's limit of {cap} characters per call ({self._char_cap_origin})"
         named = [
             (
                 f"sentences[{i}]",
-                f"sentence {i} has {len(s)} characters, over the server's limit of {cap} "
-                "characters per call: refused before tokenizing",
+                f"sentence {i} has {len(s)} characters, over {limit}: refused before tokenizing",
             )
             for i, s in enumerate(sentences)
             if len(s) > cap
         ]
         return named or [
-            (
-                "sentences",
-                f"{chars} characters in one call, over the server's limit of {cap} characters "
-                "per call: split the request",
-            )
+            ("sentences", f"{chars} characters in one call, over {limit}: split the request")
         ]
 
     def _encode_all(

@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -222,12 +223,28 @@ def test_token_helpers(tmp_path: Path) -> None:
 
 
 def test_message_size_limit(server) -> None:
+    """gRPC itself refuses a request over --max-message-bytes, RESOURCE_EXHAUSTED, once it has
+    handed the call to the server but before the server can read the request: to the server
+    it looks like a call its client cancelled then, and it is counted CANCELLED (README,
+    "Metrics")."""
+    registry = server.server.metrics.registry
+    labels = {"method": "Translate", "code": "CANCELLED"}
+
+    def counted() -> float:
+        return registry.get_sample_value("nmtserve_requests_total", labels) or 0
+
+    before = counted()
     with grpc.insecure_channel(server.target) as ch:
         stub = pb_grpc.TranslatorStub(ch)
         with pytest.raises(grpc.RpcError) as e:
             stub.Translate(pb.TranslateRequest(sentences=["x" * (5 * 1024 * 1024)]), timeout=30)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30).results
+    deadline = time.monotonic() + 10  # counted when the handler has ended, after the answer
+    while counted() == before:
+        assert time.monotonic() < deadline, "the refused call was not counted"
+        time.sleep(0.01)
+    assert counted() == before + 1
 
 
 def test_service_loads_no_pickle_and_no_code() -> None:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -339,7 +340,8 @@ def encodes(server: ServerThread, monkeypatch: pytest.MonkeyPatch) -> list[int]:
         (
             "one " * 20_000,
             "sentence 1 has 80000 characters, over the server's limit of 65536 characters "
-            "per call: refused before tokenizing",
+            "per call (16 per token of --max-call-tokens 4096, as --max-call-chars is 0): "
+            "refused before tokenizing",
         ),
     ],
     ids=["10,000 characters, 10,001 tokens", "10,000 characters, 10,000 tokens", "80,000 chars"],
@@ -351,7 +353,7 @@ def test_a_sentence_over_a_limit_is_refused_naming_it(stub, encodes, text: str, 
         stub.Translate(pb.TranslateRequest(sentences=["one", text, "two"]), timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_request(e.value) == [("sentences[1]", why)]
-    tokenized = [3, len(text), 3] if "tokens" in why else []
+    tokenized = [3, len(text), 3] if "source limit" in why else []
     assert encodes == tokenized
     assert stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30).results
 
@@ -362,23 +364,43 @@ def test_a_call_over_the_character_limit_is_refused_as_a_whole(stub, encodes) ->
     with pytest.raises(grpc.RpcError) as e:
         stub.Translate(pb.TranslateRequest(sentences=[half, half]), timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    why = "80000 characters in one call, over the server's limit of 65536 characters per call"
-    assert bad_request(e.value) == [("sentences", f"{why}: split the request")]
+    why = (
+        "80000 characters in one call, over the server's limit of 65536 characters per call "
+        "(16 per token of --max-call-tokens 4096, as --max-call-chars is 0): split the request"
+    )
+    assert bad_request(e.value) == [("sentences", why)]
     assert encodes == []
 
 
 def test_the_character_limit_follows_the_call_token_limit(tiny_bundle: Path) -> None:
     """--max-call-chars 0 (the default) is 16 characters per token of --max-call-tokens: a
-    server with a lower token limit has a lower character cap, and an explicit one wins."""
+    server with a lower token limit has a lower character cap, and an explicit one wins. The
+    refusal says which flag sets the cap."""
     from service.server import ServerConfig
-    from service.translator import Translator
+    from service.translator import InvalidRequest, RequestOptions, Translator
 
-    for flat, cap in (({"max_call_tokens": 100}, 1600), ({"max_call_chars": 99}, 99)):
+    for flat, cap, origin in (
+        (
+            {"max_call_tokens": 100},
+            1600,
+            "16 per token of --max-call-tokens 100, as --max-call-chars is 0",
+        ),
+        ({"max_call_chars": 99}, 99, "--max-call-chars"),
+    ):
         cfg = ServerConfig.from_settings(lanes=1, **flat)
         tr = Translator(
             load_bundle(tiny_bundle), cfg.runtime, cfg.scheduler, max_call_chars=cfg.max_call_chars
         )
         assert tr.max_call_chars == cap  # not started: no lanes to stop
+        with pytest.raises(InvalidRequest) as e:
+            tr.validate(["one " * 500], RequestOptions())
+        assert e.value.violations == [
+            (
+                "sentences[0]",
+                f"sentence 0 has 2000 characters, over the server's limit of {cap} characters "
+                f"per call ({origin}): refused before tokenizing",
+            )
+        ]
 
 
 @pytest.mark.parametrize(
@@ -401,6 +423,23 @@ def test_corrupt_request_bytes(server: ServerThread, stub, body: bytes) -> None:
                     list(reply)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, e.value)
             assert "not a valid nmtserve.v1.TranslateRequest" in (e.value.details() or "")
+    assert stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30).results
+
+
+def test_a_call_without_a_request_message(server: ServerThread, stub) -> None:
+    """A raw call that half-closes without sending its request (no client stub does):
+    INVALID_ARGUMENT naming the message, counted so (the servicer reads each request itself)."""
+    registry = server.server.metrics.registry
+    labels = {"method": "TranslateStream", "code": "INVALID_ARGUMENT"}
+    before = registry.get_sample_value("nmtserve_requests_total", labels) or 0
+    with grpc.insecure_channel(server.target) as ch:
+        rpc = ch.stream_stream("/nmtserve.v1.Translator/TranslateStream")
+        with pytest.raises(grpc.RpcError) as e:
+            list(rpc(iter([]), timeout=10))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details() == "the call carried no nmtserve.v1.TranslateRequest message"
+    counted = partial(registry.get_sample_value, "nmtserve_requests_total", labels)
+    wait_for(lambda: counted() == before + 1, "the call counted")  # as its handler ends
     assert stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30).results
 
 
