@@ -6,7 +6,9 @@ CTranslate2, greedy, with every row forced to exactly --tokens output tokens.
     python benchmarks/engines.py --model marian-base --rounds 3         # an OPUS-MT-shaped model
 
 Engines: torch-nocache (eager, the decoder re-run over the whole prefix every step),
-torch-cache (eager, KV cache), ort-fp32 / ort-int8 (service.engine over the exported graphs),
+torch-cache (eager, KV cache), ort-fp32 / ort-int8 (service.engine over the exported graphs,
+with offline decoding's settings: the decoder's idle intra-op threads spin between steps, as
+CTranslate2's OpenMP threads do by default; --ort-spin off measures the server's setting),
 ct2-fp32 / ct2-int8 (CTranslate2, converted by export.ct2). Each engine and batch size runs in
 its own process (two engines in one process disturb each other), engines are interleaved, and
 every engine's tokens are checked against torch-cache before its time counts.
@@ -202,15 +204,18 @@ def hf_decoder(prep: dict[str, Any], src: list[list[int]], tokens: int) -> Decod
 
 
 def ort_decoder(engine: str, prep: dict[str, Any], src: list[list[int]], tokens: int,
-                threads: int) -> Decode:  # fmt: skip
-    """Our decoding (service.engine) over the bundle; every row runs exactly `tokens` steps."""
+                threads: int, spin: bool) -> Decode:  # fmt: skip
+    """Our decoding (service.engine) over the bundle; every row runs exactly `tokens` steps.
+    spin: the decoder's idle intra-op threads spin between steps (RuntimeConfig.spin), as
+    offline decoding runs best and as CTranslate2's OpenMP threads do by default."""
     from service.bundle import load_bundle
     from service.engine import SentenceJob
     from service.runtime import Runtime, RuntimeConfig
     from tests.doubles import Exact, ExactLength
 
     b = load_bundle(prep["bundle"])
-    eng = ExactLength(Runtime(b, RuntimeConfig("cpu", engine[4:], threads)), b.limits)
+    cfg = RuntimeConfig("cpu", engine[4:], threads, spin=spin)
+    eng = ExactLength(Runtime(b, cfg), b.limits)
 
     def decode() -> list[list[int]]:
         jobs: list[SentenceJob] = [Exact(list(s), tokens) for s in src]
@@ -244,7 +249,7 @@ def ct2_decoder(engine: str, prep: dict[str, Any], src: list[list[int]], tokens:
 
 
 def run_engine(engine: str, prep: dict[str, Any], batch: int, src_len: int, tokens: int,
-               threads: int, repeats: int) -> dict[str, Any]:  # fmt: skip
+               threads: int, repeats: int, spin: bool = True) -> dict[str, Any]:  # fmt: skip
     src = sources(prep, batch, src_len)
     if engine.startswith("torch"):
         import torch
@@ -257,7 +262,7 @@ def run_engine(engine: str, prep: dict[str, Any], batch: int, src_len: int, toke
         torch.set_num_threads(threads)
         decode = hf_decoder(prep, src, tokens)
     elif engine.startswith("ort"):
-        decode = ort_decoder(engine, prep, src, tokens, threads)
+        decode = ort_decoder(engine, prep, src, tokens, threads, spin)
     else:
         decode = ct2_decoder(engine, prep, src, tokens, threads)
     out = decode()  # warm-up, and the tokens to compare
@@ -288,7 +293,8 @@ def run_worker(args: argparse.Namespace, prep: dict[str, Any], engine: str, batc
                ) -> dict[str, Any] | None:  # fmt: skip
     """One engine at one batch size, in a process of its own."""
     flags = ["--src-len", str(args.src_len), "--tokens", str(args.tokens),
-             "--threads", str(args.threads), "--repeats", str(args.repeats)]  # fmt: skip
+             "--threads", str(args.threads), "--repeats", str(args.repeats),
+             "--ort-spin", args.ort_spin]  # fmt: skip
     job = Path(prep["work"]) / "worker.json"  # a file: a vocabulary is too long for argv
     job.write_text(json.dumps([prep, engine, batch]))
     proc = subprocess.run(
@@ -361,6 +367,9 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32, help="output tokens per sentence")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per process (best counts)")
+    ap.add_argument("--ort-spin", choices=["on", "off"], default="on",
+                    help="our decoder's idle intra-op threads spin between steps (offline "
+                    "decoding's setting; the server's is off)")  # fmt: skip
     ap.add_argument("--peak-gflops", type=float, default=156.5)
     ap.add_argument("--json", help="write all figures here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -368,7 +377,7 @@ def main() -> int:
     if args.worker:
         prep, engine, batch = json.loads(Path(args.worker).read_text())
         res = run_engine(engine, prep, batch, args.src_len, args.tokens, args.threads,
-                         args.repeats)  # fmt: skip
+                         args.repeats, args.ort_spin == "on")  # fmt: skip
         print("RESULT " + json.dumps(res))
         return 0
     marian = args.model in MARIAN
@@ -391,7 +400,8 @@ def main() -> int:
     fpt = flops_per_token(prep["cfg"], args.src_len, args.tokens)
     print(f"\nmodel {args.model}: {json.dumps({k: prep['cfg'][k] for k in SHOWN})}")
     print(f"{args.tokens} output tokens per row, {args.src_len} source tokens, "
-          f"{args.threads} threads, {args.rounds} interleaved round(s); "
+          f"{args.threads} threads (our decoder's spinning {args.ort_spin}), "
+          f"{args.rounds} interleaved round(s); "
           f"~{fpt / 1e6:.1f} MFLOP per generated token\n")  # fmt: skip
     print("\n".join(table(rows, engines, ref_engine, fpt, args.peak_gflops)))
     print("\nTokens/s of each round:")

@@ -136,9 +136,7 @@ def ort_profile(rt: Runtime, args: argparse.Namespace) -> list[str]:
     """onnxruntime's profiler over the same decoding, summarised per operator type."""
     import onnxruntime as ort
 
-    from service.runtime import session_options
-
-    opts = session_options(rt.cfg, rt.threads)
+    opts = rt.decoder_options()
     opts.enable_profiling = True
     opts.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="step-profile-")) / "ort")
     part = "decoder_kv" if rt.inplace else "decoder"
@@ -236,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-cache", default="auto", choices=["auto", "inplace", "concat"])
     ap.add_argument("--ort-profile", action="store_true", help="onnxruntime's per-op profile too")
     ap.add_argument(
-        "--spin", action="store_true", help="let idle intra-op threads spin (the server does not)"
+        "--spin",
+        action="store_true",
+        help="let the decoder's idle intra-op threads spin (offline decoding; the server does not)",
     )
     ap.add_argument(
         "--peak-gflops", type=float, default=156.5, help="the machine's fp32 peak (2-core Zen 3)"

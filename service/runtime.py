@@ -99,7 +99,11 @@ class RuntimeConfig:
     )
     # Internal settings (no flags: the right value follows from the provider and the bundle;
     # tests and benchmarks set them to compare or to force a path).
-    spin: bool = False  # let idle onnxruntime threads spin (faster offline, worse when serving)
+    # Let the decoder's idle intra-op threads spin between steps instead of sleeping: offline
+    # decoding, where nothing else wants the cores, steps faster (no wake-up per kernel); a
+    # server's gRPC loop would lose its core to them. The encoders' threads never spin: their
+    # pools idle through every decoder step, and spinning there only takes cores away.
+    spin: bool = False
     arena: bool = False  # onnxruntime's CPU memory arena (keeps a high-water mark per shape mix)
     io_binding: str = setting("auto", choices=("on", "off", "auto"))  # auto: on with CUDA
     kv_cache: str = setting("auto", choices=("inplace", "concat", "auto"))  # see the docstring
@@ -169,7 +173,7 @@ def providers_for(choice: str) -> list[str]:
     return [CUDA, CPU] if CUDA in available else [CPU]
 
 
-def session_options(cfg: RuntimeConfig, threads: int) -> ort.SessionOptions:
+def session_options(cfg: RuntimeConfig, threads: int, spin: bool = False) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
@@ -178,10 +182,9 @@ def session_options(cfg: RuntimeConfig, threads: int) -> ort.SessionOptions:
     # seen (measured: +9% RSS over a 10-minute soak) for no speed gain on these graphs.
     opts.enable_cpu_mem_arena = cfg.arena
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if not cfg.spin:
-        # Idle intra-op threads would spin for a while after every run, taking the cores
-        # the gRPC event loop needs between decoder steps.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Unless asked (RuntimeConfig.spin), idle intra-op threads do not spin for a while after
+    # every run, which would take the cores the gRPC event loop needs between decoder steps.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return opts
 
 
@@ -320,8 +323,7 @@ class Runtime:
         self.packed_encoder = open_graph("encoder_packed") if self.packing != "off" else None
         self.decoder_threads = decoder_threads(self.threads, model, self.vocab_size, self.provider)
         self.decoder = open_graph(
-            "decoder_kv" if self.inplace else "decoder",
-            opts if self.decoder_threads == self.threads else session_options(cfg, 1),
+            "decoder_kv" if self.inplace else "decoder", self.decoder_options()
         )
         self.provider = self.decoder.get_providers()[0]
         if cfg.provider == "cuda" and self.provider != CUDA:
@@ -339,6 +341,11 @@ class Runtime:
         # Cache rows hold positions 0..limit-1 (the last step writes position limit-1).
         self.cache_length = bundle.limits.max_target_tokens + 1
         log.info("%s", self.describe())
+
+    def decoder_options(self) -> ort.SessionOptions:
+        """The decoder session's options: its own thread count (decoder_threads), spinning
+        where RuntimeConfig.spin asks for it."""
+        return session_options(self.cfg, self.decoder_threads, spin=self.cfg.spin)
 
     def describe(self) -> str:
         """The settings in use, for the start-up log line."""

@@ -605,3 +605,19 @@ def test_offline_batches_reserve_cache_rows_for_themselves_only(inplace: Engine)
         del inplace.start
     for s, res in zip(srcs, got, strict=True):
         same(res, solo(inplace, s, 6))
+
+
+def test_only_the_decoder_spins_and_only_when_asked(tiny_bundle: Path) -> None:
+    """RuntimeConfig.spin (offline decoding: benchmarks/engines.py) lets the decoder's idle
+    intra-op threads spin between steps; the encoders' threads never spin, and by default (the
+    server) nothing does."""
+    key = "session.intra_op.allow_spinning"
+    b = load_bundle(tiny_bundle)
+    for spin in (False, True):
+        rt = Runtime(b, RuntimeConfig("cpu", "fp32", 2, spin=spin))
+        assert rt.packed_encoder is not None
+        sessions = {"decoder": rt.decoder, "encoder": rt.encoder, "packed": rt.packed_encoder}
+        got = {
+            k: s.get_session_options().get_session_config_entry(key) for k, s in sessions.items()
+        }
+        assert got == {"decoder": "1" if spin else "0", "encoder": "0", "packed": "0"}, spin
