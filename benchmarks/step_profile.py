@@ -234,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-cache", default="auto", choices=["auto", "inplace", "concat"])
     ap.add_argument("--ort-profile", action="store_true", help="onnxruntime's per-op profile too")
     ap.add_argument(
+        "--decoder-threads", type=int, default=0,
+        help="the decoder's intra-op threads (default 0: the runtime's choice: one for a small "
+        "model, else --threads)",
+    )  # fmt: skip
+    ap.add_argument(
         "--spin",
         action="store_true",
         help="let the decoder's idle intra-op threads spin (offline decoding; the server does not)",
@@ -243,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     bundle = load_bundle(args.bundle)
-    cfg = RuntimeConfig("cpu", args.precision, args.threads, kv_cache=args.kv_cache, spin=args.spin)
+    cfg = RuntimeConfig("cpu", args.precision, args.threads, kv_cache=args.kv_cache, spin=args.spin,
+                        decoder_threads=args.decoder_threads)  # fmt: skip
     rt = Runtime(bundle, cfg)
     clock, steps = profile(Engine(rt, bundle.limits, capacity=args.batch), rt, args)
     print(f"{args.bundle} ({args.precision}, {rt.describe()}), batch {args.batch}, {steps} steps")

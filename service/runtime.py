@@ -104,6 +104,9 @@ class RuntimeConfig:
     # server's gRPC loop would lose its core to them. The encoders' threads never spin: their
     # pools idle through every decoder step, and spinning there only takes cores away.
     spin: bool = False
+    # The decoder session's intra-op threads: 0 follows decoder_threads() (one for a small
+    # model); benchmarks set it to measure that choice.
+    decoder_threads: int = 0
     arena: bool = False  # onnxruntime's CPU memory arena (keeps a high-water mark per shape mix)
     io_binding: str = setting("auto", choices=("on", "off", "auto"))  # auto: on with CUDA
     kv_cache: str = setting("auto", choices=("inplace", "concat", "auto"))  # see the docstring
@@ -321,7 +324,9 @@ class Runtime:
         self.provider = self.encoder.get_providers()[0]
         self.packing, self.inplace = choose_graphs(bundle, cfg, self.provider)
         self.packed_encoder = open_graph("encoder_packed") if self.packing != "off" else None
-        self.decoder_threads = decoder_threads(self.threads, model, self.vocab_size, self.provider)
+        self.decoder_threads = cfg.decoder_threads or decoder_threads(
+            self.threads, model, self.vocab_size, self.provider
+        )
         self.decoder = open_graph(
             "decoder_kv" if self.inplace else "decoder", self.decoder_options()
         )

@@ -573,6 +573,8 @@ def test_a_small_models_decoder_runs_on_one_thread(tiny_bundle: Path) -> None:
     assert "2 intra-op threads (the decoder's: 1, a step this small" in rt.describe()
     one = Runtime(load_bundle(tiny_bundle), RuntimeConfig("cpu", "fp32", 1))
     assert "decoder's" not in one.describe()
+    forced = Runtime(load_bundle(tiny_bundle), RuntimeConfig("cpu", "fp32", 2, decoder_threads=2))
+    assert forced.decoder.get_session_options().intra_op_num_threads == 2  # benchmarks measure
     # worked out by hand: L (6 d² + 2 d ff) + d V
     default = {"d_model": 128, "d_ff": 512, "n_decoder_layers": 2}
     marian_small = {"d_model": 256, "d_ff": 1024, "n_decoder_layers": 3}
