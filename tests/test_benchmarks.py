@@ -120,3 +120,24 @@ def test_int8_drift_is_zero_against_itself_and_measured_against_int8(
     assert all(0 <= x <= 1 for x in (d.top1_agree, d.rows_same, d.tokens_same))
     assert main(["--bundle", str(tiny_bundle), "--sentences", "3", "--tokens", "4"]) == 0
     assert "| max abs Δ logit |" in capsys.readouterr().out
+
+
+def test_machine_bounds_times_the_product_it_says() -> None:
+    """benchmarks/machine_bounds.py: the bound session computes x @ W into the bound output,
+    and a timing is a positive number of µs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from benchmarks.machine_bounds import bound_run, session, timed
+
+    rng = np.random.default_rng(0)
+    w, x = rng.standard_normal((4, 3), np.float32), rng.standard_normal((2, 1, 4), np.float32)
+    s = session(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 1, 3])],
+        [numpy_helper.from_array(w, "W")],
+        threads=1,
+    )
+    run, y = bound_run(s, x, (2, 1, 3))
+    assert timed(run, seconds=0.01) > 0
+    np.testing.assert_allclose(y, x @ w, rtol=1e-5)
