@@ -339,7 +339,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            request = await self._read(message, context)
+            request = await self._read(method, message, context)
             return await getattr(self, method)(request, context)
         except asyncio.CancelledError:
             # gRPC ended the call: its client went away, its deadline passed (gRPC resets a
@@ -357,26 +357,39 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             self.metrics.requests.labels(method, code.name).inc()
             self.metrics.latency.labels(method).observe(time.perf_counter() - start)
 
-    async def _read(self, message: Any, context: grpc.aio.ServicerContext) -> Any:
-        """The call's request: bytes that are not a valid message (a string field that is not
-        UTF-8, a cut or corrupt message) get INVALID_ARGUMENT naming the message. Left to
-        gRPC, parsing failed as UNKNOWN with an ERROR traceback in the log for every such
-        call."""
-        name = message.DESCRIPTOR.full_name
+    async def _read(self, method: str, message: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The call's one request. Bytes that are not a valid message (a string field that is
+        not UTF-8, a cut or corrupt message), no message, or a second one get INVALID_ARGUMENT
+        naming the message (left to gRPC, a parse failed as UNKNOWN with an ERROR traceback
+        in the log, and a second request was dropped without a word)."""
         try:
-            data = await context.read()
-            if data is grpc.aio.EOF:  # gRPC ended the call first (abort raises), or none was sent
-                why = f"the call carried no {name} message"
-            else:
-                try:
-                    return message.FromString(data)
-                except Exception as e:  # google.protobuf.message.DecodeError, UnicodeDecodeError
-                    why = f"the request is not a valid {name} message: {e}"
-            await abort(context, RpcError(grpc.StatusCode.INVALID_ARGUMENT, why))
+            request, why = await self._receive(method, message, context)
+            if why:
+                await abort(context, RpcError(grpc.StatusCode.INVALID_ARGUMENT, why))
+            return request
         except asyncio.CancelledError:
             ended = self._ended_by(context, read=False)
             log.info("request %s, before it was read", ended, extra={"request_id": "-"})
             raise
+
+    @staticmethod
+    async def _receive(
+        method: str, message: Any, context: grpc.aio.ServicerContext
+    ) -> tuple[Any, str]:
+        """(the request, "") or (None, why it is refused). A unary client sends its request
+        and the end of its stream at once, so the second read costs no wait; a raw client that
+        never ends its stream waits, until its deadline, as grpc-java's server has it wait."""
+        name = message.DESCRIPTOR.full_name
+        data = await context.read()
+        if data is grpc.aio.EOF:  # gRPC ended the call first (abort raises), or none was sent
+            return None, f"the call carried no {name} message"
+        try:
+            request = message.FromString(data)
+        except Exception as e:  # google.protobuf.message.DecodeError, UnicodeDecodeError
+            return None, f"the request is not a valid {name} message: {e}"
+        if await context.read() is not grpc.aio.EOF:
+            return None, f"the call carried more than one {name} message ({method} takes one)"
+        return request, ""
 
     async def _call(
         self,
