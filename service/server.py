@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -323,6 +323,8 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         self.refused_draining = 0  # calls refused UNAVAILABLE while draining (one log line)
         self.results = ResultBuffer(cfg.result_buffer_bytes, metrics.result_buffer.set)
         # (active and last_call count accepted calls only)
+        self._unread: set[asyncio.Task[Any]] = set()  # calls waiting for their request
+        self._refusing: set[asyncio.Task[Any]] = set()  # of those, woken to be refused
 
     @property
     def tr(self) -> Translator:
@@ -339,7 +341,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            request = await self._read(message, context)
+            request = await self._read(method, message, context)
             return await getattr(self, method)(request, context)
         except asyncio.CancelledError:
             # gRPC ended the call: its client went away, its deadline passed (gRPC resets a
@@ -357,26 +359,67 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             self.metrics.requests.labels(method, code.name).inc()
             self.metrics.latency.labels(method).observe(time.perf_counter() - start)
 
-    async def _read(self, message: Any, context: grpc.aio.ServicerContext) -> Any:
-        """The call's request: bytes that are not a valid message (a string field that is not
-        UTF-8, a cut or corrupt message) get INVALID_ARGUMENT naming the message. Left to
-        gRPC, parsing failed as UNKNOWN with an ERROR traceback in the log for every such
-        call."""
-        name = message.DESCRIPTOR.full_name
+    async def _read(self, method: str, message: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The call's one request. Bytes that are not a valid message (a string field that is
+        not UTF-8, a cut or corrupt message), no message, or a second one get INVALID_ARGUMENT
+        naming the message (left to gRPC, a parse failed as UNKNOWN with an ERROR traceback
+        in the log, and a second request was dropped without a word). A draining server
+        refuses the call as it would once the request is read, and so also a call still
+        waiting for it (``start_draining``), which would hold the stop for the whole grace."""
+        if self.draining:
+            await self._refuse(context)
+        task = asyncio.current_task()
+        assert task is not None
+        self._unread.add(task)
         try:
-            data = await context.read()
-            if data is grpc.aio.EOF:  # gRPC ended the call first (abort raises), or none was sent
-                why = f"the call carried no {name} message"
-            else:
-                try:
-                    return message.FromString(data)
-                except Exception as e:  # google.protobuf.message.DecodeError, UnicodeDecodeError
-                    why = f"the request is not a valid {name} message: {e}"
-            await abort(context, RpcError(grpc.StatusCode.INVALID_ARGUMENT, why))
+            try:
+                request, why = await self._receive(method, message, context)
+            finally:
+                self._unread.discard(task)
+            if why:
+                await abort(context, RpcError(grpc.StatusCode.INVALID_ARGUMENT, why))
+            return request
         except asyncio.CancelledError:
-            ended = self._ended_by(context, read=False)
-            log.info("request %s, before it was read", ended, extra={"request_id": "-"})
-            raise
+            if task not in self._refusing:  # gRPC ended the call
+                ended = self._ended_by(context, read=False)
+                log.info("request %s, before it was read", ended, extra={"request_id": "-"})
+                raise
+        self._refusing.discard(task)
+        await self._refuse(context)
+
+    @staticmethod
+    async def _receive(
+        method: str, message: Any, context: grpc.aio.ServicerContext
+    ) -> tuple[Any, str]:
+        """(the request, "") or (None, why it is refused). A unary client sends its request
+        and the end of its stream at once, so the second read costs no wait; a raw client that
+        never ends its stream waits, until its deadline, as grpc-java's server has it wait."""
+        name = message.DESCRIPTOR.full_name
+        data = await context.read()
+        if data is grpc.aio.EOF:  # gRPC ended the call first (abort raises), or none was sent
+            return None, f"the call carried no {name} message"
+        try:
+            request = message.FromString(data)
+        except Exception as e:  # google.protobuf.message.DecodeError, UnicodeDecodeError
+            return None, f"the request is not a valid {name} message: {e}"
+        if await context.read() is not grpc.aio.EOF:
+            return None, f"the call carried more than one {name} message ({method} takes one)"
+        return request, ""
+
+    def start_draining(self) -> None:
+        """From now on calls are refused UNAVAILABLE; those waiting for their request are
+        woken to be refused at once (in ``_read``): a client that never sends it, or never
+        ends its request stream, would otherwise hold the stop until the grace period ends."""
+        self.draining = True
+        for task in self._unread - self._refusing:
+            self._refusing.add(task)
+            task.cancel()
+
+    async def _refuse(self, context: grpc.aio.ServicerContext) -> NoReturn:
+        """A call refused while draining: answered and counted, logged once at the end of the
+        drain."""
+        self.refused_draining += 1
+        await abort(context, to_rpc_error(ShuttingDown()))
 
     async def _call(
         self,
@@ -387,9 +430,8 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
     ) -> T:
         """Every RPC with a valid request runs through here: errors → status, a log line with
         the id."""
-        if self.draining:  # refused: answered and counted, logged once at the end of the drain
-            self.refused_draining += 1
-            await abort(context, to_rpc_error(ShuttingDown()))
+        if self.draining:
+            await self._refuse(context)
         self.active += 1
         self.last_call = time.monotonic()
         try:
@@ -716,7 +758,7 @@ class Server:
         log.critical("cannot go on serving (%s): draining, then exiting with code 1", error)
         self.exit_code = 1
         if self.servicer is not None:
-            self.servicer.draining = True
+            self.servicer.start_draining()
         self._stop.set()  # drain() turns health NOT_SERVING first
 
     async def drain(self) -> None:
@@ -734,7 +776,7 @@ class Server:
         await asyncio.sleep(delay)
         end = time.monotonic() + cfg.grace_s
         if sv is not None:
-            sv.draining = True
+            sv.start_draining()
             refusing = time.monotonic()
             # gRPC cancels calls it has received but not yet handed to a handler when it stops:
             # refuse for a moment first (those get UNAVAILABLE), and stop once no accepted call

@@ -12,8 +12,10 @@ import random
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -449,3 +451,56 @@ def test_megabytes_of_text_are_refused_before_tokenizing(
             assert "request_id: at most 128 printable characters" in (e.value.details() or "")
         ok = stub.Translate(pb.TranslateRequest(sentences=["seven"], request_id="r" * 128))
         assert ok.request_id == "r" * 128
+
+
+def test_calls_still_waiting_for_their_request_do_not_hold_up_the_drain(
+    tiny_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Raw calls without a deadline that never send their request, or send it but never end
+    their request stream (a broken or hostile client), are refused UNAVAILABLE as soon as the
+    server refuses new calls, as they would be once read, and counted so: they held the stop
+    for the whole grace period (20 s here), then got UNAVAILABLE "Cancelling all calls"."""
+    srv = ServerThread(tiny_bundle, lanes=1, drain_delay_s=0, grace_s=20)
+    srv.wait_serving()
+    release = threading.Event()
+
+    def held(*requests: bytes) -> Iterator[bytes]:
+        yield from requests
+        release.wait()  # the request stream stays open
+
+    def ended(call: Any) -> tuple[grpc.StatusCode, str]:
+        """The status a call ended with, its results read (a stream's status comes after)."""
+        try:
+            list(call) if isinstance(call, grpc.Call) else call.result()
+        except grpc.RpcError as e:
+            return e.code(), e.details()
+        return grpc.StatusCode.OK, ""
+
+    request = pb.TranslateRequest(sentences=["seven"]).SerializeToString()
+    path = "/nmtserve.v1.Translator/"
+    try:
+        caplog.set_level(logging.INFO)
+        with grpc.insecure_channel(srv.target) as ch:
+            calls = {
+                "Translate": ch.stream_unary(path + "Translate").future(held()),
+                "TranslateStream": ch.stream_stream(path + "TranslateStream")(held(request)),
+                "GetModelInfo": ch.stream_unary(path + "GetModelInfo").future(held(b"")),
+            }
+            time.sleep(0.5)  # the server has them all
+            t0 = time.monotonic()
+            srv.stop()
+            took = time.monotonic() - t0
+            answers = {m: ended(c) for m, c in calls.items()}
+            release.set()  # before the channel closes: it waits for its request streams
+    finally:
+        release.set()
+        if srv.thread.is_alive():
+            srv.stop()
+    assert took < 5, f"drained in {took:.1f}s"
+    refused = (grpc.StatusCode.UNAVAILABLE, "the server is draining; retry elsewhere")
+    assert answers == dict.fromkeys(calls, refused)
+    registry = srv.server.metrics.registry
+    for method in calls:
+        labels = {"method": method, "code": "UNAVAILABLE"}
+        assert registry.get_sample_value("nmtserve_requests_total", labels) == 1, method
+    assert "refused 3 call(s) while draining" in caplog.text

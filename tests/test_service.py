@@ -443,6 +443,33 @@ def test_a_call_without_a_request_message(server: ServerThread, stub) -> None:
     assert stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30).results
 
 
+@pytest.mark.parametrize("method", ["Translate", "TranslateStream", "GetModelInfo"])
+def test_a_call_with_more_than_one_request_message(server: ServerThread, stub, method) -> None:
+    """A raw call that sends a second request on a method that takes one (no client stub
+    does): INVALID_ARGUMENT naming the message, counted so, no result sent. Answering the
+    first alone (OK) dropped the second request's sentences without a word."""
+    registry = server.server.metrics.registry
+    labels = {"method": method, "code": "INVALID_ARGUMENT"}
+    before = registry.get_sample_value("nmtserve_requests_total", labels) or 0
+    message = pb.GetModelInfoRequest if method == "GetModelInfo" else pb.TranslateRequest
+    name = message.DESCRIPTOR.full_name
+    requests = [pb.TranslateRequest(sentences=[s]).SerializeToString() for s in ("seven", "twelve")]
+    path = f"/nmtserve.v1.Translator/{method}"
+    results: list[bytes] = []
+    with grpc.insecure_channel(server.target) as ch, pytest.raises(grpc.RpcError) as e:
+        if method == "TranslateStream":
+            results += ch.stream_stream(path)(iter(requests), timeout=10)
+        else:
+            results.append(ch.stream_unary(path)(iter(requests), timeout=10))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    why = f"the call carried more than one {name} message ({method} takes one)"
+    assert e.value.details() == why
+    assert results == []
+    counted = partial(registry.get_sample_value, "nmtserve_requests_total", labels)
+    wait_for(lambda: counted() == before + 1, "the call counted")  # as its handler ends
+    assert stub.Translate(pb.TranslateRequest(sentences=["one"]), timeout=30).results
+
+
 def test_deadline_exceeded(stub, server, monkeypatch) -> None:
     """Every sentence of the call is dropped, and counted under reason="deadline" (those still
     queued were counted as "cancelled": the handler gave up just before the deadline)."""
