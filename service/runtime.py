@@ -123,9 +123,10 @@ MAX_AUTO_LANES = 4
 # A decoder step of a model this small (multiply-adds per row and step) runs on one intra-op
 # thread whatever the lane's budget: its kernels are so short that waking a second thread for
 # each costs more than the half of the work it takes over. Measured on this project's 2-core
-# machine (benchmarks/RESULTS.md, issue 18): the default model (0.5 M per row) steps 1.2-1.3x
-# faster on one thread than on two at batches of 1, 8 and 32 rows; marian-small (4.8 M) steps
-# as fast on one at batch 1 and 3 % slower at 8, so it keeps the budget.
+# machine (benchmarks/RESULTS.md, issue 18, three rounds): the default model (0.5 M per row)
+# steps 1.3x faster on one thread than on two at batches of 1, 8 and 32 rows (spinning, two
+# threads buy at most 4 %); marian-small (4.8 M) steps up to 1.3x faster on two at batches of 8
+# and 32 (1.7x spinning), so it keeps the budget.
 ONE_THREAD_STEP_MACS = 2_000_000
 
 
